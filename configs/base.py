@@ -1,0 +1,124 @@
+"""Every config key jaxlm knows, with its default and a one-line comment. Experiment files derive from this."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = "base"  # run name, shown in logs and written into checkpoint metadata
+
+  # ---- model -------------------------------------------------------------------------------------------
+  c.model = ml_collections.ConfigDict()
+  c.model.family = "decoder"  # decoder | encoder (BERT) — which model file builds the network
+  c.model.style = "gpt2"  # decoder flavour: gpt2 (learned positions, LayerNorm, GELU, tied) | llama (RoPE, RMSNorm, SwiGLU, GQA)
+  c.model.vocab_size = 1024  # must equal the tokenizer's vocabulary size (checked before training)
+  c.model.max_len = 256  # longest sequence the model accepts (learned position table size / RoPE cache)
+  c.model.num_layers = 2  # transformer blocks
+  c.model.d_model = 64  # residual stream width
+  c.model.num_heads = 4  # query heads
+  c.model.num_kv_heads = 0  # key/value heads for grouped-query attention; 0 = same as num_heads
+  c.model.head_dim = 0  # per-head width; 0 = d_model // num_heads
+  c.model.d_ff = 0  # MLP hidden width; 0 = 4*d_model (gpt2) or the Llama rule 8/3*d_model rounded to 64
+  c.model.tie_embeddings = True  # output projection reuses the token embedding (gpt2 default; llama sets False)
+  c.model.norm_eps = 1e-5  # epsilon of LayerNorm / RMSNorm
+  c.model.rope_theta = 10000.0  # RoPE base frequency (llama style)
+  c.model.use_bias = True  # biases in dense layers (gpt2: True, llama: False)
+  c.model.dropout = 0.0  # dropout rate on residual branches and embeddings during training
+  c.model.init_std = 0.02  # stddev of the normal initialiser; output projections are scaled by 1/sqrt(2*layers)
+  c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters always stay float32)
+  c.model.remat = "none"  # rematerialisation per block: none | full | dots (save matmul outputs) | dots_no_batch
+  c.model.scan_layers = False  # jax.lax.scan over blocks (one compiled block, faster compile for deep models)
+  c.model.attention = "xla"  # jax.nn.dot_product_attention implementation: xla | cudnn | None-equivalent 'auto'
+  # encoder (BERT) only:
+  c.model.type_vocab_size = 2  # token-type (segment A/B) embeddings
+  c.model.pooler = True  # tanh pooler over the first token, for sentence-level heads
+
+  # ---- mesh and sharding -------------------------------------------------------------------------------
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # pure data-parallel replicas; -1 = the devices left after the other axes
+  c.mesh.fsdp = 1  # parameter/optimizer sharding axis (ZeRO-3 style); batches are split over it too
+  c.mesh.tensor = 1  # tensor (model) parallel axis: heads and MLP hidden split across it
+  # logical axis name -> mesh axes, resolved in jaxlm/sharding.py only. A name missing here is replicated.
+  c.mesh.rules = (
+      ("batch", ("data", "fsdp")),  # activations and input batches: split over every data-like axis
+      ("vocab", "tensor"),  # embedding rows / logits columns
+      ("embed", "fsdp"),  # the d_model dimension of weights: ZeRO-3 sharding
+      ("mlp", "tensor"),  # MLP hidden units
+      ("heads", "tensor"),  # query heads
+      ("kv_heads", "tensor"),  # key/value heads
+      ("head_dim", None),  # per-head width: never split
+      ("length", None),  # sequence positions: not split (no sequence parallelism)
+      ("layers", None),  # stacked-layer axis under scan_layers
+      ("norm", None),  # norm scales and biases: replicated
+  )
+
+  # ---- data ----------------------------------------------------------------------------------------------
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "text"  # text (.txt / .jsonl files) | pydoc (CPython's bundled documentation text)
+  c.data.train_files = ""  # glob(s) of training files, comma-separated; relative paths are from the working dir
+  c.data.eval_files = ""  # glob(s) for evaluation; empty = hold out data.eval_fraction of the train documents
+  c.data.eval_fraction = 0.05  # share of documents held out for eval when data.eval_files is empty
+  c.data.jsonl_field = "text"  # field holding the text in .jsonl files
+  c.data.doc_split = "blank_lines"  # how a file splits into documents: blank_lines | lines | file
+  c.data.seq_len = 64  # tokens per packed training sequence
+  c.data.packing = "first_fit"  # first_fit (documents never split unless longer than seq_len) | concat (concatenate-and-split)
+  c.data.add_eos = True  # append the tokenizer's EOS id to each document
+  c.data.shuffle = True  # globally shuffle examples each epoch
+  c.data.num_epochs = 0  # 0 = repeat forever (training stops at train.steps)
+  c.data.worker_count = 0  # grain worker processes for tokenisation and packing; 0 = in the main process
+  c.data.worker_buffer_size = 2  # batches each worker prepares ahead
+  c.data.prefetch = 2  # global batches prepared ahead of the device
+
+  # ---- tokenizer -----------------------------------------------------------------------------------------
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.path = ""  # sentencepiece .model file or WordPiece vocab.txt; empty = WORKDIR/tokenizer/spm.model
+  c.tokenizer.kind = "sentencepiece"  # sentencepiece | wordpiece
+  c.tokenizer.vocab_size = 1024  # vocabulary size when training a sentencepiece model
+  c.tokenizer.model_type = "unigram"  # sentencepiece algorithm: unigram | bpe
+  c.tokenizer.character_coverage = 1.0  # share of characters covered (0.9995 for large CJK alphabets)
+  c.tokenizer.user_defined_symbols = ()  # extra special tokens kept whole, e.g. ('[CLS]', '[SEP]', '[MASK]')
+  c.tokenizer.max_sentences = 200000  # sentences sampled from the corpus for training the model
+  c.tokenizer.lowercase = False  # wordpiece: lower-case and strip accents (uncased BERT)
+
+  # ---- optimiser -----------------------------------------------------------------------------------------
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 3e-4  # peak learning rate
+  c.optim.schedule = "cosine"  # decay after warmup: cosine | linear | constant
+  c.optim.warmup_steps = 100  # linear warmup from 0 to the peak
+  c.optim.end_lr_fraction = 0.1  # final learning rate as a fraction of the peak
+  c.optim.b1 = 0.9  # AdamW beta1
+  c.optim.b2 = 0.95  # AdamW beta2
+  c.optim.eps = 1e-8  # AdamW epsilon
+  c.optim.weight_decay = 0.1  # decoupled weight decay, applied to matrices only (see decay_embeddings)
+  c.optim.decay_embeddings = True  # also decay token/position embedding tables (norms and biases never)
+  c.optim.grad_clip = 1.0  # global-norm gradient clipping; 0 disables
+  c.optim.grad_accum_steps = 1  # micro-batches per optimiser step; train.batch_size is split into this many
+  c.optim.z_loss = 0.0  # weight of the z-loss (log-partition squared) that keeps logits from drifting
+
+  # ---- training ------------------------------------------------------------------------------------------
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1000  # optimiser steps to train for (the run ends at this step)
+  c.train.batch_size = 8  # global batch size in sequences, across all devices and processes
+  c.train.seed = 0  # seeds parameter init, dropout and data order
+  c.train.log_every = 10  # steps between train metric rows in metrics.jsonl / TensorBoard
+  c.train.eval_every = 100  # steps between evaluations; 0 = only at the end
+  c.train.eval_batches = 8  # batches per evaluation (0 = the whole eval split)
+  c.train.progress_bar = True  # terminal progress bar (process 0 only)
+  c.train.sample_every = 0  # steps between text samples written to the log; 0 = never
+  c.train.sample_prompt = "The"  # prompt for those samples
+
+  # ---- checkpoints ---------------------------------------------------------------------------------------
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 500  # steps between checkpoints (a final one is always written)
+  c.checkpoint.keep = 3  # keep the newest N checkpoints
+  c.checkpoint.keep_every = 0  # additionally keep every K-th step forever; 0 = off
+  c.checkpoint.async_save = True  # write in the background while training continues
+
+  # ---- sampling (jaxlm generate) -------------------------------------------------------------------------
+  c.sample = ml_collections.ConfigDict()
+  c.sample.max_new_tokens = 64  # tokens generated after the prompt
+  c.sample.temperature = 0.8  # 0 = greedy
+  c.sample.top_k = 40  # 0 = no top-k filter
+  c.sample.seed = 0  # sampling RNG seed
+
+  return c

@@ -1,0 +1,123 @@
+"""The device mesh from config, and the one place where logical axis names meet mesh axes.
+
+Parameters are created with logical axis names (flax.linen.with_logical_partitioning); `config.mesh.rules`
+maps each name to mesh axes. Everything that turns a logical name into a PartitionSpec goes through
+`logical_to_spec` here, so there is exactly one resolution of the rules.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the axes a global batch is split over
+
+
+class MeshError(ValueError):
+  """A mesh that does not fit the devices, or a batch that does not fit the mesh."""
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+  """Resolves the config's axis sizes (one of them may be -1) against the number of devices."""
+  sizes = [int(mesh_cfg[name]) for name in MESH_AXES]
+  free = [i for i, s in enumerate(sizes) if s == -1]
+  if len(free) > 1:
+    raise MeshError(f"only one of mesh.data/fsdp/tensor may be -1, got {dict(zip(MESH_AXES, sizes))}")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise MeshError(f"mesh axis sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
+  fixed = math.prod(s for s in sizes if s != -1)
+  if free:
+    if num_devices % fixed:
+      raise MeshError(
+          f"mesh {dict(zip(MESH_AXES, sizes))}: the fixed axes use {fixed} devices, which does not divide "
+          f"the {num_devices} devices available")
+    sizes[free[0]] = num_devices // fixed
+  if math.prod(sizes) != num_devices:
+    raise MeshError(
+        f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but {num_devices} are available "
+        f"(set mesh.data=-1 to use the rest)")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(mesh_cfg, len(devices))
+  try:  # topology-aware placement where JAX knows the interconnect (TPU, multi-GPU)
+    grid = mesh_utils.create_device_mesh(shape, devices=devices)
+  except (ValueError, NotImplementedError, AssertionError):
+    grid = np.asarray(devices).reshape(shape)
+  return Mesh(grid, MESH_AXES)
+
+
+def rules_from_config(mesh_cfg) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+  rules = []
+  for name, axes in mesh_cfg.rules:
+    if isinstance(axes, list):
+      axes = tuple(axes)
+    for axis in (axes if isinstance(axes, tuple) else (axes,)):
+      if axis is not None and axis not in MESH_AXES:
+        raise MeshError(f"mesh.rules: logical axis '{name}' maps to unknown mesh axis '{axis}' (known: {MESH_AXES})")
+    rules.append((name, axes))
+  names = [n for n, _ in rules]
+  dupes = {n for n in names if names.count(n) > 1}
+  if dupes:  # a second rule for a name would silently never apply: refuse it
+    raise MeshError(f"mesh.rules: logical axis names listed more than once: {sorted(dupes)}")
+  return tuple(rules)
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], rules) -> PartitionSpec:
+  """One logical-axes tuple -> PartitionSpec. A mesh axis is used at most once per array."""
+  table = dict(rules)
+  used: set[str] = set()
+  spec = []
+  for name in logical_axes:
+    axes = table.get(name) if name is not None else None
+    axes = axes if isinstance(axes, tuple) else (axes,) if axes is not None else ()
+    # an array dimension may only take mesh axes not already used by an earlier dimension
+    free = tuple(a for a in axes if a not in used)
+    used.update(free)
+    spec.append(free[0] if len(free) == 1 else (free or None))
+  return PartitionSpec(*spec)
+
+
+def logical_tree_to_shardings(logical_tree, mesh: Mesh, rules):
+  """Maps a pytree of logical PartitionSpecs (from nn.get_partition_spec) to NamedShardings."""
+  def one(spec):
+    return NamedSharding(mesh, logical_to_spec(tuple(spec), rules))
+  return jax.tree.map(one, logical_tree, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def shardings_for(abstract_tree, mesh: Mesh, rules):
+  """Shardings for a tree of (possibly nn.Partitioned-boxed) abstract values; unboxed leaves replicate."""
+  logical = nn.get_partition_spec(abstract_tree)
+  return logical_tree_to_shardings(logical, mesh, rules)
+
+
+def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
+  """Sharding of an input array [batch, length, ...]: batch over the data axes, the rest replicated."""
+  return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))
+
+
+def data_parallel_size(mesh: Mesh, rules) -> int:
+  spec = logical_to_spec(("batch",), rules)[0]
+  axes = spec if isinstance(spec, tuple) else (spec,) if spec else ()
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def check_batch(global_batch: int, mesh: Mesh, rules, what: str = "train.batch_size") -> None:
+  dp = data_parallel_size(mesh, rules)
+  if global_batch % dp:
+    raise MeshError(
+        f"{what}={global_batch} does not divide by the data-parallel size {dp} "
+        f"(mesh {dict(mesh.shape)}); use a multiple of {dp}")
+
+
+def describe(mesh: Mesh) -> str:
+  return "x".join(f"{name}={size}" for name, size in mesh.shape.items())
