@@ -1,0 +1,6 @@
+"""`python -m jaxlm` is the `jaxlm` command."""
+
+from jaxlm.cli import main
+
+if __name__ == "__main__":
+  main()
