@@ -7,6 +7,10 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = "base"  # run name, shown in logs and written into checkpoint metadata
 
+  # ---- task ----------------------------------------------------------------------------------------------
+  c.task = ml_collections.ConfigDict()
+  c.task.name = "lm"  # lm (causal LM) | mlm_nsp | classification | ner | qa — see jaxlm/tasks/
+
   # ---- model -------------------------------------------------------------------------------------------
   c.model = ml_collections.ConfigDict()
   c.model.family = "decoder"  # decoder | encoder (BERT) — which model file builds the network
@@ -39,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1  # parameter/optimizer sharding axis (ZeRO-3 style); batches are split over it too
   c.mesh.tensor = 1  # tensor (model) parallel axis: heads and MLP hidden split across it
   # logical axis name -> mesh axes, resolved in jaxlm/sharding.py only. A name missing here is replicated.
-  c.mesh.rules = (
+  c.mesh.rules = (  # the logical-axis rules table, one (name, mesh axes) pair per line
       ("batch", ("data", "fsdp")),  # activations and input batches: split over every data-like axis
       ("vocab", "tensor"),  # embedding rows / logits columns
       ("embed", "fsdp"),  # the d_model dimension of weights: ZeRO-3 sharding
@@ -106,6 +110,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.progress_bar = True  # terminal progress bar (process 0 only)
   c.train.sample_every = 0  # steps between text samples written to the log; 0 = never
   c.train.sample_prompt = "The"  # prompt for those samples
+  c.train.nonfinite = "skip"  # NaN/Inf loss or grad norm: skip (keep params, count it) | stop (keep last good checkpoint)
 
   # ---- checkpoints ---------------------------------------------------------------------------------------
   c.checkpoint = ml_collections.ConfigDict()

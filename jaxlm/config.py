@@ -152,7 +152,18 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(json.loads(text))
+  return from_json_dict(json.loads(text))
+
+
+def from_json_dict(d: dict) -> ml_collections.ConfigDict:
+  """JSON turns tuples into lists; configs declare tuples, so lists come back as tuples."""
+  def fix(x):
+    if isinstance(x, dict):
+      return {k: fix(v) for k, v in x.items()}
+    if isinstance(x, list):
+      return tuple(fix(v) for v in x)
+    return x
+  return ml_collections.ConfigDict(fix(d))
 
 
 def split_config_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -72,32 +72,45 @@ def rules_from_config(mesh_cfg) -> tuple[tuple[str, str | tuple[str, ...] | None
   return tuple(rules)
 
 
-def logical_to_spec(logical_axes: Sequence[str | None], rules) -> PartitionSpec:
-  """One logical-axes tuple -> PartitionSpec. A mesh axis is used at most once per array."""
+def logical_to_spec(logical_axes: Sequence[str | None], rules, shape: Sequence[int] | None = None,
+                    mesh_sizes: dict[str, int] | None = None) -> PartitionSpec:
+  """One logical-axes tuple -> PartitionSpec.
+
+  A mesh axis is used at most once per array (the first dimension that asks gets it). Given the array's shape
+  and the mesh's axis sizes, a mesh axis that does not divide its dimension is left out, so that dimension is
+  replicated over it (e.g. 4 heads on tensor=8) instead of failing deep inside XLA.
+  """
   table = dict(rules)
   used: set[str] = set()
   spec = []
-  for name in logical_axes:
+  for i, name in enumerate(logical_axes):
     axes = table.get(name) if name is not None else None
     axes = axes if isinstance(axes, tuple) else (axes,) if axes is not None else ()
-    # an array dimension may only take mesh axes not already used by an earlier dimension
-    free = tuple(a for a in axes if a not in used)
+    free = []
+    for a in axes:
+      if a in used:
+        continue
+      if shape is not None and mesh_sizes is not None and shape[i] % (math.prod(mesh_sizes[b] for b in free) * mesh_sizes[a]):
+        continue
+      free.append(a)
     used.update(free)
-    spec.append(free[0] if len(free) == 1 else (free or None))
+    spec.append(free[0] if len(free) == 1 else (tuple(free) or None))
   return PartitionSpec(*spec)
 
 
-def logical_tree_to_shardings(logical_tree, mesh: Mesh, rules):
-  """Maps a pytree of logical PartitionSpecs (from nn.get_partition_spec) to NamedShardings."""
-  def one(spec):
-    return NamedSharding(mesh, logical_to_spec(tuple(spec), rules))
-  return jax.tree.map(one, logical_tree, is_leaf=lambda x: isinstance(x, PartitionSpec))
-
-
 def shardings_for(abstract_tree, mesh: Mesh, rules):
-  """Shardings for a tree of (possibly nn.Partitioned-boxed) abstract values; unboxed leaves replicate."""
-  logical = nn.get_partition_spec(abstract_tree)
-  return logical_tree_to_shardings(logical, mesh, rules)
+  """NamedShardings for a tree of nn.Partitioned-boxed abstract values (from jax.eval_shape of an init).
+
+  Boxed leaves follow their logical names; unboxed leaves (step counters, RNG keys) are replicated.
+  """
+  sizes = dict(mesh.shape)
+
+  def one(leaf):
+    if isinstance(leaf, nn.Partitioned):
+      return NamedSharding(mesh, logical_to_spec(leaf.names, rules, leaf.value.shape, sizes))
+    return NamedSharding(mesh, PartitionSpec())
+
+  return jax.tree.map(one, abstract_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:

@@ -1,0 +1,49 @@
+"""The optimiser from config: AdamW with warmup + cosine/linear decay, a weight-decay mask, global-norm clipping."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+NO_DECAY_NAMES = ("scale", "bias", "bi", "bo")  # norm scales and biases are never decayed
+
+
+def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
+  peak = optim_cfg.learning_rate
+  warmup = min(optim_cfg.warmup_steps, max(total_steps - 1, 0))
+  end = peak * optim_cfg.end_lr_fraction
+  decay_steps = max(total_steps - warmup, 1)
+  if optim_cfg.schedule == "cosine":
+    decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=optim_cfg.end_lr_fraction)
+  elif optim_cfg.schedule == "linear":
+    decay = optax.linear_schedule(peak, end, decay_steps)
+  elif optim_cfg.schedule == "constant":
+    decay = optax.constant_schedule(peak)
+  else:
+    raise ValueError(f"optim.schedule must be cosine, linear or constant; got '{optim_cfg.schedule}'")
+  if not warmup:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def decay_mask(params, decay_embeddings: bool):
+  """True where weight decay applies: matrices, and embedding tables only if asked."""
+  def decide(path, _):
+    name = str(getattr(path[-1], "key", path[-1]))
+    if name in NO_DECAY_NAMES or name.endswith("_bias"):
+      return False
+    if "embedding" in name:
+      return decay_embeddings
+    return True
+  return jax.tree_util.tree_map_with_path(decide, params)
+
+
+def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  schedule = learning_rate_schedule(optim_cfg, total_steps)
+  parts = []
+  if optim_cfg.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(optim_cfg.grad_clip))
+  parts.append(optax.adamw(
+      schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay,
+      mask=lambda p: decay_mask(p, optim_cfg.decay_embeddings)))
+  return optax.chain(*parts), schedule
