@@ -1,0 +1,110 @@
+"""Decoder model behaviour: shapes, causality, packed-segment isolation, KV-cache decoding, options."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm.models.decoder import Decoder, DecoderConfig
+
+
+def _cfg(style, **kw):
+  base = dict(vocab_size=97, max_len=32, num_layers=2, d_model=32, num_heads=4, style=style)
+  if style == "llama":
+    base.update(num_kv_heads=2, tie_embeddings=False, use_bias=False)
+  base.update(kw)
+  return DecoderConfig(**base)
+
+
+STYLES = ["gpt2", "llama"]
+
+
+def _init(cfg, b=2, t=16):
+  model = Decoder(cfg)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (b, t)), jnp.int32)
+  params = model.init(jax.random.key(0), tokens)["params"]
+  return model, params, tokens
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_shapes_and_dtype(style):
+  model, params, tokens = _init(_cfg(style))
+  logits = model.apply({"params": params}, tokens)
+  assert logits.shape == (2, 16, 97) and logits.dtype == jnp.float32
+  bf16 = Decoder(_cfg(style, dtype="bfloat16"))
+  out = bf16.apply({"params": params}, tokens)
+  assert out.dtype == jnp.float32  # logits come back in float32 for the loss
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  np.testing.assert_allclose(out, logits, atol=0.1)  # bf16 compute stays close to float32
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_causality(style):
+  model, params, tokens = _init(_cfg(style))
+  base = model.apply({"params": params}, tokens)
+  t = 9
+  changed = tokens.at[:, t].set((tokens[:, t] + 1) % 97)
+  out = model.apply({"params": params}, changed)
+  np.testing.assert_array_equal(np.asarray(out[:, :t]), np.asarray(base[:, :t]))
+  assert not np.allclose(out[:, t:], base[:, t:])
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_packed_segments_are_isolated(style):
+  """A document's logits inside a pack equal its logits alone, whatever its neighbours are."""
+  cfg = _cfg(style)
+  model = Decoder(cfg)
+  rng = np.random.default_rng(1)
+  doc = rng.integers(0, 97, 6)
+  alone = jnp.asarray(doc[None], jnp.int32)
+  params = model.init(jax.random.key(0), alone)["params"]
+  ref = model.apply({"params": params}, alone)[0]
+  for left_len in (3, 7):
+    left, right = rng.integers(0, 97, left_len), rng.integers(0, 97, 5)
+    tokens = np.concatenate([left, doc, right])[None]
+    seg = np.concatenate([np.full(left_len, 1), np.full(6, 2), np.full(5, 3)])[None]
+    pos = np.concatenate([np.arange(left_len), np.arange(6), np.arange(5)])[None]
+    out = model.apply({"params": params}, jnp.asarray(tokens, jnp.int32), jnp.asarray(pos), jnp.asarray(seg))[0]
+    np.testing.assert_allclose(out[left_len:left_len + 6], ref, atol=2e-5)
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("scan", [False, True])
+def test_kv_cache_decoding_matches_full_forward(style, scan):
+  cfg = _cfg(style, scan_layers=scan)
+  model, params, tokens = _init(cfg, b=2, t=12)
+  full = model.apply({"params": params}, tokens)
+  cache = model.init(jax.random.key(0), tokens[:, :1], decode=True)["cache"]
+  p = 5
+  pos = jnp.broadcast_to(jnp.arange(p), (2, p))
+  logits, v = model.apply({"params": params, "cache": cache}, tokens[:, :p], pos, jnp.ones((2, p), jnp.int32),
+                          decode=True, mutable=["cache"])
+  np.testing.assert_allclose(logits, full[:, :p], atol=2e-5)
+  cache = v["cache"]
+  for i in range(p, 12):
+    logits, v = model.apply({"params": params, "cache": cache}, tokens[:, i:i + 1], jnp.full((2, 1), i),
+                            jnp.ones((2, 1), jnp.int32), decode=True, mutable=["cache"])
+    cache = v["cache"]
+    np.testing.assert_allclose(logits[:, 0], full[:, i], atol=2e-5)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_and_scan_keep_the_function(remat):
+  cfg = _cfg("gpt2")
+  model, params, tokens = _init(cfg)
+  ref_grads = jax.grad(lambda p: model.apply({"params": p}, tokens).sum())(params)
+  remat_model = Decoder(_cfg("gpt2", remat=remat))
+  grads = jax.grad(lambda p: remat_model.apply({"params": p}, tokens).sum())(params)
+  for a, b in zip(jax.tree.leaves(ref_grads), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  scan_model = Decoder(_cfg("gpt2", scan_layers=True, remat=remat))
+  scan_params = scan_model.init(jax.random.key(0), tokens)["params"]
+  assert scan_params["blocks"]["block"]["mlp"]["wi"].value.shape[0] == 2  # layers stacked on a leading axis
+  assert scan_params["blocks"]["block"]["mlp"]["wi"].names[0] == "layers"
+
+
+def test_bad_hyperparameters_are_named():
+  with pytest.raises(ValueError, match="num_kv_heads"):
+    _cfg("llama", num_kv_heads=3)
+  with pytest.raises(ValueError, match="model.style"):
+    _cfg("bert")
