@@ -66,6 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.doc_split = "blank_lines"  # how a file splits into documents: blank_lines | lines | file
   c.data.seq_len = 64  # tokens per packed training sequence
   c.data.packing = "first_fit"  # first_fit (documents never split unless longer than seq_len) | concat (concatenate-and-split)
+  c.data.pack_bins = 32  # first_fit: rows filled at once; more = less padding, but documents wait longer to be emitted
   c.data.add_eos = True  # append the tokenizer's EOS id to each document
   c.data.shuffle = True  # globally shuffle examples each epoch
   c.data.num_epochs = 0  # 0 = repeat forever (training stops at train.steps)

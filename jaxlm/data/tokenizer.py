@@ -1,0 +1,146 @@
+"""Tokenizers behind one small interface: sentencepiece models (trained by `jaxlm tokenizer`) and HF-style
+WordPiece vocab.txt files (imported BERT checkpoints), plus training and loading from the run config."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from typing import Protocol
+
+import sentencepiece as spm
+
+# Ids a sentencepiece model trained here reserves; imported models keep their own.
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+
+class Tokenizer(Protocol):
+  vocab_size: int
+  pad_id: int
+  bos_id: int
+  eos_id: int
+  unk_id: int
+
+  def encode(self, text: str) -> list[int]: ...
+
+  def decode(self, ids) -> str: ...
+
+  def piece_to_id(self, piece: str) -> int: ...  # unk_id when the piece is not in the vocabulary
+
+  def fingerprint(self) -> str: ...  # hash of the vocabulary/model file, stored with checkpoints
+
+
+class SentencePieceTokenizer:
+  """A sentencepiece model. Pickles as its serialized proto, so grain worker processes get their own copy."""
+
+  def __init__(self, model_proto: bytes, path: str = ""):
+    self.path = path
+    self._proto = model_proto
+    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    self.vocab_size = self._sp.vocab_size()
+    # Models without a pad piece still need a filler id for padded positions; they carry weight 0.
+    self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else 0
+    self.unk_id = self._sp.unk_id()
+    self.bos_id = self._sp.bos_id()
+    self.eos_id = self._sp.eos_id()
+
+  @classmethod
+  def from_file(cls, path: str) -> SentencePieceTokenizer:
+    with open(path, "rb") as f:
+      return cls(f.read(), path)
+
+  def encode(self, text: str) -> list[int]:
+    return self._sp.encode(text)
+
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    return self._sp.encode(texts)
+
+  def encode_pieces(self, text: str) -> list[str]:
+    return self._sp.encode(text, out_type=str)
+
+  def decode(self, ids) -> str:
+    return self._sp.decode([int(i) for i in ids])
+
+  def piece_to_id(self, piece: str) -> int:
+    return self._sp.piece_to_id(piece)
+
+  def id_to_piece(self, i: int) -> str:
+    return self._sp.id_to_piece(int(i))
+
+  def fingerprint(self) -> str:
+    return "spm:" + hashlib.sha256(self._proto).hexdigest()[:16]
+
+  def __getstate__(self):
+    return {"proto": self._proto, "path": self.path}
+
+  def __setstate__(self, state):
+    self.__init__(state["proto"], state["path"])
+
+
+def tokenizer_path(config, workdir: str) -> str:
+  """config.tokenizer.path, or WORKDIR/tokenizer/spm.model when that is empty."""
+  if config.tokenizer.path:
+    return config.tokenizer.path
+  return os.path.join(workdir, "tokenizer", "spm.model")
+
+
+def load_tokenizer(config, workdir: str) -> Tokenizer:
+  path = tokenizer_path(config, workdir)
+  kind = config.tokenizer.kind
+  if kind not in ("sentencepiece", "wordpiece"):
+    raise ValueError(f"tokenizer.kind={kind!r}: expected sentencepiece or wordpiece")
+  if not os.path.isfile(path):
+    if kind == "sentencepiece":
+      hint = f"train one with `jaxlm tokenizer --config CONFIG --workdir {workdir}`, or set --config.tokenizer.path"
+    else:
+      hint = "set --config.tokenizer.path to the checkpoint's vocab.txt"
+    raise FileNotFoundError(f"tokenizer file not found: {path} ({hint})")
+  if kind == "wordpiece":
+    from jaxlm.data.wordpiece import WordPieceTokenizer
+    return WordPieceTokenizer.from_file(path, lowercase=config.tokenizer.lowercase)
+  return SentencePieceTokenizer.from_file(path)
+
+
+def _training_sentences(config, max_sentences: int):
+  """Lines of the training documents: sentencepiece learns from sentences, not whole documents."""
+  from jaxlm.data import sources
+  count = 0
+  for doc in sources.tokenizer_training_texts(config):
+    for line in doc.split("\n"):
+      line = line.strip()
+      if line:
+        yield line
+        count += 1
+        if count >= max_sentences:
+          return
+
+
+def train_tokenizer(config, workdir: str) -> str:
+  """Trains a sentencepiece model on the config's training text and writes it to tokenizer_path(); returns it."""
+  t = config.tokenizer
+  if t.kind != "sentencepiece":
+    raise ValueError(f"tokenizer.kind={t.kind!r}: only sentencepiece models are trained (WordPiece comes with its "
+                     "checkpoint's vocab.txt)")
+  if t.model_type not in ("unigram", "bpe"):
+    raise ValueError(f"tokenizer.model_type={t.model_type!r}: expected unigram or bpe")
+  path = tokenizer_path(config, workdir)
+  symbols = [s for s in t.user_defined_symbols if s]
+  proto = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_training_sentences(config, t.max_sentences), model_writer=proto,
+        vocab_size=t.vocab_size, model_type=t.model_type, character_coverage=t.character_coverage,
+        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, user_defined_symbols=symbols,
+        # a training corpus usually holds more sentences than max_sentences; sample them, don't take the head
+        input_sentence_size=t.max_sentences, shuffle_input_sentence=True,
+        num_threads=max(1, min(4, os.cpu_count() or 1)), minloglevel=2)
+  except RuntimeError as e:
+    if "Vocabulary size" in str(e):
+      raise ValueError(f"tokenizer.vocab_size={t.vocab_size} is too large for this training text: {e}") from e
+    raise
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(proto.getvalue())
+  os.replace(tmp, path)
+  return path
