@@ -42,6 +42,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1  # pure data-parallel replicas; -1 = the devices left after the other axes
   c.mesh.fsdp = 1  # parameter/optimizer sharding axis (ZeRO-3 style); batches are split over it too
   c.mesh.tensor = 1  # tensor (model) parallel axis: heads and MLP hidden split across it
+  # Multi-slice / multi-host (DCN) sizes. When any is above 1, mesh.data/fsdp/tensor are the sizes WITHIN one slice
+  # (ICI; on GPUs: one host) and each mesh axis spans dcn_X * X devices; slices are the TPU slices, else the processes.
+  c.mesh.dcn_data = 1  # data-parallel replicas across slices: the axis that tolerates slow links best
+  c.mesh.dcn_fsdp = 1  # fsdp across slices: parameters gathered over DCN every step (large models only)
+  c.mesh.dcn_tensor = 1  # tensor parallelism across slices: almost never wise (per-layer collectives over DCN)
   # logical axis name -> mesh axes, resolved in jaxlm/sharding.py only. A name missing here is replicated.
   c.mesh.rules = (  # the logical-axis rules table, one (name, mesh axes) pair per line
       ("batch", ("data", "fsdp")),  # activations and input batches: split over every data-like axis
@@ -119,6 +124,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint.keep = 3  # keep the newest N checkpoints
   c.checkpoint.keep_every = 0  # additionally keep every K-th step forever; 0 = off
   c.checkpoint.async_save = True  # write in the background while training continues
+
+  # ---- multi-process start-up (jaxlm/distributed.py: JAXLM_* variables, SLURM or Cloud TPU) ---------------------
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.initialization_timeout_s = 300  # every process waits this long for all the others to join, then fails
+  c.distributed.heartbeat_timeout_s = 100  # a process silent this long is declared dead; the others stop with an error
+  c.distributed.shutdown_timeout_s = 300  # at exit, how long a process waits for the others to finish too
 
   # ---- sampling (jaxlm generate) -------------------------------------------------------------------------
   c.sample = ml_collections.ConfigDict()

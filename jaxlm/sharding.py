@@ -18,14 +18,33 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the axes a global batch is split over
+DCN_KEYS = tuple(f"dcn_{name}" for name in MESH_AXES)
 
 
 class MeshError(ValueError):
   """A mesh that does not fit the devices, or a batch that does not fit the mesh."""
 
 
+def dcn_shape(mesh_cfg) -> tuple[int, int, int]:
+  """Axis sizes across slices (mesh.dcn_*): (1, 1, 1) for one slice or host."""
+  sizes = tuple(int(mesh_cfg[f"dcn_{name}"]) for name in MESH_AXES)
+  if any(s < 1 for s in sizes):
+    raise MeshError(f"mesh.dcn_* sizes must be at least 1, got {dict(zip(DCN_KEYS, sizes))}")
+  return sizes
+
+
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
-  """Resolves the config's axis sizes (one of them may be -1) against the number of devices."""
+  """The whole mesh's axis sizes: within-slice sizes (one may be -1) resolved per slice, times mesh.dcn_*."""
+  dcn = dcn_shape(mesh_cfg)
+  slices = math.prod(dcn)
+  if num_devices % slices:
+    raise MeshError(f"mesh {dict(zip(DCN_KEYS, dcn))} asks for {slices} slices, which does not divide the "
+                    f"{num_devices} devices available")
+  return tuple(i * d for i, d in zip(ici_shape(mesh_cfg, num_devices // slices), dcn))
+
+
+def ici_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+  """Resolves mesh.data/fsdp/tensor (one of them may be -1) against the devices of one slice (all of them if one)."""
   sizes = [int(mesh_cfg[name]) for name in MESH_AXES]
   free = [i for i, s in enumerate(sizes) if s == -1]
   if len(free) > 1:
@@ -49,11 +68,29 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(mesh_cfg, len(devices))
+  dcn = dcn_shape(mesh_cfg)
+  if math.prod(dcn) > 1:
+    return Mesh(_hybrid_grid(tuple(s // d for s, d in zip(shape, dcn)), dcn, devices), MESH_AXES)
   try:  # topology-aware placement where JAX knows the interconnect (TPU, multi-GPU)
     grid = mesh_utils.create_device_mesh(shape, devices=devices)
   except (ValueError, NotImplementedError, AssertionError):
     grid = np.asarray(devices).reshape(shape)
   return Mesh(grid, MESH_AXES)
+
+
+def _hybrid_grid(ici: tuple[int, ...], dcn: tuple[int, ...], devices: list) -> np.ndarray:
+  """Devices laid out so each slice holds a contiguous ICI block and only the dcn_* part of an axis crosses slices.
+
+  Slices are what the devices' slice_index says (TPU slices; GPU hosts where the runtime sets it)
+  where it names more than one, otherwise processes (one per host is the usual GPU and CPU launch).
+  """
+  by_process = len({getattr(d, "slice_index", None) for d in devices} - {None}) < 2
+  granules = {d.process_index if by_process else d.slice_index for d in devices}
+  if len(granules) != math.prod(dcn):
+    unit = "processes" if by_process else "slices (device slice_index)"
+    raise MeshError(f"mesh {dict(zip(DCN_KEYS, dcn))} asks for {math.prod(dcn)} slices but the devices belong to "
+                    f"{len(granules)} {unit}")
+  return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process)
 
 
 def rules_from_config(mesh_cfg) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
