@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from jaxlm import config as config_lib
@@ -103,10 +102,15 @@ def main(argv=None) -> None:
   argv = sys.argv[1:] if argv is None else argv
   overrides, rest = config_lib.split_config_args(argv)
   args = build_parser().parse_args(rest)
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.ERROR)  # library chatter (orbax, grain) stays out of the user's terminal
+  from jaxlm.sharding import MeshError
   try:
     args.func(args, overrides)
   except config_lib.ConfigError as e:
     sys.exit(f"jaxlm: config error: {e}")
+  except (MeshError, FileNotFoundError) as e:
+    sys.exit(f"jaxlm: error: {e}")
 
 
 if __name__ == "__main__":

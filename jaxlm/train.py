@@ -234,12 +234,18 @@ def metadata(config, setup: Setup, tokenizer_fingerprint: str = "") -> dict:
 def run(config, workdir: str, *, stop_requested=lambda: False) -> TrainState:
   """Trains config.train.steps steps in `workdir`, resuming from its latest checkpoint if there is one."""
   from jaxlm.checkpoint import Checkpointer
-  from jaxlm.data.tokenizer import load_tokenizer
+  from jaxlm.data.tokenizer import load_tokenizer, tokenizer_path, train_tokenizer
   from jaxlm.metric_writer import MetricWriter
 
   c = config
   is_main = jax.process_index() == 0
   setup = build(c)  # mesh and batch checks come first: a bad mesh stops before any work
+  if not c.tokenizer.path and c.tokenizer.kind == "sentencepiece" and not os.path.isfile(tokenizer_path(c, workdir)):
+    # a workdir-owned tokenizer that does not exist yet is trained first, as `jaxlm tokenizer` would
+    if jax.process_count() > 1:
+      raise FileNotFoundError(f"{tokenizer_path(c, workdir)} is missing: run `jaxlm tokenizer` before a "
+                              "multi-process run")
+    print(f"training the tokenizer first: {train_tokenizer(c, workdir)}", flush=True)
   tokenizer = load_tokenizer(c, workdir)
   check_vocab(c, tokenizer)
   if is_main:
