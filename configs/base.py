@@ -88,6 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.tokenizer.character_coverage = 1.0  # share of characters covered (0.9995 for large CJK alphabets)
   c.tokenizer.user_defined_symbols = ()  # extra special tokens kept whole, e.g. ('[CLS]', '[SEP]', '[MASK]')
   c.tokenizer.max_sentences = 200000  # sentences sampled from the corpus for training the model
+  c.tokenizer.num_sentinels = 0  # T5 span corruption: also add <extra_id_0> .. <extra_id_{N-1}> as special tokens
   c.tokenizer.lowercase = False  # wordpiece: lower-case and strip accents (uncased BERT)
 
   # ---- optimiser -----------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import io
 import os
 from typing import Protocol
 
+import numpy as np
 import sentencepiece as spm
 
 # Ids a sentencepiece model trained here reserves; imported models keep their own.
@@ -20,12 +21,21 @@ class Tokenizer(Protocol):
   bos_id: int
   eos_id: int
   unk_id: int
+  cls_id: int  # [CLS], [SEP], [MASK]: -1 when the vocabulary has no such piece
+  sep_id: int
+  mask_id: int
 
   def encode(self, text: str) -> list[int]: ...
 
   def decode(self, ids) -> str: ...
 
   def piece_to_id(self, piece: str) -> int: ...  # unk_id when the piece is not in the vocabulary
+
+  def encode_words(self, words: list[str]) -> list[list[int]]: ...  # token classification: one id list per word
+
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]: ...  # QA: character spans
+
+  def word_start_mask(self): ...  # [vocab] bool, True where a piece begins a word (whole-word masking)
 
   def fingerprint(self) -> str: ...  # hash of the vocabulary/model file, stored with checkpoints
 
@@ -43,6 +53,12 @@ class SentencePieceTokenizer:
     self.unk_id = self._sp.unk_id()
     self.bos_id = self._sp.bos_id()
     self.eos_id = self._sp.eos_id()
+    # Encoder tasks need BERT's markers; a model trained with them as user-defined symbols has them, else -1.
+    self.cls_id, self.sep_id, self.mask_id = (self._known("[CLS]"), self._known("[SEP]"), self._known("[MASK]"))
+
+  def _known(self, piece: str) -> int:
+    i = self._sp.piece_to_id(piece)
+    return -1 if i == self.unk_id else i
 
   @classmethod
   def from_file(cls, path: str) -> SentencePieceTokenizer:
@@ -57,6 +73,29 @@ class SentencePieceTokenizer:
 
   def encode_pieces(self, text: str) -> list[str]:
     return self._sp.encode(text, out_type=str)
+
+  def encode_words(self, words: list[str]) -> list[list[int]]:
+    """Each pre-split word on its own, as if preceded by a space (token classification)."""
+    return self._sp.encode(list(words))
+
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids and, per token, the [start, end) character span of its surface text in `text`."""
+    proto = self._sp.encode(text, return_type="proto")
+    if text.isascii():
+      return [p.id for p in proto.pieces], [(p.begin, p.end) for p in proto.pieces]
+    char_at = np.zeros(len(text.encode("utf-8")) + 1, np.int64)  # byte offset -> character offset
+    pos = 0
+    for i, ch in enumerate(text):
+      n = len(ch.encode("utf-8"))
+      char_at[pos:pos + n] = i
+      pos += n
+    char_at[pos] = len(text)
+    return [p.id for p in proto.pieces], [(int(char_at[p.begin]), int(char_at[p.end])) for p in proto.pieces]
+
+  def word_start_mask(self) -> np.ndarray:
+    """[vocab] True where a piece begins a word ('\u2581' prefix), for whole-word masking."""
+    return np.array([self._sp.id_to_piece(i).startswith("\u2581") or self._sp.is_control(i)
+                     for i in range(self.vocab_size)], bool)
 
   def decode(self, ids) -> str:
     return self._sp.decode([int(i) for i in ids])
@@ -75,6 +114,20 @@ class SentencePieceTokenizer:
 
   def __setstate__(self, state):
     self.__init__(state["proto"], state["path"])
+
+
+def sentinel(i: int) -> str:
+  """T5's name for the i-th span-corruption sentinel piece."""
+  return f"<extra_id_{i}>"
+
+
+def require_ids(tokenizer, names: tuple[str, ...], task: str) -> None:
+  """A clear error before any batch is built when the task's special pieces are missing from the vocabulary."""
+  missing = [n for n in names if getattr(tokenizer, f"{n}_id") < 0]
+  if missing:
+    pieces = ", ".join(f"[{n.upper()}]" for n in missing)
+    raise ValueError(f"{task} needs the tokenizer pieces {pieces}; add them to tokenizer.user_defined_symbols and "
+                     "retrain with `jaxlm tokenizer` (or use a WordPiece vocab.txt that has them)")
 
 
 def tokenizer_path(config, workdir: str) -> str:
@@ -125,6 +178,7 @@ def train_tokenizer(config, workdir: str) -> str:
     raise ValueError(f"tokenizer.model_type={t.model_type!r}: expected unigram or bpe")
   path = tokenizer_path(config, workdir)
   symbols = [s for s in t.user_defined_symbols if s]
+  symbols += [sentinel(i) for i in range(t.num_sentinels) if sentinel(i) not in symbols]
   proto = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
