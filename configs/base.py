@@ -10,6 +10,19 @@ def get_config() -> ml_collections.ConfigDict:
   # ---- task ----------------------------------------------------------------------------------------------
   c.task = ml_collections.ConfigDict()
   c.task.name = "lm"  # lm (causal LM) | mlm_nsp | classification | ner | qa — see jaxlm/tasks/
+  # encoder tasks (jaxlm/tasks/{classification,ner,qa,mlm_nsp}.py):
+  c.task.labels = ()  # classification / ner: label names in id order, e.g. ('O', 'B-PER'); any other stops the run
+  c.task.head = ""  # '' = the task's own; ner: softmax | crf; classification: sequence; qa: span; mlm_nsp: mlm_nsp|mlm
+  c.task.head_dropout = 0.1  # dropout on the encoder output before a classification / tagging head, in training
+  c.task.tag_scheme = "IOB2"  # ner: scheme of task.labels (seqeval's names): IOB1 | IOB2 | IOE1 | IOE2 | IOBES | BILOU
+  c.task.seqeval_strict = False  # ner: seqeval strict mode (entities follow task.tag_scheme); False = conlleval rules
+  c.task.crf_constrained = True  # ner crf head, IOB2 only: I-X never follows O or another type, nor starts a sentence
+  c.task.max_answer_len = 30  # qa: longest answer, in tokens, the best-span search considers
+  c.task.mlm_max_predictions = 0  # mlm_nsp: vocabulary logits at most at this many masked positions per row; 0 = all
+
+  # ---- initialisation from a pretrained checkpoint --------------------------------------------------------
+  c.init = ml_collections.ConfigDict()
+  c.init.hf_path = ""  # Hugging Face BERT dir (config.json, model.safetensors, vocab.txt) whose weights start training
 
   # ---- model -------------------------------------------------------------------------------------------
   c.model = ml_collections.ConfigDict()
@@ -36,6 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
   # encoder (BERT) only:
   c.model.type_vocab_size = 2  # token-type (segment A/B) embeddings
   c.model.pooler = True  # tanh pooler over the first token, for sentence-level heads
+  c.model.hidden_act = "gelu"  # MLP activation: gelu (exact erf form, BERT) | gelu_tanh (tanh approximation)
 
   # ---- mesh and sharding -------------------------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict()
@@ -63,21 +77,46 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---- data ----------------------------------------------------------------------------------------------
   c.data = ml_collections.ConfigDict()
-  c.data.source = "text"  # text (.txt / .jsonl files) | pydoc (CPython's bundled documentation text)
-  c.data.train_files = ""  # glob(s) of training files, comma-separated; relative paths are from the working dir
-  c.data.eval_files = ""  # glob(s) for evaluation; empty = hold out data.eval_fraction of the train documents
-  c.data.eval_fraction = 0.05  # share of documents held out for eval when data.eval_files is empty
-  c.data.jsonl_field = "text"  # field holding the text in .jsonl files
+  # Where records come from. text: .txt/.jsonl files | pydoc: CPython's bundled documentation text (no files needed)
+  # | conll: token/tag files (ner) | tsv: TSV/CSV rows (classification) | squad: SQuAD JSON (qa)
+  # | tfds: a public tfds dataset prepared as array_record. Local files are prepared once as array_record too.
+  c.data.source = "text"
+  c.data.train_files = ""  # glob(s) or folders of training files, comma-separated; relative to the working dir
+  c.data.eval_files = ""  # glob(s) for evaluation; empty = hold out data.eval_fraction of the train records
+  c.data.eval_fraction = 0.05  # share of records held out for eval when there is no eval split (seed-independent)
+  c.data.jsonl_field = "text"  # field holding the text in .jsonl files and in tfds text datasets (wikipedia, c4)
   c.data.doc_split = "blank_lines"  # how a file splits into documents: blank_lines | lines | file
-  c.data.seq_len = 64  # tokens per packed training sequence
-  c.data.packing = "first_fit"  # first_fit (documents never split unless longer than seq_len) | concat (concatenate-and-split)
+  c.data.tfds_name = ""  # data.source=tfds: dataset[/config], e.g. glue/sst2, conll2003, squad, wikipedia/20230601.en
+  c.data.tfds_data_dir = ""  # tfds datasets and prepared local files; empty = $TFDS_DATA_DIR or ~/tensorflow_datasets
+  c.data.tfds_train_split = "train"  # tfds split for training; slices work ('train[:90%]')
+  c.data.tfds_eval_split = "validation"  # tfds split for eval; empty = hold out data.eval_fraction of the train split
+  c.data.text_fields = "sentence"  # classification: text column, or two comma-separated (a pair); indices if no header
+  c.data.label_field = "label"  # classification: the label column (an index without a header)
+  c.data.tsv_header = True  # tsv: the first row names the columns
+  c.data.tsv_delimiter = "\t"  # tsv: column separator; "," reads CSV with standard quoting
+  c.data.tokens_field = "tokens"  # ner from tfds: the field holding a sentence's words
+  c.data.tags_field = "ner"  # ner from tfds: the field holding their tags
+  c.data.conll_tag_column = -1  # ner from CoNLL files: the column holding the tag (-1 = last)
+  c.data.tag_scheme = "iob2"  # ner: iob1 | iob2 | bioes; every tag sequence is validated against it
+  c.data.labels = ()  # label names in id order (class labels or tags); empty = sorted from the train split, 'O' first
+  c.data.seq_len = 64  # tokens per sequence (packed LM rows; encoder inputs incl. [CLS]/[SEP]; T5 encoder inputs)
+  c.data.bucket_lengths = ()  # fine-tuning: pad a batch to the smallest of these that fits it (seq_len comes last)
+  c.data.packing = "first_fit"  # first_fit (a document is cut only if longer than seq_len) | concat (concat-and-split)
   c.data.pack_bins = 32  # first_fit: rows filled at once; more = less padding, but documents wait longer to be emitted
   c.data.add_eos = True  # append the tokenizer's EOS id to each document
+  c.data.mlm_probability = 0.15  # mlm_nsp: share of tokens to predict; of those 80% become [MASK], 10% random, 10% kept
+  c.data.whole_word_mask = False  # mlm_nsp: mask every piece of a chosen word together
+  c.data.nsp_probability = 0.5  # mlm_nsp: share of pairs whose second segment comes from another document; 0 = no NSP
+  c.data.short_seq_probability = 0.1  # mlm_nsp: share of examples built shorter than seq_len, as fine-tuning inputs are
+  c.data.noise_density = 0.15  # span_corruption: share of tokens replaced by sentinel spans
+  c.data.mean_noise_span_length = 3.0  # span_corruption: average span length
+  c.data.doc_stride = 128  # qa: tokens between the starts of consecutive windows over a long context
+  c.data.max_query_length = 64  # qa: question tokens kept
   c.data.shuffle = True  # globally shuffle examples each epoch
   c.data.num_epochs = 0  # 0 = repeat forever (training stops at train.steps)
   c.data.worker_count = 0  # grain worker processes for tokenisation and packing; 0 = in the main process
   c.data.worker_buffer_size = 2  # batches each worker prepares ahead
-  c.data.prefetch = 2  # global batches prepared ahead of the device
+  c.data.prefetch = 2  # batches a background thread prepares ahead when worker_count is 0
 
   # ---- tokenizer -----------------------------------------------------------------------------------------
   c.tokenizer = ml_collections.ConfigDict()
