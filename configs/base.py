@@ -10,13 +10,11 @@ def get_config() -> ml_collections.ConfigDict:
   # ---- task ----------------------------------------------------------------------------------------------
   c.task = ml_collections.ConfigDict()
   c.task.name = "lm"  # lm (causal LM) | mlm_nsp | classification | ner | qa — see jaxlm/tasks/
-  # encoder tasks (jaxlm/tasks/{classification,ner,qa,mlm_nsp}.py):
-  c.task.labels = ()  # classification / ner: label names in id order, e.g. ('O', 'B-PER'); any other stops the run
+  # encoder tasks (jaxlm/tasks/{classification,ner,qa,mlm_nsp}.py); labels and tag scheme: data.labels, data.tag_scheme
   c.task.head = ""  # '' = the task's own; ner: softmax | crf; classification: sequence; qa: span; mlm_nsp: mlm_nsp|mlm
   c.task.head_dropout = 0.1  # dropout on the encoder output before a classification / tagging head, in training
-  c.task.tag_scheme = "IOB2"  # ner: scheme of task.labels (seqeval's names): IOB1 | IOB2 | IOE1 | IOE2 | IOBES | BILOU
-  c.task.seqeval_strict = False  # ner: seqeval strict mode (entities follow task.tag_scheme); False = conlleval rules
-  c.task.crf_constrained = True  # ner crf head, IOB2 only: I-X never follows O or another type, nor starts a sentence
+  c.task.seqeval_strict = False  # ner: seqeval strict mode (entities follow data.tag_scheme); False = conlleval rules
+  c.task.crf_constrained = True  # ner crf head, iob2 only: I-X never follows O or another type, nor starts a sentence
   c.task.max_answer_len = 30  # qa: longest answer, in tokens, the best-span search considers
   c.task.mlm_max_predictions = 0  # mlm_nsp: vocabulary logits at most at this many masked positions per row; 0 = all
 

@@ -76,7 +76,8 @@ def gather(x, order):
 
 
 def scatter_back(values, order, count, fill):
-  """Inverse of `gather` for the first count[b] entries: values [B, L] -> [B, L] at original positions, fill elsewhere."""
+  """Inverse of `gather` for the first count[b] entries: values [B, L] -> [B, L] at their original positions, `fill`
+  elsewhere."""
   b, length = values.shape
   keep = jnp.arange(length)[None, :] < count[:, None]
   out = jnp.full((b, length), fill, values.dtype)
