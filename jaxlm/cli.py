@@ -15,6 +15,13 @@ def _load(args, overrides):
 
 def cmd_train(args, overrides):
   config = _load(args, overrides)
+  if args.dry_run:
+    from jaxlm import memory
+    print(memory.dry_run(config, args.devices, args.device_memory_gib, args.compile, args.topology))
+    return
+  from jaxlm import distributed
+  distributed.initialize(config.distributed, coordinator=args.coordinator, num_processes=args.num_processes,
+                         process_id=args.process_id)
   from jaxlm import train
   train.run(config, args.workdir)
 
@@ -62,6 +69,23 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("train", help="train (or resume) a model in a workdir")
   p.add_argument("--config", required=True, help="experiment config file, e.g. configs/gpt_tiny.py")
   p.add_argument("--workdir", required=True, help="where config.json, metrics, checkpoints go")
+  g = p.add_argument_group("multi-process (see jaxlm/distributed.py; SLURM and Cloud TPU need none of these)")
+  g.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (else $JAXLM_COORDINATOR)")
+  g.add_argument("--num-processes", dest="num_processes", type=int, default=None,
+                 help="processes in the run (else $JAXLM_NUM_PROCESSES)")
+  g.add_argument("--process-id", dest="process_id", type=int, default=None,
+                 help="this process's id, 0..N-1 (else $JAXLM_PROCESS_ID)")
+  g = p.add_argument_group("dry run: per-device memory, without training (see jaxlm/memory.py)")
+  g.add_argument("--dry-run", dest="dry_run", action="store_true",
+                 help="report parameter, gradient, optimizer and activation bytes per device, then exit")
+  g.add_argument("--devices", type=int, default=None, help="devices to plan for (need not exist here); default: this "
+                 "machine's")
+  g.add_argument("--device-memory-gib", dest="device_memory_gib", type=float, default=None,
+                 help="memory of one device, to say whether it fits (e.g. 80 for H100, 95 for v5p)")
+  g.add_argument("--compile", action="store_true", help="also compile the train step for this machine's devices "
+                 "and report XLA's own sizes")
+  g.add_argument("--topology", default=None, help="also compile for a TPU topology such as v5p:4x4x4 (needs libtpu, "
+                 "not the TPU)")
   p.set_defaults(func=cmd_train)
 
   p = sub.add_parser("eval", help="evaluate the latest checkpoint of a workdir")
@@ -104,12 +128,13 @@ def main(argv=None) -> None:
   args = build_parser().parse_args(rest)
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.ERROR)  # library chatter (orbax, grain) stays out of the user's terminal
+  from jaxlm.distributed import DistributedError
   from jaxlm.sharding import MeshError
   try:
     args.func(args, overrides)
   except config_lib.ConfigError as e:
     sys.exit(f"jaxlm: config error: {e}")
-  except (MeshError, FileNotFoundError) as e:
+  except (MeshError, FileNotFoundError, DistributedError) as e:
     sys.exit(f"jaxlm: error: {e}")
 
 
