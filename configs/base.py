@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   # ---- initialisation from a pretrained checkpoint --------------------------------------------------------
   c.init = ml_collections.ConfigDict()
   c.init.hf_path = ""  # Hugging Face BERT dir (config.json, model.safetensors, vocab.txt) whose weights start training
+  c.init.checkpoint_dir = ""  # jaxlm workdir or step dir whose params (matched by path and shape) start training
 
   # ---- model -------------------------------------------------------------------------------------------
   c.model = ml_collections.ConfigDict()
@@ -162,6 +163,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint.keep = 3  # keep the newest N checkpoints
   c.checkpoint.keep_every = 0  # additionally keep every K-th step forever; 0 = off
   c.checkpoint.async_save = True  # write in the background while training continues
+  c.checkpoint.best_metric = ""  # fine-tuning: also keep the keep_best steps best by this eval metric; empty = off
+  c.checkpoint.best_mode = "max"  # max | min: whether a larger or a smaller best_metric is better
+  c.checkpoint.keep_best = 1  # how many best-by-metric checkpoints to keep beside the newest `keep`
 
   # ---- multi-process start-up (jaxlm/distributed.py: JAXLM_* variables, SLURM or Cloud TPU) ---------------------
   c.distributed = ml_collections.ConfigDict()
