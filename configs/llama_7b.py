@@ -2,8 +2,12 @@
 32000, untied output; 6,738,415,616 parameters), fully sharded (FSDP) over every device, bfloat16 compute, full
 remat. The target of the memory dry run; training it needs a cluster and a text corpus.
 
-    jaxlm train --config configs/llama_7b.py --workdir /tmp/llama_7b --dry-run --devices 64
-    jaxlm train --config configs/llama_7b.py --workdir /tmp/llama_7b --dry-run --devices 8 --device-memory-gib 80
+    jaxlm train --config configs/llama_7b.py --workdir /tmp/llama_7b --dry-run --devices 32 --device-memory-gib 88.5
+    jaxlm train --config configs/llama_7b.py --workdir /tmp/llama_7b --dry-run --devices 8 --device-memory-gib 74.5 \
+        --config.optim.grad_accum_steps=8 --config.model.attention=cudnn
+
+(v5p-64: 32 chips of 95 GB = 88.5 GiB, fits at 70.0 GiB per device; 8 x H100 80 GB = 74.5 GiB: fits at 27.5 GiB
+with 8 micro-batches and cuDNN attention, not at 278 GiB without.)
     launch/slurm.sbatch, launch/tpu_vm.sh, launch/gke_jobset.yaml run it with --config.data.train_files=...
 """
 
