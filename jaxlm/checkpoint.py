@@ -256,13 +256,17 @@ class Checkpointer:
     path = self.step_path(step)
     try:
       meta = self.metadata(step)
+      # grain keeps one iterator state per process: written by another number of processes, none of them applies
+      saved_processes = meta.get("process_count", jax.process_count())
       items = {"state": ocp.args.StandardRestore(abstract_state)}
-      if data_iterator is not None:
+      if data_iterator is not None and saved_processes == jax.process_count():
         items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
       state = self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
     except Exception as e:  # noqa: BLE001 - any failure to read a finalised step is reported as damage to that step
       raise CorruptCheckpointError(f"{path}: {type(e).__name__}: {_first_line(e)}") from e
     verify_checksums(state, meta.get(CHECKSUM_KEY, {}), path)
+    if data_iterator is not None and saved_processes != jax.process_count():
+      _skip_batches(data_iterator, step, saved_processes)
     return Restored(step, state, meta, path)
 
   def restore_latest(self, abstract_state, data_iterator=None, *, log: Callable[[str], None] = stderr_log
@@ -343,6 +347,17 @@ def _all_processes_agree(ok: bool) -> bool:
     return ok
   from jax.experimental import multihost_utils
   return bool(np.all(multihost_utils.process_allgather(np.array([ok]))))
+
+
+def _skip_batches(data_iterator, step: int, saved_processes: int) -> None:
+  """A fresh iterator moved past the `step` batches (one per train step) the saved run consumed: the same position
+  whenever the global batches do not depend on how many processes read them."""
+  if jax.process_index() == 0:
+    stderr_log(f"the checkpoint at step {step} was written by {saved_processes} processes and is restored by "
+               f"{jax.process_count()}: their data-iterator states do not apply, so the data restarts and skips the "
+               f"{step} batches already trained on")
+  for _ in range(step):
+    next(data_iterator)
 
 
 def _restore_params_subset(step_dir: str, abstract_params):
