@@ -231,8 +231,18 @@ def metadata(config, setup: Setup, tokenizer_fingerprint: str = "") -> dict:
           "process_count": jax.process_count(), "tokenizer_fingerprint": tokenizer_fingerprint}
 
 
-def run(config, workdir: str, *, stop_requested=lambda: False) -> TrainState:
-  """Trains config.train.steps steps in `workdir`, resuming from its latest checkpoint if there is one."""
+def run(config, workdir: str, *, stop_requested=None) -> TrainState:
+  """Trains config.train.steps steps in `workdir`, resuming from its latest checkpoint if there is one.
+
+  SIGTERM or SIGINT (or `stop_requested(step)` returning True) ends the run after the current step, with a
+  checkpoint saved and written; with several processes they all stop at the same step.
+  """
+  from jaxlm.preemption import StopRequest
+  with StopRequest() as signals:
+    return _train(config, workdir, stop_requested or signals, signals)
+
+
+def _train(config, workdir: str, stop_requested, signals) -> TrainState:
   from jaxlm.checkpoint import Checkpointer
   from jaxlm.data.tokenizer import load_tokenizer, tokenizer_path, train_tokenizer
   from jaxlm.metric_writer import MetricWriter
@@ -254,17 +264,21 @@ def run(config, workdir: str, *, stop_requested=lambda: False) -> TrainState:
   ckpt = Checkpointer(workdir, c.checkpoint)
   train_iter = make_batches(c, tokenizer, "train")
 
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state = ckpt.restore(latest, abstract_state(setup), train_iter)
-    writer.log(f"resumed from {ckpt.manager.directory}/{latest} (step {int(state.step)})")
+  restored = ckpt.restore_latest(abstract_state(setup), train_iter)  # skips damaged steps, with a warning
+  if restored is not None:
+    state = restored.state
+    _check_resume(restored, tokenizer, setup, writer.log)
+    writer.log(f"resumed from {restored.path} (step {int(state.step)})")
   else:
     state = init_state(setup, c.train.seed)
+    if c.init.checkpoint_dir:
+      state = _init_from_pretrained(state, c, writer.log)
   writer.log(f"jaxlm: {count_params(state.params):,} parameters, mesh {sharding.describe(setup.mesh)}, "
              f"{jax.device_count()} devices, {jax.process_count()} processes")
   step_fn = compile_train_step(setup)
   eval_fn = compile_eval_step(setup)
-  meta = metadata(c, setup)
+  meta = metadata(c, setup, tokenizer.fingerprint())
+  nonfinite_seen = int(state.nonfinite_skips)  # with train.nonfinite='stop', any increase stops the run unsaved
   tokens_per_step = c.train.batch_size * c.data.seq_len
 
   def run_eval(step):
@@ -279,6 +293,7 @@ def run(config, workdir: str, *, stop_requested=lambda: False) -> TrainState:
           f.write(report)
 
   step = int(state.step)
+  stopping = False
   pending = None  # (step, metrics on device, time) of the last logged step, pulled after the next dispatch
   t_last, step_last = time.time(), step
   while step < c.train.steps:
@@ -286,33 +301,61 @@ def run(config, workdir: str, *, stop_requested=lambda: False) -> TrainState:
     state, metrics = step_fn(state, batch)
     step += 1
     # Pull the previous log step's metrics only now that this step is dispatched: the host never idles the device.
+    nonfinite = False
     if pending is not None:
-      _emit(writer, pending, c, tokens_per_step)
+      nonfinite = _emit(writer, pending, c, tokens_per_step)["nonfinite_skips"] > nonfinite_seen
       pending = None
     if step % c.train.log_every == 0 or step == c.train.steps:
       now = time.time()
       pending = (step, metrics, (step - step_last) * tokens_per_step / max(now - t_last, 1e-9))
       t_last, step_last = now, step
-    if c.train.nonfinite == "stop" and pending is not None and not bool(metrics["finite"]):
-      _emit(writer, pending, c, tokens_per_step)
+    stopping = stop_requested(step)  # every process asks at every step: the multi-process sync point needs it
+    saving = stopping or step % c.checkpoint.every_steps == 0 or step == c.train.steps
+    # With 'stop', the non-finite counter in the state is read at every log row and before every save (which waits
+    # for the state anyway): a poisoned state is never written.
+    if saving and c.train.nonfinite == "stop":
+      nonfinite = nonfinite or int(state.nonfinite_skips) > nonfinite_seen
+    if nonfinite and c.train.nonfinite == "stop":
+      if pending is not None:
+        _emit(writer, pending, c, tokens_per_step)
       writer.close()
       ckpt.close()
-      raise FloatingPointError(f"non-finite loss or gradient norm at step {step}; the last good checkpoint is kept")
-    if c.train.eval_every and step % c.train.eval_every == 0 and step < c.train.steps:
+      last = ckpt.latest_step()
+      kept = f"the last good checkpoint is {ckpt.step_path(last)}" if last is not None else "no checkpoint was saved"
+      raise FloatingPointError(
+          f"non-finite loss or gradient norm by step {step} (train.nonfinite='stop'); {kept}, nothing after it")
+    if c.train.eval_every and step % c.train.eval_every == 0 and step < c.train.steps and not stopping:
       run_eval(step)
-    if step % c.checkpoint.every_steps == 0 or step == c.train.steps:
-      ckpt.save(step, state, train_iter, c, meta, force=True)
-    if stop_requested():
-      ckpt.save(step, state, train_iter, c, meta, force=True)
-      writer.log(f"stopping at step {step}: checkpoint saved in {ckpt.manager.directory}/{step}")
+    if saving:
+      ckpt.save(step, state, train_iter, c, meta)
+    if stopping:
       break
   if pending is not None:
     _emit(writer, pending, c, tokens_per_step)
-  if step >= c.train.steps:
+  if step >= c.train.steps and not stopping:
     run_eval(step)
   ckpt.close()  # waits for the async write: a checkpoint is never left half-written at exit
+  if stopping:
+    writer.log(f"stopped by {signals.reason()} at step {step}; checkpoint saved in {ckpt.step_path(step)}")
   writer.close()
   return state
+
+
+def _check_resume(restored, tokenizer, setup: Setup, log) -> None:
+  saved = restored.metadata.get("tokenizer_fingerprint", "")
+  if saved and saved != tokenizer.fingerprint():
+    raise ValueError(f"{restored.path} was trained with tokenizer {saved} but the tokenizer now loaded is "
+                     f"{tokenizer.fingerprint()}: resuming would change what every token id means")
+  if restored.metadata.get("mesh") not in (None, dict(setup.mesh.shape)):
+    log(f"resharding {restored.path} from mesh {restored.metadata['mesh']} onto {dict(setup.mesh.shape)}")
+
+
+def _init_from_pretrained(state: TrainState, config, log) -> TrainState:
+  """init.checkpoint_dir: pretrained parameters into a fresh state (optimiser state and step stay fresh)."""
+  from jaxlm.checkpoint import init_from_checkpoint
+  params, report = init_from_checkpoint(state.params, config.init.checkpoint_dir)
+  log(report.describe())
+  return state.replace(params=params)
 
 
 def _emit(writer, pending, c, tokens_per_step):
@@ -326,6 +369,7 @@ def _emit(writer, pending, c, tokens_per_step):
   if not c.train.progress_bar:
     writer.log(f"step {step} loss={float(m['loss']):.4f} lr={float(m['learning_rate']):.2e} "
                f"{tokens_per_s:,.0f} tok/s")
+  return m
 
 
 def run_eval_only(config, workdir: str) -> dict:
