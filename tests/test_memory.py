@@ -36,21 +36,58 @@ def decoder_param_counts(m) -> tuple[int, int]:
   return matrices, vectors
 
 
+def encoder_param_counts(config) -> tuple[int, int]:
+  """(matrices, vectors) of the BERT encoder and its pretraining heads (task mlm_nsp, head mlm_nsp or mlm)."""
+  m = config.model
+  assert config.task.name == "mlm_nsp", f"add the task.name={config.task.name} head to this test's formula"
+  v, d, n_layers = m.vocab_size, m.d_model, m.num_layers
+  f = m.d_ff or 4 * d
+  matrices = (v + m.max_len + m.type_vocab_size) * d + n_layers * (4 * d * d + 2 * d * f)
+  vectors = 2 * d + n_layers * (3 * d + d + 2 * d + f + d + 2 * d)  # ln_embed; qkv/o biases, 2 LayerNorms, MLP biases
+  if m.pooler:
+    matrices, vectors = matrices + d * d, vectors + d
+  matrices += d * d  # MLM transform
+  vectors += d + 2 * d + v  # its bias, its LayerNorm, the output bias over the vocabulary
+  if config.task.head in ("", "mlm_nsp"):
+    matrices, vectors = matrices + 2 * d, vectors + 2  # NSP head
+  return matrices, vectors
+
+
+def param_counts(config) -> tuple[int, int]:
+  if config.model.family == "decoder":
+    return decoder_param_counts(config.model)
+  if config.model.family == "encoder":
+    return encoder_param_counts(config)
+  raise AssertionError(f"add the model.family={config.model.family} formula to this test")
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_parameter_bytes_follow_the_parameter_count(name):
-  config = load(name)
-  assert config.model.family == "decoder", f"configs/{name}: add the {config.model.family} formula to this test"
-  matrices, vectors = decoder_param_counts(config.model)
-  assert config.model.d_model % 8 == 0
-  replicated = memory.estimate(load(name, ["mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1", "train.batch_size=8",
-                                           "optim.grad_accum_steps=1"]), 8)
+  check_parameter_bytes(load(name))
+
+
+@pytest.mark.parametrize("head", ["mlm_nsp", "mlm"])
+def test_parameter_bytes_of_the_encoder(head):
+  check_parameter_bytes(load("base.py", ["model.family=encoder", "task.name=mlm_nsp", f"task.head={head}"]))
+
+
+def check_parameter_bytes(config):
+  """On 8 devices, replicated: 4 bytes a parameter; pure FSDP: every matrix split 8 ways by its d_model dimension,
+  norms and biases whole on each device."""
+  matrices, vectors = param_counts(config)
+  assert config.model.d_model % 8 == 0, config.name
+
+  def on_mesh(data, fsdp):
+    mesh = [f"mesh.data={data}", f"mesh.fsdp={fsdp}", "mesh.tensor=1"]
+    return memory.estimate(config_lib.apply_overrides(config, mesh + ["train.batch_size=8",
+                                                                     "optim.grad_accum_steps=1"]), 8)
+
+  replicated = on_mesh(8, 1)
   assert replicated["param_count"] == matrices + vectors
   assert replicated["bytes_per_device"]["params"] == 4 * (matrices + vectors)
-  # every matrix split 8 ways by its d_model dimension; norms and biases whole on each device
-  sharded = memory.estimate(load(name, ["mesh.data=1", "mesh.fsdp=8", "mesh.tensor=1", "train.batch_size=8",
-                                        "optim.grad_accum_steps=1"]), 8)
+  sharded = on_mesh(1, 8)
   b = sharded["bytes_per_device"]
-  assert b["params"] == 4 * (matrices // 8 + vectors) and matrices % 8 == 0
+  assert matrices % 8 == 0 and b["params"] == 4 * (matrices // 8 + vectors)
   assert b["gradients"] == b["params"]
   # AdamW: two float32 moments per parameter, plus the step counters of the chained transforms (int32 scalars)
   assert 0 <= b["optimizer"] - 2 * b["params"] <= 16
