@@ -15,7 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 from jax.extend import core as jax_core
-from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, NamedSharding
 
 from jaxlm import config as config_lib
 from jaxlm import optim, sharding
@@ -53,9 +53,10 @@ def _unbox(tree):
   return nn.meta.unbox(tree)
 
 
-def _per_device_model_config(config, mesh_sizes: dict[str, int], rows: int):
-  """The model one device runs for activations: its micro-batch rows, and under tensor parallelism the heads, MLP
-  units and vocabulary it holds (each split only where the rules table splits it, as logical_to_spec decides)."""
+def _per_device_model_config(config, mesh_sizes: dict[str, int]):
+  """The model one device runs, for its activations: under tensor parallelism only the heads, MLP units and
+  vocabulary it holds (each split only where the rules table splits it, as logical_to_spec decides). Weights stay
+  whole along d_model, as FSDP gathers them for the layer that runs."""
   c = ml_collections.ConfigDict(config.to_dict())
   c.model.scan_layers = False  # the residuals are the same; unrolled blocks let layers be counted one by one
   if config.model.family != "decoder":
@@ -127,7 +128,7 @@ def activation_estimate(config, mesh_sizes: dict[str, int], fused: bool = False)
         f"train.batch_size={config.train.batch_size} / optim.grad_accum_steps={config.optim.grad_accum_steps} "
         f"= {rows_global} rows per micro-batch do not split over the data-parallel size {dp}")
   rows = rows_global // dp
-  c = _per_device_model_config(config, mesh_sizes, rows)
+  c = _per_device_model_config(config, mesh_sizes)
   remat = config.model.remat
   one, two = _residual_bytes(c, rows, 1, remat, fused), _residual_bytes(c, rows, 2, remat, fused)
   per_layer = two - one
