@@ -44,7 +44,8 @@ stop_all() {  # SIGTERM to the process groups still running, SIGKILL to any left
     kill -KILL -- "-$pid" 2>/dev/null
   done
 }
-trap 'stop_all; exit 130' INT TERM
+trap 'stop_all; exit 130' INT
+trap 'stop_all; exit 143' TERM
 
 for ((i = 0; i < NUM_PROCESSES; i++)); do
   (
