@@ -33,7 +33,7 @@ class CorruptCheckpointError(RuntimeError):
   saved."""
 
 
-class NoUsableCheckpointError(RuntimeError):
+class NoUsableCheckpointError(FileNotFoundError):
   """Checkpoint steps exist but none of them restores."""
 
 
@@ -117,7 +117,7 @@ def _host_checksum(x) -> np.ndarray:
   for index, data in shards:
     bits = _host_bits(np.asarray(data))
     rows = bits.reshape(bits.shape[0] if np.ndim(data) else 1, -1).sum(axis=1, dtype=np.uint32).astype(np.uint64)
-    start = (index[0].start or 0) if np.ndim(data) else 0
+    start = (index[0].start or 0) if np.ndim(data) and index else 0
     weight = np.arange(start, start + rows.shape[0], dtype=np.uint64) * np.uint64(WEIGHT) + np.uint64(1)
     total += np.array([rows.sum(dtype=np.uint64), (rows * weight).sum(dtype=np.uint64)], np.uint64)
   return total

@@ -134,7 +134,7 @@ def main(argv=None) -> None:
     args.func(args, overrides)
   except config_lib.ConfigError as e:
     sys.exit(f"jaxlm: config error: {e}")
-  except (MeshError, FileNotFoundError, DistributedError) as e:
+  except (MeshError, FileNotFoundError, DistributedError, FloatingPointError) as e:
     sys.exit(f"jaxlm: error: {e}")
 
 

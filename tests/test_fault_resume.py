@@ -27,10 +27,14 @@ TINY = str(REPO / "configs" / "gpt_tiny.py")
 
 @pytest.fixture(scope="module")
 def common(tmp_path_factory):
-  """The `jaxlm train` arguments every run here shares, and the environment to run it in."""
-  root = tmp_path_factory.mktemp("fault")
+  """The `jaxlm train` arguments every run here shares, and the environment to run it in. The tokenizer and the
+  compilation cache are shared by every test module that uses this fixture."""
+  shared = tmp_path_factory.getbasetemp() / "jaxlm_fault_shared"
   from jaxlm.data.tokenizer import train_tokenizer
-  tokenizer = train_tokenizer(config_lib.load(TINY, ["tokenizer.max_sentences=3000"]), str(root / "tok"))
+  tokenizer = shared / "tok" / "tokenizer" / "spm.model"
+  if not tokenizer.is_file():
+    train_tokenizer(config_lib.load(TINY, ["tokenizer.max_sentences=3000"]), str(shared / "tok"))
+  root = tmp_path_factory.mktemp("fault")
   args = [
       "--config", TINY, f"--config.tokenizer.path={tokenizer}", f"--config.train.steps={STEPS}",
       "--config.optim.schedule=constant", "--config.optim.warmup_steps=2", "--config.model.dropout=0.1",
@@ -38,7 +42,7 @@ def common(tmp_path_factory):
       "--config.train.progress_bar=false", "--config.checkpoint.every_steps=4"]
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAXLM_")}
   env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1", XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             JAX_COMPILATION_CACHE_DIR=str(root / "xla_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_COMPILATION_CACHE_DIR=str(shared / "xla_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   return args, env, root
 

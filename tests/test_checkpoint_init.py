@@ -1,0 +1,127 @@
+"""Initialisation for fine-tuning: parameters only, and partially, from a jaxlm checkpoint (init.checkpoint_dir) or
+from a converter's params tree; the report names what was loaded, newly initialised and unused; a shape mismatch is
+an error naming the parameter."""
+
+import jax
+import numpy as np
+import pytest
+
+from jaxlm import checkpoint as ckpt_lib
+from jaxlm import config as config_lib
+from jaxlm import train
+from tests.conftest import REPO
+
+TINY = str(REPO / "configs" / "gpt_tiny.py")
+
+
+def tiny(*overrides):
+  return config_lib.load(TINY, ["train.progress_bar=false", "mesh.data=1", *overrides])
+
+
+def fresh(config, devices=1, seed=0):
+  setup = train.build(config, jax.devices()[:devices])
+  return setup, train.init_state(setup, seed)
+
+
+def save(workdir, state, step):
+  config = tiny()
+  ckpt = ckpt_lib.Checkpointer(str(workdir), config.checkpoint)
+  ckpt.save(step, state, None, config, {})
+  ckpt.close()
+
+
+@pytest.fixture(scope="module")
+def tied():
+  return fresh(tiny())[1]
+
+
+@pytest.fixture(scope="module")
+def untied4():
+  """The fine-tuning model: an lm_head of its own, on a 1x2x2 mesh."""
+  return fresh(tiny("model.tie_embeddings=false", "mesh.fsdp=2", "mesh.tensor=2"), devices=4)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, tied):
+  """A jaxlm workdir whose step-3 checkpoint holds a tied-embedding decoder (no lm_head), values unlike a fresh init."""
+  workdir = tmp_path_factory.mktemp("pretrained")
+  state = tied.replace(params=jax.tree.map(lambda x: x * 0.5 + 0.25, tied.params))
+  save(workdir, state, 3)
+  return workdir, jax.device_get(state.params)
+
+
+def test_partial_restore_into_a_model_with_a_new_head(pretrained, untied4):
+  workdir, source = pretrained
+  setup, state = untied4
+  params, report = ckpt_lib.init_from_checkpoint(state.params, str(workdir))
+  assert report.source == str(workdir / "checkpoints" / "3")
+  assert report.new == ["lm_head"] and report.unused == []
+  assert len(report.loaded) == len(jax.tree.leaves(source)) and "block_1/mlp/wo" in report.loaded
+  targets = ckpt_lib._flat(setup.state_shardings.params)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    name = ckpt_lib.path_name(path)
+    assert leaf.sharding == targets[name]  # restored straight onto the fine-tuning mesh
+    want = ckpt_lib._flat(state.params)[name] if name == "lm_head" else ckpt_lib._flat(source)[name]
+    np.testing.assert_array_equal(np.asarray(leaf), np.asarray(want))
+  text = report.describe()
+  assert "1 newly initialised" in text and "newly initialised: lm_head" in text and "loaded: block_0/attn/o" in text
+
+
+def test_parameters_left_out_of_the_model_are_reported_unused(tied, tmp_path):
+  head = np.full((64, 512), 0.5, np.float32)
+  save(tmp_path, tied.replace(params={**tied.params, "lm_head": head}), 5)
+  params, report = ckpt_lib.init_from_checkpoint(tied.params, str(tmp_path / "checkpoints" / "5"))
+  assert report.unused == ["lm_head"] and report.new == [] and len(report.loaded) == len(jax.tree.leaves(params))
+
+
+def test_shape_mismatch_names_the_parameter(pretrained, tied):
+  workdir, _ = pretrained
+  smaller = {**tied.params, "embedding": jax.ShapeDtypeStruct((256, 64), np.float32)}  # model.vocab_size=256
+  with pytest.raises(ValueError, match=r"init.checkpoint_dir: parameter 'embedding' has shape \(512, 64\) in .*"
+                                       r"checkpoints/3 but \(256, 64\) in this model"):
+    ckpt_lib.init_from_checkpoint(smaller, str(workdir))
+
+
+def test_missing_checkpoint_is_a_clear_error(tied, tmp_path):
+  with pytest.raises(FileNotFoundError, match="init.checkpoint_dir=.*does not exist"):
+    ckpt_lib.init_from_checkpoint(tied.params, str(tmp_path / "nowhere"))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match="holds no finalised jaxlm checkpoint"):
+    ckpt_lib.init_from_checkpoint(tied.params, str(tmp_path / "empty"))
+
+
+def test_init_from_a_converted_params_tree(untied4):
+  """What a converter (e.g. from Hugging Face) hands over: nested dicts of host arrays, other dtypes allowed."""
+  _, state = untied4
+  rng = np.random.default_rng(0)
+  source = {"embedding": rng.normal(size=(512, 64)).astype(np.float16),
+            "block_0": {"mlp": {"wi": rng.normal(size=(64, 256)).astype(np.float32)}},
+            "pooler": {"kernel": np.zeros((64, 64), np.float32)}}
+  params, report = ckpt_lib.init_from_tree(state.params, source, source_name="hf:bert-tiny")
+  assert report.loaded == ["block_0/mlp/wi", "embedding"] and report.unused == ["pooler/kernel"]
+  assert len(report.new) == len(jax.tree.leaves(state.params)) - 2
+  assert params["embedding"].dtype == np.float32 and params["embedding"].sharding == state.params["embedding"].sharding
+  np.testing.assert_array_equal(np.asarray(params["embedding"]), source["embedding"].astype(np.float32))
+  np.testing.assert_array_equal(np.asarray(params["block_1"]["mlp"]["wi"]),
+                                np.asarray(state.params["block_1"]["mlp"]["wi"]))
+  with pytest.raises(ValueError, match="init.hf_path: parameter 'embedding' has shape"):
+    ckpt_lib.init_from_tree(state.params, {"embedding": np.zeros((3, 64))}, source_name="x", key="init.hf_path")
+
+
+@pytest.mark.slow
+def test_jaxlm_train_starts_from_init_checkpoint_dir_once(pretrained, tmp_path, capsys):
+  workdir, source = pretrained
+  from jaxlm.data.tokenizer import train_tokenizer
+  tokenizer = train_tokenizer(tiny("tokenizer.max_sentences=3000"), str(tmp_path / "tok"))
+  config = tiny(f"tokenizer.path={tokenizer}", "mesh.data=-1", "model.tie_embeddings=false",
+                f"init.checkpoint_dir={workdir}", "train.steps=1", "train.eval_every=0", "train.eval_batches=1",
+                "optim.learning_rate=0")
+  state = train.run(config, str(tmp_path / "finetune"))
+  out = capsys.readouterr().out
+  assert f"initialised from {workdir}/checkpoints/3: {len(jax.tree.leaves(source))} parameters loaded, 1 newly" in out
+  # learning rate 0: after one step the loaded parameters are still the pretrained ones
+  np.testing.assert_array_equal(np.asarray(state.params["block_0"]["attn"]["qkv"]), source["block_0"]["attn"]["qkv"])
+  config.train.steps = 2
+  train.run(config, str(tmp_path / "finetune"))
+  out = capsys.readouterr().out
+  assert "resumed from" in out and "initialised from" not in out  # a resumed run never re-initialises
