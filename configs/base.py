@@ -114,6 +114,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.shuffle = True  # globally shuffle examples each epoch
   c.data.num_epochs = 0  # 0 = repeat forever (training stops at train.steps)
   c.data.worker_count = 0  # grain worker processes for tokenisation and packing; 0 = in the main process
+  c.data.read_threads = 0  # threads reading records ahead in each process/worker; >0 only for slow (remote) storage
   c.data.worker_buffer_size = 2  # batches each worker prepares ahead
   c.data.prefetch = 2  # batches a background thread prepares ahead when worker_count is 0
 

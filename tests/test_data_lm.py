@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxlm import config as config_lib
-from jaxlm.data import pipeline, sources
+from jaxlm.data import builders, pipeline, sources
 from jaxlm.data import tokenizer as tokenizer_lib
 from tests.conftest import REPO
 
@@ -37,8 +37,9 @@ def make_corpus(path, n_docs=60, seed=0):
   return docs
 
 
-def base_config(**overrides):
+def base_config(tmp_path, **overrides):
   c = config_lib.load_config_file(str(REPO / "configs" / "base.py"))
+  c.data.tfds_data_dir = str(tmp_path / "tfds")
   c.data.seq_len = SEQ
   c.train.batch_size = 4
   c.data.pack_bins = 4
@@ -93,26 +94,26 @@ def test_documents_split_modes(tmp_path):
   assert sources.split_documents(path.read_text(), "lines") == ["one", "two", "three", "four"]
   assert sources.split_documents(path.read_text(), "file") == ["one\ntwo\n\n\nthree\n  \nfour"]
   (tmp_path / "b.jsonl").write_text('{"text": "alpha"}\n\n{"text": "beta", "id": 2}\n')
-  c = base_config(data__train_files=f"{tmp_path}/*.txt,{tmp_path}/b.jsonl", data__eval_files=str(tmp_path / "b.jsonl"),
-                  data__doc_split="lines")
-  assert sources.text_documents(c, "train") == ["one", "two", "three", "four", "alpha", "beta"]
-  assert sources.text_documents(c, "eval") == ["alpha", "beta"]
+  c = base_config(tmp_path, data__train_files=f"{tmp_path}/*.txt,{tmp_path}/b.jsonl",
+                  data__eval_files=str(tmp_path / "b.jsonl"), data__doc_split="lines")
+  assert builders.documents(c, "train") == ["one", "two", "three", "four", "alpha", "beta"]
+  assert builders.documents(c, "eval") == ["alpha", "beta"]
 
 
-def test_holdout_is_disjoint_and_covering(corpus):
+def test_holdout_is_disjoint_and_covering(tmp_path, corpus):
   path, docs = corpus
-  c = base_config(data__train_files=path, data__eval_fraction=0.1)
-  train, held = sources.text_documents(c, "train"), sources.text_documents(c, "eval")
+  c = base_config(tmp_path, data__train_files=path, data__eval_fraction=0.1)
+  train, held = builders.documents(c, "train"), builders.documents(c, "eval")
   assert len(held) == 6 and len(train) == 54
   assert sorted(train + held) == sorted(docs)
   c.train.seed = 5  # the held-out part does not move with the training seed
-  assert sources.text_documents(c, "eval") == held
+  assert builders.documents(c, "eval") == held
 
 
 @pytest.mark.parametrize("packing", ["first_fit", "concat"])
-def test_eval_pass_packs_every_pair_once(corpus, packing):
+def test_eval_pass_packs_every_pair_once(tmp_path, corpus, packing):
   path, docs = corpus
-  c = base_config(data__train_files=path, data__eval_files=path, data__packing=packing)
+  c = base_config(tmp_path, data__train_files=path, data__eval_files=path, data__packing=packing)
   tok = CharTokenizer()
   batches = list(pipeline.lm_batches(c, tok, "eval"))
   for batch in batches:
@@ -132,20 +133,20 @@ def test_eval_pass_packs_every_pair_once(corpus, packing):
   assert all(b["weights"].sum(axis=1).min() > 0 for b in batches[:-1])
 
 
-def test_first_fit_fills_rows(corpus):
+def test_first_fit_fills_rows(tmp_path, corpus):
   path, _ = corpus
-  c = base_config(data__train_files=path, data__pack_bins=16, train__batch_size=8)
+  c = base_config(tmp_path, data__train_files=path, data__pack_bins=16, train__batch_size=8)
   it = pipeline.lm_batches(c, CharTokenizer(), "train")
   fill = np.mean([next(it)["weights"].mean() for _ in range(20)])
   assert fill > 0.8, fill
 
 
-def test_deterministic_given_seed(corpus):
+def test_deterministic_given_seed(tmp_path, corpus):
   path, _ = corpus
   tok = CharTokenizer()
 
   def first(seed, n=6):
-    it = pipeline.lm_batches(base_config(data__train_files=path, train__seed=seed), tok, "train")
+    it = pipeline.lm_batches(base_config(tmp_path, data__train_files=path, train__seed=seed), tok, "train")
     return [next(it) for _ in range(n)]
 
   a, b, other = first(0), first(0), first(1)
@@ -155,11 +156,11 @@ def test_deterministic_given_seed(corpus):
   assert any(not np.array_equal(x["inputs"], y["inputs"]) for x, y in zip(a, other))
 
 
-def test_processes_read_disjoint_covering_parts(corpus):
+def test_processes_read_disjoint_covering_parts(tmp_path, corpus):
   path, docs = corpus
   tok = CharTokenizer()
-  c = base_config(data__train_files=path, data__eval_fraction=0.1, data__num_epochs=1, train__batch_size=2)
-  train_docs = sources.text_documents(c, "train")
+  c = base_config(tmp_path, data__train_files=path, data__eval_fraction=0.1, data__num_epochs=1, train__batch_size=2)
+  train_docs = builders.documents(c, "train")
   seen = []
   for p in range(2):
     part = [s for b in pipeline.lm_batches(c, tok, "train", process_index=p, process_count=2) for s in segments(b)]
@@ -169,10 +170,10 @@ def test_processes_read_disjoint_covering_parts(corpus):
   assert seen[0] + seen[1] == collections.Counter(doc_chunks(train_docs, tok, SEQ))
 
 
-def test_eval_processes_get_equal_batches_that_tile_the_single_process_pass(corpus):
+def test_eval_processes_get_equal_batches_that_tile_the_single_process_pass(tmp_path, corpus):
   path, _ = corpus
   tok = CharTokenizer()
-  c = base_config(data__train_files=path, data__eval_files=path)
+  c = base_config(tmp_path, data__train_files=path, data__eval_files=path)
   whole = list(pipeline.lm_batches(c, tok, "eval"))
   parts = [list(pipeline.lm_batches(c, tok, "eval", process_index=p, process_count=2)) for p in range(2)]
   assert len(parts[0]) == len(parts[1])
@@ -184,10 +185,10 @@ def test_eval_processes_get_equal_batches_that_tile_the_single_process_pass(corp
 
 
 @pytest.mark.parametrize("packing", ["first_fit", "concat"])
-def test_resume_gives_identical_next_batches(corpus, packing):
+def test_resume_gives_identical_next_batches(tmp_path, corpus, packing):
   path, _ = corpus
   tok = CharTokenizer()
-  c = base_config(data__train_files=path, data__packing=packing, data__prefetch=2)
+  c = base_config(tmp_path, data__train_files=path, data__packing=packing, data__prefetch=2)
   n = 7
   straight = pipeline.lm_batches(c, tok, "train")
   want = [next(straight) for _ in range(2 * n)]
@@ -203,9 +204,9 @@ def test_resume_gives_identical_next_batches(corpus, packing):
       np.testing.assert_array_equal(got[k], w[k])
 
 
-def test_epochs_end_the_iterator(corpus):
+def test_epochs_end_the_iterator(tmp_path, corpus):
   path, _ = corpus
-  c = base_config(data__train_files=path, data__num_epochs=1, data__packing="concat")
+  c = base_config(tmp_path, data__train_files=path, data__num_epochs=1, data__packing="concat")
   one = len(list(pipeline.lm_batches(c, CharTokenizer(), "train")))
   c.data.num_epochs = 2
   two = len(list(pipeline.lm_batches(c, CharTokenizer(), "train")))
@@ -213,7 +214,8 @@ def test_epochs_end_the_iterator(corpus):
 
 
 def test_pydoc_source_and_trained_tokenizer(tmp_path):
-  c = base_config(data__source="pydoc", tokenizer__vocab_size=384, tokenizer__user_defined_symbols=("[MASK]",))
+  c = base_config(tmp_path, data__source="pydoc", tokenizer__vocab_size=384,
+                  tokenizer__user_defined_symbols=("[MASK]",))
   path = tokenizer_lib.train_tokenizer(c, str(tmp_path))
   assert path == str(tmp_path / "tokenizer" / "spm.model")
   tok = tokenizer_lib.load_tokenizer(c, str(tmp_path))
@@ -223,13 +225,13 @@ def test_pydoc_source_and_trained_tokenizer(tmp_path):
   batch = next(pipeline.lm_batches(c, tok, "train"))
   assert batch["inputs"].max() < 384 and batch["weights"].sum() > 0
   eval_targets = np.concatenate([b["targets"][b["weights"] > 0] for b in pipeline.lm_batches(c, tok, "eval")])
-  held_out = sources.text_documents(c, "eval")
+  held_out = builders.documents(c, "eval")
   assert np.sum(eval_targets == tokenizer_lib.EOS_ID) == len(held_out)  # one EOS closes each document
 
 
 def test_tokenizer_on_tiny_shakespeare(tmp_path, shared_data):
   text = shared_data / "text" / "tinyshakespeare.txt"
-  c = base_config(data__train_files=str(text), tokenizer__vocab_size=512, tokenizer__max_sentences=5000,
+  c = base_config(tmp_path, data__train_files=str(text), tokenizer__vocab_size=512, tokenizer__max_sentences=5000,
                   tokenizer__path=str(tmp_path / "tok" / "shakespeare.model"))
   assert tokenizer_lib.train_tokenizer(c, str(tmp_path)) == str(tmp_path / "tok" / "shakespeare.model")
   tok = tokenizer_lib.load_tokenizer(c, str(tmp_path))
@@ -242,7 +244,7 @@ def test_tokenizer_on_tiny_shakespeare(tmp_path, shared_data):
 
 
 def test_missing_tokenizer_names_path_and_command(tmp_path):
-  c = base_config()
+  c = base_config(tmp_path)
   with pytest.raises(FileNotFoundError) as e:
     tokenizer_lib.load_tokenizer(c, str(tmp_path))
   assert str(tmp_path / "tokenizer" / "spm.model") in str(e.value) and "jaxlm tokenizer" in str(e.value)
@@ -251,15 +253,15 @@ def test_missing_tokenizer_names_path_and_command(tmp_path):
 def test_bad_input_errors(tmp_path):
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"text": "fine"}\n{"text": "broken\n')
-  c = base_config(data__train_files=str(bad))
+  c = base_config(tmp_path, data__train_files=str(bad))
   with pytest.raises(sources.DataError, match=r"bad\.jsonl:2: invalid JSON .*broken"):
-    sources.text_documents(c, "train")
+    builders.documents(c, "train")
   bad.write_text('{"text": "fine"}\n{"body": "no text"}\n')
   with pytest.raises(sources.DataError, match=r"bad\.jsonl:2: no field 'text'.*no text"):
-    sources.text_documents(c, "train")
+    builders.documents(c, "train")
   c.data.train_files = str(tmp_path / "nothing*.txt")
   with pytest.raises(sources.DataError, match="data.train_files.*matches no files"):
-    sources.text_documents(c, "train")
+    builders.documents(c, "train")
   (tmp_path / "empty.txt").write_text("\n\n  \n")
   c.data.train_files, c.data.eval_files = str(tmp_path / "empty.txt"), str(tmp_path / "empty.txt")
   with pytest.raises(sources.DataError, match="train split is empty"):

@@ -11,12 +11,12 @@ import numpy as np
 
 @dataclasses.dataclass
 class EncodeDocument(grain.transforms.Map):
-  """Text -> int32 token ids (+ EOS). Runs wherever grain runs it, in worker processes too."""
+  """A text record -> int32 token ids (+ EOS). Runs wherever grain runs it, in worker processes too."""
   tokenizer: object
   add_eos: bool
 
-  def map(self, text: str) -> np.ndarray:
-    ids = self.tokenizer.encode(text)
+  def map(self, record: dict) -> np.ndarray:
+    ids = self.tokenizer.encode(record["text"])
     if self.add_eos:
       ids = ids + [self.tokenizer.eos_id]
     return np.asarray(ids, np.int32)

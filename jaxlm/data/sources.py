@@ -1,13 +1,13 @@
-"""Where documents come from: local .txt/.jsonl files split into documents, and CPython's bundled documentation
-text (the `pydoc` source, so a quick start needs no download)."""
+"""Readers of local input files (text/jsonl documents, CoNLL token/tag files, TSV/CSV classification rows, SQuAD
+JSON), each stopping at bad input with the file, line and offending text; plus CPython's bundled documentation text
+(the `pydoc` source, so a quick start needs no download)."""
 
 from __future__ import annotations
 
+import csv
 import glob
 import json
 import os
-
-import numpy as np
 
 
 class DataError(ValueError):
@@ -101,47 +101,181 @@ def pydoc_documents() -> list[str]:
   return [topics[k].strip() for k in sorted(topics) if topics[k].strip()]
 
 
-# The held-out eval documents do not depend on train.seed, so runs with different seeds are scored on the same text.
+# The held-out eval part does not depend on train.seed, so runs with different seeds are scored on the same data.
 _HOLDOUT_SEED = 20240601
 
 
-def holdout_split(docs: list[str], fraction: float, split: str) -> list[str]:
-  """A deterministic held-out `fraction` of the documents (at least one) for eval; the rest for train."""
-  if not 0.0 < fraction < 1.0:
-    raise DataError(f"data.eval_fraction={fraction}: must be in (0, 1) when data.eval_files is empty")
-  if len(docs) < 2:
-    raise DataError(f"only {len(docs)} document(s): cannot hold out an eval split; set data.eval_files")
-  n_eval = min(len(docs) - 1, max(1, round(fraction * len(docs))))
-  held = np.zeros(len(docs), bool)
-  held[np.random.default_rng(_HOLDOUT_SEED).permutation(len(docs))[:n_eval]] = True
-  return [d for d, h in zip(docs, held) if h == (split == "eval")]
+# ---- CoNLL token / tag files -----------------------------------------------------------------------------------
+
+TAG_PREFIXES = {"iob1": ("B", "I"), "iob2": ("B", "I"), "bioes": ("B", "I", "E", "S")}
 
 
-def text_documents(config, split: str) -> list[str]:
-  """The documents of a split for data.source = text | pydoc. An empty split is an error."""
-  d = config.data
-  if split not in ("train", "eval"):
-    raise DataError(f"unknown split {split!r}: expected train or eval")
-  if d.source == "pydoc":
-    docs = holdout_split(pydoc_documents(), d.eval_fraction, split)
-    where = "pydoc topics"
-  elif d.source == "text":
-    if split == "eval" and d.eval_files:
-      files = expand_globs(d.eval_files, "data.eval_files")
-      docs = read_text_files(files, d.doc_split, d.jsonl_field)
-    else:
-      files = expand_globs(d.train_files, "data.train_files")
-      docs = read_text_files(files, d.doc_split, d.jsonl_field)
-      if not d.eval_files:
-        docs = holdout_split(docs, d.eval_fraction, split)
-    where = ", ".join(files[:3]) + (" ..." if len(files) > 3 else "")
-  else:
-    raise DataError(f"data.source={d.source!r} has no document reader for the causal-LM path")
-  if not docs:
-    raise DataError(f"the {split} split is empty (no documents in {where}, data.doc_split={d.doc_split!r})")
-  return docs
+def _tag_parts(tag: str, scheme: str) -> tuple[str, str] | None:
+  """'B-PER' -> ('B', 'PER'); 'O' -> ('O', ''); None when the tag does not belong to the scheme."""
+  if tag == "O":
+    return "O", ""
+  prefix, sep, kind = tag.partition("-")
+  if not sep or not kind or prefix not in TAG_PREFIXES[scheme]:
+    return None
+  return prefix, kind
 
 
-def tokenizer_training_texts(config) -> list[str]:
-  """The text a tokenizer is trained on: the train split of the config's source."""
-  return text_documents(config, "train")
+def _scheme_violation(prev: tuple[str, str], cur: tuple[str, str], scheme: str) -> str | None:
+  """Why `cur` cannot follow `prev` in `scheme` (prev is ('O', '') at a sentence start), or None."""
+  (pp, pk), (cp, ck) = prev, cur
+  if scheme == "iob2" and cp == "I" and not (pp in ("B", "I") and pk == ck):
+    return "an I- tag must continue a B- or I- tag of the same type in IOB2 (is the file IOB1?)"
+  if scheme == "iob1" and cp == "B" and not (pp in ("B", "I") and pk == ck):
+    return "in IOB1 a B- tag only separates two adjacent entities of the same type (is the file IOB2?)"
+  if scheme == "bioes":
+    if cp in ("I", "E") and not (pp in ("B", "I") and pk == ck):
+      return "an I-/E- tag must continue a B- or I- tag of the same type in BIOES"
+    if pp in ("B", "I") and not (cp in ("I", "E") and pk == ck):
+      return "a B-/I- tag must be followed by an I- or E- tag of the same type in BIOES"
+  return None
+
+
+def read_conll(path: str, *, tag_column: int, scheme: str, labels: tuple[str, ...] = ()) -> list[dict]:
+  """Sentences of a CoNLL file: {'tokens', 'tags', 'line'}. Skips -DOCSTART- lines; every token line must have the
+  column count of the first one; tags must belong to `scheme` (and to `labels` when given) and follow its rules."""
+  if scheme not in TAG_PREFIXES:
+    raise DataError(f"data.tag_scheme={scheme!r}: expected one of {', '.join(TAG_PREFIXES)}")
+  known = set(labels)
+  sentences, tokens, tags, tag_lines, start = [], [], [], [], 0
+  n_columns = None
+
+  def finish():
+    if not tokens:
+      return
+    prev = ("O", "")
+    for tag, lineno in zip(tags, tag_lines):
+      cur = _tag_parts(tag, scheme)
+      why = _scheme_violation(prev, cur, scheme)
+      if why:
+        raise DataError(f"{path}:{lineno}: tag {tag!r} after {'-'.join(p for p in prev if p)!r}: {why}")
+      prev = cur
+    why = _scheme_violation(prev, ("O", ""), scheme)
+    if why:
+      raise DataError(f"{path}:{tag_lines[-1]}: sentence ends on {tags[-1]!r}: {why}")
+    sentences.append({"tokens": list(tokens), "tags": list(tags), "line": start})
+    tokens.clear()
+    tags.clear()
+    tag_lines.clear()
+
+  with open(path, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      columns = line.split()
+      if not columns:
+        finish()
+        continue
+      if columns[0] == "-DOCSTART-":
+        finish()
+        continue
+      if n_columns is None:
+        n_columns = len(columns)
+        if n_columns < 2:
+          raise DataError(f"{path}:{lineno}: a CoNLL line needs a token and a tag column: {_snippet(line)}")
+      if len(columns) != n_columns:
+        raise DataError(f"{path}:{lineno}: {len(columns)} columns where the file has {n_columns}: {_snippet(line)}")
+      tag = columns[tag_column]
+      if _tag_parts(tag, scheme) is None or (known and tag not in known):
+        where = "data.labels" if known else f"the {scheme.upper()} scheme (data.tag_scheme)"
+        raise DataError(f"{path}:{lineno}: unknown tag {tag!r} (not in {where}): {_snippet(line)}")
+      if not tokens:
+        start = lineno
+      tokens.append(columns[0])
+      tags.append(tag)
+      tag_lines.append(lineno)
+  finish()
+  return sentences
+
+
+# ---- TSV / CSV classification rows -----------------------------------------------------------------------------
+
+def _column(name: str, header: list[str] | None, key: str, path: str) -> int:
+  if header is None:
+    try:
+      return int(name)
+    except ValueError:
+      raise DataError(f"{key}={name!r}: {path} has no header (data.tsv_header=False), so name columns by "
+                      "0-based index") from None
+  if name not in header:
+    raise DataError(f"{key}={name!r}: no such column in {path}; its header is {header}")
+  return header.index(name)
+
+
+def read_tsv(path: str, *, text_fields: str, label_field: str, header: bool, delimiter: str) -> list[dict]:
+  """Rows of a TSV/CSV file: {'text_a', 'text_b', 'label', 'line'}; text_b is '' for single sentences."""
+  names = [n.strip() for n in text_fields.split(",") if n.strip()]
+  if len(names) not in (1, 2):
+    raise DataError(f"data.text_fields={text_fields!r}: name one column (a sentence) or two (a sentence pair)")
+  rows = []
+  with open(path, encoding="utf-8", newline="") as f:
+    # GLUE's TSVs are unquoted (a '"' is part of the text); CSV files use standard quoting.
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
+    columns = None
+    for row in reader:
+      lineno = reader.line_num
+      if not any(cell.strip() for cell in row):
+        continue
+      if header and columns is None:
+        columns = [c.strip() for c in row]
+        text_cols = [_column(n, columns, "data.text_fields", path) for n in names]
+        label_col = _column(label_field, columns, "data.label_field", path)
+        continue
+      if columns is None and not header:
+        columns = []
+        text_cols = [_column(n, None, "data.text_fields", path) for n in names]
+        label_col = _column(label_field, None, "data.label_field", path)
+      line = delimiter.join(row)
+      if label_col >= len(row) or not row[label_col].strip():
+        raise DataError(f"{path}:{lineno}: row without a label (column {label_field!r}): {_snippet(line)}")
+      if max(text_cols) >= len(row):
+        raise DataError(f"{path}:{lineno}: row has {len(row)} columns, text column {max(text_cols)} is missing: "
+                        f"{_snippet(line)}")
+      texts = [row[c].strip() for c in text_cols]
+      rows.append({"text_a": texts[0], "text_b": texts[1] if len(texts) > 1 else "", "label": row[label_col].strip(),
+                   "line": lineno})
+  return rows
+
+
+# ---- SQuAD-style JSON ------------------------------------------------------------------------------------------
+
+def read_squad(path: str) -> list[dict]:
+  """Questions of a SQuAD v1/v2 JSON file: {'id', 'title', 'context', 'question', 'answers', 'answer_starts'}.
+  An unanswerable (v2) question has no answers."""
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  try:
+    data = json.loads(text)
+  except json.JSONDecodeError as e:
+    line = text.splitlines()[e.lineno - 1] if text.splitlines() else ""
+    raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno}): {_snippet(line)}") from None
+  if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+    raise DataError(f"{path}: not SQuAD JSON: expected {{'data': [articles]}} at the top level")
+  examples = []
+  for article in data["data"]:
+    for paragraph in article.get("paragraphs", []):
+      context = paragraph.get("context")
+      if not isinstance(context, str):
+        raise DataError(f"{path}: a paragraph of {article.get('title', '?')!r} has no 'context' string")
+      for qa in paragraph.get("qas", []):
+        qid = str(qa.get("id", ""))
+        if not isinstance(qa.get("question"), str):
+          raise DataError(f"{path}: question {qid!r} has no 'question' string")
+        answers, starts = [], []
+        if not qa.get("is_impossible", False):
+          for answer in qa.get("answers", []):
+            start, answer_text = answer.get("answer_start"), answer.get("text")
+            if not isinstance(start, int) or not isinstance(answer_text, str):
+              raise DataError(f"{path}: question {qid!r}: an answer needs 'text' and an integer 'answer_start': "
+                              f"{_snippet(json.dumps(answer))}")
+            if context[start:start + len(answer_text)] != answer_text:
+              raise DataError(f"{path}: question {qid!r}: answer {answer_text!r} is not at character {start} of "
+                              f"its context (found {context[start:start + len(answer_text)]!r})")
+            answers.append(answer_text)
+            starts.append(start)
+        examples.append({"id": qid, "title": str(article.get("title", "")), "context": context,
+                         "question": qa["question"].strip(), "answers": answers, "answer_starts": starts})
+  return examples

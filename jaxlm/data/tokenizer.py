@@ -156,9 +156,9 @@ def load_tokenizer(config, workdir: str) -> Tokenizer:
 
 def _training_sentences(config, max_sentences: int):
   """Lines of the training documents: sentencepiece learns from sentences, not whole documents."""
-  from jaxlm.data import sources
+  from jaxlm.data import builders
   count = 0
-  for doc in sources.tokenizer_training_texts(config):
+  for doc in builders.training_texts(config):
     for line in doc.split("\n"):
       line = line.strip()
       if line:

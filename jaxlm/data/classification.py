@@ -1,0 +1,27 @@
+"""Sequence and sentence-pair classification examples: [CLS] text_a [SEP] (text_b [SEP]) with an integer label."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import grain
+import numpy as np
+
+from jaxlm.data import encoder_inputs
+
+
+@dataclasses.dataclass
+class EncodeClassification(grain.transforms.Map):
+  """A {'text_a', 'text_b', 'label'} record -> encoder inputs + labels [] + example_weights []."""
+  tokenizer: object
+  seq_len: int
+  label_ids: dict
+
+  def map(self, record: dict) -> dict[str, np.ndarray]:
+    a = self.tokenizer.encode(record["text_a"])
+    b = self.tokenizer.encode(record["text_b"]) if record["text_b"] else None
+    a, b = encoder_inputs.truncate_pair(a, b, self.seq_len - (3 if b is not None else 2))
+    out = encoder_inputs.encode_pair(a, b, self.seq_len, self.tokenizer)
+    out["labels"] = np.int32(self.label_ids[record["label"]])
+    out["example_weights"] = np.float32(1.0)
+    return out
