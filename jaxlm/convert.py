@@ -68,7 +68,7 @@ def read_safetensors(hf_dir: str) -> dict[str, np.ndarray]:
   tensors = {}
   for path in files:
     with safe_open(path, framework="numpy") as f:
-      for key in f.keys():
+      for key in f.keys():  # noqa: SIM118 - a safetensors handle is not iterable
         tensors[key] = f.get_tensor(key)
   return tensors
 
@@ -76,7 +76,7 @@ def read_safetensors(hf_dir: str) -> dict[str, np.ndarray]:
 def _strip_prefix(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """BertModel keys have no prefix; BertFor* models put the encoder under 'bert.'. The heads ('cls.', 'classifier.',
   ...) keep their names."""
-  return {k[len("bert."):] if k.startswith("bert.") else k: v for k, v in tensors.items()}
+  return {k.removeprefix("bert."): v for k, v in tensors.items()}
 
 
 class _Reader:

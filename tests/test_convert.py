@@ -1,4 +1,5 @@
-"""HF BERT import: parity with the transformers PyTorch implementation on a random small BERT and on all-MiniLM-L6-v2."""
+"""HF BERT import: parity with the transformers PyTorch implementation on a random small BERT and on
+all-MiniLM-L6-v2."""
 
 import importlib.util
 import json
@@ -18,11 +19,10 @@ transformers = pytest.importorskip("transformers")
 
 
 def _small_hf_config(**kw):
-  args = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-              max_position_embeddings=64, type_vocab_size=2, layer_norm_eps=1e-12, initializer_range=0.2,
-              attn_implementation="eager")
-  args.update(kw)
-  return transformers.BertConfig(**args)
+  args = {"vocab_size": 256, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "intermediate_size": 128, "max_position_embeddings": 64, "type_vocab_size": 2, "layer_norm_eps": 1e-12,
+          "initializer_range": 0.2, "attn_implementation": "eager"}
+  return transformers.BertConfig(**{**args, **kw})
 
 
 def _save(model, directory: pathlib.Path, vocab_size: int) -> str:

@@ -26,7 +26,7 @@ def _enumerate(emissions, length, transitions, start, end):
   scores = []
   for path in paths:
     score = s[path[0]] + en[path[-1]] + sum(e[i, tag] for i, tag in enumerate(path))
-    score += sum(tr[a, b] for a, b in zip(path[:-1], path[1:]))
+    score += sum(tr[a, b] for a, b in itertools.pairwise(path))
     scores.append(score)
   return paths, np.array(scores)
 
@@ -149,7 +149,7 @@ def test_jit_and_sharded_batch():
   want = crf.log_likelihood(emissions, tags, mask, transitions, start, end)
   want_tags, _ = crf.viterbi(emissions, mask, transitions, start, end)
   rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  put = lambda x: jax.device_put(x, rows)  # noqa: E731
+  put = lambda x: jax.device_put(x, rows)
   fn = jax.jit(lambda e, t, m: (crf.log_likelihood(e, t, m, transitions, start, end),
                                 crf.viterbi(e, m, transitions, start, end)[0]))
   ll, got_tags = fn(put(emissions), put(tags), put(mask))

@@ -149,7 +149,8 @@ def _sst2(path: pathlib.Path, n: int, tokenizer, length: int):
                   return_tensors="np")
   return {"input_ids": enc["input_ids"].astype(np.int32), "token_type_ids": enc["token_type_ids"].astype(np.int32),
           "attention_mask": enc["attention_mask"].astype(np.int32),
-          "labels": np.array([int(r["label"]) for r in rows], np.int32), "example_weights": np.ones(len(rows), np.float32)}
+          "labels": np.array([int(r["label"]) for r in rows], np.int32),
+          "example_weights": np.ones(len(rows), np.float32)}
 
 
 @pytest.mark.slow

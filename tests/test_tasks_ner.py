@@ -57,7 +57,7 @@ def _toy(seed, n):
     words = []
     while len(words) < rng.integers(4, 9):
       kind = rng.integers(0, 3)
-      pieces = lambda first: [first] + list(rng.integers(50, 256, size=rng.integers(0, 3)))  # noqa: E731
+      pieces = lambda first: [first] + list(rng.integers(50, 256, size=rng.integers(0, 3)))
       if kind == 0:
         words.append((pieces(rng.integers(50, 256)), 0))
       else:
@@ -108,7 +108,7 @@ def _brute_force_ll(emissions, tags, transitions, start, end):
 
   def score(path):
     return s[path[0]] + en[path[-1]] + sum(e[i, t] for i, t in enumerate(path)) + sum(
-        tr[a, b] for a, b in zip(path[:-1], path[1:]))
+        tr[a, b] for a, b in itertools.pairwise(path))
 
   all_scores = [score(p) for p in itertools.product(range(e.shape[1]), repeat=len(tags))]
   return score(tags) - np.logaddexp.reduce(all_scores)
@@ -172,10 +172,11 @@ def test_metrics_join_windows_and_match_seqeval():
   gold9 = ["O", "B-LOC", "O"]
   pred9 = ["B-PER", "B-LOC", "O"]
   idx = {name: i for i, name in enumerate(LABELS)}
-  windows = [(7, range(0, 4)), (7, range(2, 6)), (9, range(0, 3)), (-1, range(0, 2))]
+  windows = [(7, range(4)), (7, range(2, 6)), (9, range(3)), (-1, range(2))]
   length = 12
   batch = {"labels": np.zeros((4, length), np.int32), "word_index": np.full((4, length), -1, np.int32),
-           "label_weights": np.zeros((4, length), np.float32), "example_ids": np.array([w[0] for w in windows], np.int32)}
+           "label_weights": np.zeros((4, length), np.float32),
+           "example_ids": np.array([w[0] for w in windows], np.int32)}
   tags = np.full((4, length), -1, np.int32)
   for row, (example, words) in enumerate(windows):
     gold, pred = (gold7, pred7) if example == 7 else (gold9, pred9)
@@ -224,7 +225,9 @@ def _minilm_vocab() -> str:
 
 def _read_conll(path, n):
   sentences, words = [], []
-  for line in open(path, encoding="utf-8"):
+  with open(path, encoding="utf-8") as f:
+    lines = f.read().splitlines()
+  for line in lines:
     parts = line.split()
     if not parts:
       if words:

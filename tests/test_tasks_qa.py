@@ -8,8 +8,7 @@ import optax
 import pytest
 
 from jaxlm import config as config_lib
-from jaxlm.tasks import make_task
-from jaxlm.tasks import qa
+from jaxlm.tasks import make_task, qa
 from tests.conftest import REPO
 
 BASE = str(REPO / "configs" / "base.py")

@@ -7,7 +7,6 @@ Batches: encoder inputs, `mlm_targets` [B, L] (the original token at masked posi
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
