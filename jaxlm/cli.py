@@ -52,7 +52,15 @@ def cmd_tokenizer(args, overrides):
 def cmd_bench(args, overrides):
   config = _load(args, overrides)
   from jaxlm import bench
-  print(json.dumps(bench.bench_train_step(config, steps=args.steps, warmup=args.warmup, peak_gflops=args.peak_gflops)))
+  result = bench.bench_train_step(config, steps=args.steps, warmup=args.warmup, peak_gflops=args.peak_gflops)
+  if args.data:
+    if not args.workdir:
+      raise config_lib.ConfigError("bench --data needs --workdir (the tokenizer is read from there)")
+    from jaxlm.data.bench import bench_data
+    data = bench_data(config, workdir=args.workdir, batches=args.data_batches, workers=args.workers)
+    result = {"train_step": result, "data": data,
+              "data_over_step": {p: round(data[p]["tokens_per_s"] / result["tokens_per_s"], 2) for p in ("lm", "mlm")}}
+  print(json.dumps(result))
 
 
 def cmd_plot(args, overrides):
@@ -113,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--peak-gflops", dest="peak_gflops", type=float, default=None,
                  help="device peak for MFU; default: measured with a jitted float32 matmul")
+  p.add_argument("--data", action="store_true",
+                 help="also time the input pipeline (packed causal LM and MLM) and compare with the train step")
+  p.add_argument("--workdir", default=None, help="with --data: where the tokenizer is")
+  p.add_argument("--workers", type=int, default=2, help="with --data: grain worker processes")
+  p.add_argument("--data-batches", dest="data_batches", type=int, default=100, help="with --data: timed batches")
   p.set_defaults(func=cmd_bench)
 
   p = sub.add_parser("plot", help="PNG of loss / learning rate / throughput curves from metrics.jsonl")

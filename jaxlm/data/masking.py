@@ -80,26 +80,26 @@ class MlmNspExamples:
     self._word_starts = self.tokenizer.word_start_mask() if self.whole_word_mask else None
 
   def _encode(self, text: str) -> list[list[int]]:
-    return [ids for ids in (self.tokenizer.encode(s) for s in sentences(text)) if ids]
+    return [ids for ids in self.tokenizer.encode_batch(sentences(text)) if ids]
 
   def _random_next(self, own_index: int, target: int, rng: np.random.Generator) -> list[int]:
     n = len(self.documents)
     other = int(rng.integers(0, n - 1))
     other += other >= own_index  # any document but this one
-    lines = sentences(self.documents[other]["text"])
-    if not lines:
-      return []
+    lines = self.documents[other]["text"].split("\n")
     out = []
-    for line in lines[int(rng.integers(0, len(lines))):]:  # encode only what is used: documents can be long
-      out.extend(self.tokenizer.encode(line))
-      if len(out) >= target:
-        break
+    # From a random line on, split and encode only what is used: documents can be long.
+    for line in lines[int(rng.integers(0, len(lines))):]:
+      for sentence in _SENTENCE_END.split(line):
+        out.extend(self.tokenizer.encode(sentence.strip()) if sentence.strip() else [])
+        if len(out) >= target:
+          return out
     return out
 
   def _example(self, a: list[int], b: list[int] | None, is_random: int, rng: np.random.Generator) -> dict:
     a, b = encoder_inputs.truncate_pair(a, b, self.seq_len - (3 if b is not None else 2), rng)
     out = encoder_inputs.encode_pair(a, b, self.seq_len, self.tokenizer)
-    special = np.isin(out["input_ids"], [self.tokenizer.cls_id, self.tokenizer.sep_id])
+    special = (out["input_ids"] == self.tokenizer.cls_id) | (out["input_ids"] == self.tokenizer.sep_id)
     candidates = (out["attention_mask"] > 0) & ~special
     out.update(mask_tokens(out["input_ids"], candidates, rng, probability=self.mlm_probability,
                            mask_id=self.tokenizer.mask_id, vocab_size=self.tokenizer.vocab_size,

@@ -31,6 +31,8 @@ class Tokenizer(Protocol):
 
   def piece_to_id(self, piece: str) -> int: ...  # unk_id when the piece is not in the vocabulary
 
+  def encode_batch(self, texts: list[str]) -> list[list[int]]: ...  # each text on its own, in one call
+
   def encode_words(self, words: list[str]) -> list[list[int]]: ...  # token classification: one id list per word
 
   def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]: ...  # QA: character spans
@@ -69,7 +71,7 @@ class SentencePieceTokenizer:
     return self._sp.encode(text)
 
   def encode_batch(self, texts: list[str]) -> list[list[int]]:
-    return self._sp.encode(texts)
+    return self._sp.encode(list(texts))
 
   def encode_pieces(self, text: str) -> list[str]:
     return self._sp.encode(text, out_type=str)

@@ -166,6 +166,9 @@ class WordPieceTokenizer:
       ids.extend(cached)
     return ids
 
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    return [self.encode(t) for t in texts]
+
   def encode_words(self, words: list[str]) -> list[list[int]]:
     """Each pre-split word on its own (token classification): a word may still become several pieces."""
     return [self.encode(w) for w in words]
