@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
@@ -202,25 +201,8 @@ def check_compatible(model: EncoderConfig, hf_dir: str) -> EncoderConfig:
   return hf
 
 
-def replace_encoder(params, encoder: dict, where: str, heads: dict | None = None):
-  """A copy of a task model's params with the 'encoder' subtree (and any of `heads` the model has) replaced.
-  Works on plain arrays; shapes must match exactly."""
-  def merge(mine, theirs, path):
-    if isinstance(mine, Mapping):
-      if not isinstance(theirs, Mapping):
-        raise ConvertError(f"{where}: {path} is a group of parameters in the model but a tensor in the checkpoint")
-      missing = sorted(set(mine) - set(theirs))
-      if missing:
-        raise ConvertError(f"{where}: no tensors for {path}/{missing[0]} (and {len(missing) - 1} more)")
-      return {k: merge(mine[k], theirs[k], f"{path}/{k}") for k in mine}
-    if tuple(np.shape(theirs)) != tuple(mine.shape):
-      raise ConvertError(f"{where}: {path} has shape {tuple(np.shape(theirs))} in the checkpoint, "
-                         f"{tuple(mine.shape)} in the model")
-    return np.asarray(theirs, mine.dtype)
-
-  out = dict(params)
-  out["encoder"] = merge(params["encoder"], encoder, "encoder")
-  for name, value in (heads or {}).items():
-    if name in out:
-      out[name] = merge(out[name], value, name)
-  return out
+def source_tree(hf_dir: str, with_heads: bool = False) -> dict:
+  """The checkpoint as a task model's parameter tree, for jaxlm.checkpoint.init_from_tree: {"encoder": ...} plus,
+  with_heads, the pretraining heads where the checkpoint has them."""
+  _, encoder, _, heads = load_hf_bert(hf_dir, with_heads=True)
+  return {"encoder": encoder, **(heads if with_heads and heads else {})}

@@ -85,7 +85,8 @@ def test_pretraining_checkpoint_with_bert_prefix_and_heads(tmp_path):
   model = heads.PreTrainingModel(cfg, nsp=True)
   ids, types, mask = _batch(256, seed=1)
   init = nn.meta.unbox(model.init(jax.random.key(0), ids, types, mask)["params"])
-  merged = convert.replace_encoder(init, params, path, head_params)
+  merged = {**init, "encoder": params, **head_params}
+  assert jax.tree.map(np.shape, merged) == jax.tree.map(np.shape, init)  # the heads tree is complete
   mlm_logits, nsp_logits = model.apply({"params": merged}, ids, types, mask)
   with torch.no_grad():
     out = hf_model(*_torch(ids), token_type_ids=_torch(types)[0], attention_mask=_torch(mask)[0])

@@ -13,8 +13,8 @@ import optax
 import pytest
 from sklearn.metrics import accuracy_score, f1_score
 
+from jaxlm import checkpoint, convert
 from jaxlm import config as config_lib
-from jaxlm import convert
 from jaxlm.models.encoder import Encoder
 from jaxlm.tasks import make_task
 from tests.conftest import REPO
@@ -99,16 +99,24 @@ def _hf_dir(tmp_path, vocab_size=256) -> str:
   return str(tmp_path)
 
 
+def _from_hf(task, params):
+  """What the train loop does with task.pretrained_source(): copy the tree onto the initialised parameters."""
+  name, tree = task.pretrained_source()
+  return checkpoint.init_from_tree(params, tree, source_name=name)
+
+
 def test_starts_from_an_hf_checkpoint_and_refuses_one_that_does_not_fit(tmp_path):
   path = _hf_dir(tmp_path)
   task = _task(f"init.hf_path={path}", "model.norm_eps=1e-12")
   batch = _toy(0, 4)
-  params = task.load_pretrained(nn.meta.unbox(task.init_params(jax.random.key(0), batch)))
+  fresh = nn.meta.unbox(task.init_params(jax.random.key(0), batch))
+  params, report = _from_hf(task, fresh)
+  assert report.new == ["classifier/bias", "classifier/kernel"] and report.unused == []
   _, encoder, _ = convert.load_hf_bert(path)
   hidden, _ = Encoder(task.model_cfg).apply({"params": params["encoder"]}, batch["input_ids"])
   want, _ = Encoder(task.model_cfg).apply({"params": encoder}, batch["input_ids"])
   np.testing.assert_array_equal(hidden, want)
-  assert set(params) == {"encoder", "classifier"}  # the head keeps its fresh initialisation
+  np.testing.assert_array_equal(params["classifier"]["kernel"], fresh["classifier"]["kernel"])
   with pytest.raises(convert.ConvertError, match=r"model.vocab_size=512 but the checkpoint has 256.*"
                                                  r"--config.model.vocab_size=256"):
     _task(f"init.hf_path={path}", "model.vocab_size=512")
@@ -164,7 +172,7 @@ def test_minilm_fine_tunes_on_sst2(shared_data):
       "task.name=classification", "data.labels=('0','1')", f"init.hf_path={hf_dir}", "model.max_len=512"]))
   train = _sst2(shared_data / "sst2" / "train.tsv", 1024, tokenizer, 32)
   dev = _sst2(shared_data / "sst2" / "dev.tsv", 256, tokenizer, 48)
-  params = task.load_pretrained(nn.meta.unbox(jax.jit(task.init_params)(jax.random.key(0), task.dummy_batch(2, 32))))
+  params, _ = _from_hf(task, nn.meta.unbox(jax.jit(task.init_params)(jax.random.key(0), task.dummy_batch(2, 32))))
   params = _train(task, train, 60, lr=1e-4, params=params)
   pairs = [({k: v[i:i + 64] for k, v in dev.items()}, None) for i in range(0, 256, 64)]
   metrics = task.host_metrics([(b, jax.device_get(task.predict_fn(params, b))) for b, _ in pairs])

@@ -79,12 +79,9 @@ class ClassificationTask:
   def init_params(self, rng, batch):
     return self.model.init({"params": rng}, *(batch[k] for k in INPUT_NAMES))["params"]
 
-  def load_pretrained(self, params):
-    """params (plain arrays) with the encoder taken from init.hf_path; unchanged when it is empty."""
-    if not self.hf_path:
-      return params
-    _, encoder, _ = convert.load_hf_bert(self.hf_path)
-    return convert.replace_encoder(params, encoder, self.hf_path)
+  def pretrained_source(self) -> tuple[str, dict] | None:
+    """(name, params tree) to start from (init.hf_path's encoder; the head stays fresh), or None."""
+    return (self.hf_path, convert.source_tree(self.hf_path)) if self.hf_path else None
 
   def check_batch(self, batch: dict[str, np.ndarray]) -> None:
     check_label_ids(batch["labels"], batch["example_weights"], self.labels, "batch 'labels'")

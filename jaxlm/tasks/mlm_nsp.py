@@ -41,13 +41,9 @@ class MlmNspTask:
   def init_params(self, rng, batch):
     return self.model.init({"params": rng}, *(batch[k] for k in INPUT_NAMES))["params"]
 
-  def load_pretrained(self, params):
-    """params (plain arrays) with the encoder, and the MLM/NSP heads where the checkpoint has them, from
-    init.hf_path; unchanged when it is empty."""
-    if not self.hf_path:
-      return params
-    _, encoder, _, head_params = convert.load_hf_bert(self.hf_path, with_heads=True)
-    return convert.replace_encoder(params, encoder, self.hf_path, head_params)
+  def pretrained_source(self) -> tuple[str, dict] | None:
+    """(name, params tree) to start from: init.hf_path's encoder and, where it has them, its MLM/NSP heads; or None."""
+    return (self.hf_path, convert.source_tree(self.hf_path, with_heads=True)) if self.hf_path else None
 
   def check_batch(self, batch: dict[str, np.ndarray]) -> None:
     targets = batch["mlm_targets"][batch["mlm_weights"] > 0]
