@@ -1,30 +1,20 @@
-"""The peer benchmark's small config: GPT-2 style, 12 layers, d_model 768, 12 heads, seq 512, global batch 4,
-vocab 32000, AdamW (betas 0.9/0.95, eps 1e-8, weight decay 0.1 on matrices), clipping 1.0, float32.
+"""The peer benchmark's GPT-2-small-like config: bench_peer_small.py at 12 layers, d_model 768, 12 heads,
+seq 512, global batch 4, vocab 32000 (same optimiser, float32).
 
     jaxlm bench --config configs/bench_peer_gpt2.py
 """
 
-import base
+import bench_peer_small
 
 
 def get_config():
-  c = base.get_config()
+  c = bench_peer_small.get_config()
   c.name = "bench_peer_gpt2"
-  c.model.style = "gpt2"
   c.model.vocab_size = 32000
   c.model.max_len = 512
   c.model.num_layers = 12
   c.model.d_model = 768
   c.model.num_heads = 12
-  c.model.norm_eps = 1e-5
   c.data.seq_len = 512
   c.train.batch_size = 4
-  c.optim.learning_rate = 3e-4
-  c.optim.warmup_steps = 0
-  c.optim.schedule = "constant"
-  c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.95, 1e-8
-  c.optim.weight_decay = 0.1
-  c.optim.decay_embeddings = True  # the peer decays every >=2-D parameter, the tied embedding included
-  c.optim.grad_clip = 1.0
-  c.mesh.data = 1
   return c
