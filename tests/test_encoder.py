@@ -164,3 +164,16 @@ def test_config_errors():
   apply, variables = _encoder()
   with pytest.raises(ValueError, match="model.max_len=32"):
     apply(variables, jnp.zeros((1, 40), jnp.int32))
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+  cfg = EncoderConfig(vocab_size=64, max_len=32, num_layers=2, d_model=32, num_heads=4, dropout=0.0)
+  variables = Encoder(cfg).init(jax.random.key(1), **dummy_inputs(1, 8))
+  ids = np.random.default_rng(0).integers(1, 64, size=(2, 12)).astype(np.int32)
+  mask = np.ones_like(ids)
+  mask[1, 8:] = 0
+  want, _ = jax.jit(Encoder(cfg).apply)(variables, ids, None, mask)
+  bf16 = EncoderConfig(**{**cfg.__dict__, "dtype": "bfloat16"})
+  got, pooled = jax.jit(Encoder(bf16).apply)(variables, ids, None, mask)
+  assert got.dtype == jnp.bfloat16 and pooled.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.1)

@@ -271,3 +271,28 @@ def test_first_subword_alignment_on_conll(shared_data):
   assert metrics["recall"] == pytest.approx(recall_score(gold, pred))
   assert metrics["f1"] == pytest.approx(f1_score(gold, pred)) and 0 < metrics["f1"] < 1
   assert task.host_metrics([(batch, {"tags": np.where(batch["word_index"] >= 0, batch["labels"], -1)})])["f1"] == 1.0
+
+
+def _loop_losses(mesh, steps=3):
+  """Losses of the train loop's own step (jaxlm.train) with the CRF head on a mesh."""
+  from jaxlm import train
+  config = config_lib.load(BASE, TINY + ["task.head=crf", "train.batch_size=8", "data.seq_len=32",
+                                         "optim.warmup_steps=1", "optim.learning_rate=3e-3", f"mesh.data={mesh[0]}",
+                                         f"mesh.fsdp={mesh[1]}", f"mesh.tensor={mesh[2]}"])
+  setup = train.build(config, jax.devices()[:int(np.prod(mesh))])
+  state = train.init_state(setup, 0)
+  step_fn = train.compile_train_step(setup)
+  batch = _toy(4, 8)
+  batch["example_ids"][-1] = -1  # a padding row
+  batch["label_weights"][-1] = 0.0
+  losses = []
+  for _ in range(steps):
+    state, metrics = step_fn(state, train.global_batch(batch, setup.batch_shardings))
+    losses.append(float(metrics["loss"]))
+  return np.array(losses)
+
+
+def test_crf_head_in_the_train_step_sharded_equals_one_device():
+  base = _loop_losses((1, 1, 1))
+  assert np.all(np.isfinite(base)) and base[-1] < base[0]  # step 0 has learning rate 0 (warmup)
+  np.testing.assert_allclose(_loop_losses((2, 2, 2)), base, rtol=1e-5)
