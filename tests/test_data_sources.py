@@ -196,3 +196,13 @@ def test_named_tfds_dataset(tmp_path):
   c.data.tfds_name = "jaxlm_test_reviews_missing"
   with pytest.raises(DataError, match="jaxlm_test_reviews_missing"):
     builders.open_split(c, "train")
+
+
+def test_tokenizer_trains_from_a_conll_source(tmp_path, shared_data):
+  from jaxlm.data import tokenizer as tokenizer_lib
+  c = make_config(tmp_path, task__name="ner", data__source="conll", tokenizer__vocab_size=300,
+                  data__train_files=str(shared_data / "conll2003" / "test.txt"), tokenizer__max_sentences=2000)
+  tokenizer_lib.train_tokenizer(c, str(tmp_path))
+  tok = tokenizer_lib.load_tokenizer(c, str(tmp_path))
+  first = builders.open_split(c, "train").records[0]["tokens"]
+  assert tok.vocab_size == 300 and tok.decode(tok.encode(" ".join(first))) == " ".join(first)

@@ -24,8 +24,10 @@ def pydoc_config(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_workers_resume_exactly(tmp_path):
+def test_two_workers_resume_exactly(tmp_path, shared_data):
   c = pydoc_config(tmp_path)
+  # array_record files prepared from real text: workers reopen them from the prepared directory
+  c.data.source, c.data.train_files = "text", str(shared_data / "text" / "tinyshakespeare.txt")
   c.data.worker_count = 2
   tok = tokenizer_lib.load_tokenizer(c, str(tmp_path))
   n = 6

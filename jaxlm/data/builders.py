@@ -159,10 +159,31 @@ def named_builder(config):
 
 
 class Records(Sequence):
-  """Random-access records of one split, decoded to plain Python by `decode` (bytes -> str, ids -> names)."""
+  """Random-access records of one split, decoded to plain Python by `decode` (bytes -> str, ids -> names).
+
+  `source` is a list, or (prepared dataset directory, split) for array_record files: those are opened on first
+  use in each process, so grain workers get the location rather than an open reader.
+  """
 
   def __init__(self, source, decode, indices: np.ndarray | None = None):
-    self._source, self._decode, self._indices = source, decode, indices
+    self._location = source if isinstance(source, tuple) else None
+    self._opened = None if self._location else source
+    self._decode, self._indices = decode, indices
+
+  @property
+  def _source(self):
+    if self._opened is None:
+      builder_dir, split = self._location
+      self._opened = tfds.builder_from_directory(builder_dir).as_data_source(split=split)
+    return self._opened
+
+  def __getstate__(self):
+    return {"location": self._location, "opened": None if self._location else self._opened,
+            "decode": self._decode, "indices": self._indices}
+
+  def __setstate__(self, state):
+    self._location, self._opened = state["location"], state["opened"]
+    self._decode, self._indices = state["decode"], state["indices"]
 
   def __len__(self):
     return len(self._source) if self._indices is None else len(self._indices)
@@ -315,9 +336,10 @@ def open_split(config, split: str) -> Split:
     holdout = not d.tfds_eval_split
     tfds_split = d.tfds_eval_split if split == "eval" and not holdout else d.tfds_train_split
     try:
-      source = builder.as_data_source(split=tfds_split)
+      n = len(builder.as_data_source(split=tfds_split))
     except Exception as e:  # noqa: BLE001 - tfds raises several kinds for a missing split
       raise DataError(f"data.tfds_name={d.tfds_name!r} has no split {tfds_split!r}: {e}") from e
+    source = (str(builder.data_dir), tfds_split)
     fields = _named_fields(config, kind)
     features = builder.info.features
     for name in fields:
@@ -326,15 +348,15 @@ def open_split(config, split: str) -> Split:
     names = _class_names(features[fields[-1]]) if kind in ("ner", "classification") else None
     labels = labels or tuple(names or ())
     decode = _DecodeNamed(kind, fields, tuple(names) if names else None)
-    records = Records(source, decode, _holdout(len(source), d.eval_fraction, split) if holdout else None)
+    records = Records(source, decode, _holdout(n, d.eval_fraction, split) if holdout else None)
   else:
     builder = prepare_local(config, kind)
     decode = _DecodeLocal(kind)
     if "eval" in builder.info.splits:
-      records = Records(builder.as_data_source(split=split), decode)
+      records = Records((str(builder.data_dir), split), decode)
     else:  # no eval files: a fixed held-out part of the train files
-      source = builder.as_data_source(split="train")
-      records = Records(source, decode, _holdout(len(source), d.eval_fraction, split))
+      n = builder.info.splits["train"].num_examples
+      records = Records((str(builder.data_dir), "train"), decode, _holdout(n, d.eval_fraction, split))
   if len(records) == 0:
     raise DataError(f"the {split} split of data.source={d.source!r} is empty")
   if kind in ("ner", "classification"):
