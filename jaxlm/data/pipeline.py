@@ -98,17 +98,23 @@ def _finish_train(ds: grain.IterDataset, config, batch_size: int, finish=None) -
   return ds
 
 
-def _records(records, config, split: str, process_index: int, process_count: int) -> grain.MapDataset:
-  """A split's records -> this process's records, shuffled and repeated for train."""
+def _records(records, config, split: str, process_index: int, process_count: int, *, with_index: bool = False):
+  """A split's records -> (this process's records, the items to transform: shuffled and repeated for train).
+
+  with_index makes each item (index in this process's records, record): examples keep their identity (NER, QA)
+  and MLM finds the other documents it draws random next sentences from.
+  """
   ds = grain.MapDataset.source(records)
   if split == "train":
     ds = ds[process_index::process_count]  # each process reads only its own part
     if len(ds) == 0:
       raise DataError(f"process {process_index} of {process_count} has no training records ({len(records)} in all)")
+  items = ds.map_with_index(_with_index) if with_index else ds
+  if split == "train":
     if config.data.shuffle:
-      ds = ds.shuffle(seed=config.train.seed)
-    ds = ds.repeat(config.data.num_epochs if config.data.num_epochs > 0 else None)
-  return ds
+      items = items.shuffle(seed=config.train.seed)
+    items = items.repeat(config.data.num_epochs if config.data.num_epochs > 0 else None)
+  return ds, items
 
 
 def lm_batches(config, tokenizer, split: str, *, process_index: int = 0, process_count: int = 1):
@@ -124,7 +130,7 @@ def lm_batches(config, tokenizer, split: str, *, process_index: int = 0, process
   """
   b = local_batch_size(config, process_count)
   d = config.data
-  docs = _records(builders.open_split(config, split).records, config, split, process_index, process_count)
+  _, docs = _records(builders.open_split(config, split).records, config, split, process_index, process_count)
   ids = docs.map(packing.EncodeDocument(tokenizer, d.add_eos)).to_iter_dataset(_read_options(config))
   rows = packing.pack_lm(ids, seq_len=d.seq_len, method=d.packing, num_bins=d.pack_bins, seed=config.train.seed,
                          shuffle_bins=split == "train" and d.shuffle)
@@ -175,18 +181,8 @@ def task_batches(config, tokenizer, split: str, *, process_index: int = 0, proce
   train = split == "train"
   seed = config.train.seed if train else _EVAL_SEED
   read = _read_options(config)
-  records = grain.MapDataset.source(data.records)
-  if train:
-    records = records[process_index::process_count]  # each process reads only its own part
-    if len(records) == 0:
-      raise DataError(f"process {process_index} of {process_count} has no training records ({len(data.records)} "
-                      "in all)")
-  documents = records  # what MLM draws random next sentences from: this process's part
-  items = records.map_with_index(_with_index)
-  if train:
-    if d.shuffle:
-      items = items.shuffle(seed=seed)
-    items = items.repeat(d.num_epochs if d.num_epochs > 0 else None)
+  # MLM draws random next sentences from this process's documents only.
+  documents, items = _records(data.records, config, split, process_index, process_count, with_index=True)
   label_ids = {label: i for i, label in enumerate(data.labels)}
   pad_values = {"input_ids": tokenizer.pad_id}
   buckets = tuple(int(x) for x in d.bucket_lengths)
