@@ -4,6 +4,7 @@ array_record through tfds builders, and public tfds datasets read by name."""
 import json
 import pathlib
 
+import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
@@ -206,3 +207,43 @@ def test_tokenizer_trains_from_a_conll_source(tmp_path, shared_data):
   tok = tokenizer_lib.load_tokenizer(c, str(tmp_path))
   first = builders.open_split(c, "train").records[0]["tokens"]
   assert tok.vocab_size == 300 and tok.decode(tok.encode(" ".join(first))) == " ".join(first)
+
+
+class JaxlmTestNerQa(tfds.core.GeneratorBasedBuilder):
+  """Stands in for conll2003 (tags as a Sequence of ClassLabel) and squad (answers as a Sequence of dicts)."""
+  VERSION = tfds.core.Version("1.0.0")
+  pkg_dir_path = pathlib.Path(__file__).parent
+  code_path = None
+  TAGS = ["O", "B-PER", "I-PER"]
+
+  def _info(self):
+    return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
+        "tokens": tfds.features.Sequence(tfds.features.Text()),
+        "ner": tfds.features.Sequence(tfds.features.ClassLabel(names=self.TAGS)),
+        "id": tfds.features.Text(), "title": tfds.features.Text(), "context": tfds.features.Text(),
+        "question": tfds.features.Text(),
+        "answers": tfds.features.Sequence({"text": tfds.features.Text(), "answer_start": np.int32})}),
+        disable_shuffling=True)
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    for i in range(10):
+      yield i, {"tokens": ["Peter", "Blackburn", f"w{i}"], "ner": ["B-PER", "I-PER", "O"], "id": f"q{i}",
+                "title": "t", "context": f"Ann met Bob {i}.", "question": "Who?",
+                "answers": {"text": ["Bob", "Bob " + str(i)], "answer_start": [8, 8]}}
+
+
+def test_named_tfds_ner_and_qa(tmp_path):
+  JaxlmTestNerQa(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
+  c = make_config(tmp_path, task__name="ner", data__source="tfds", data__tfds_name="jaxlm_test_ner_qa",
+                  data__tfds_eval_split="")
+  train = builders.open_split(c, "train")
+  assert train.labels == ("O", "B-PER", "I-PER")
+  assert train.records[0]["tags"] == ["B-PER", "I-PER", "O"] and train.records[0]["tokens"][:2] == ["Peter",
+                                                                                                  "Blackburn"]
+  c.task.name = "qa"
+  record = builders.open_split(c, "eval").records[0]
+  assert record["answers"] == ["Bob", f"Bob {record['id'][1:]}"] and record["answer_starts"] == [8, 8]
+  assert record["context"][8:11] == "Bob"
