@@ -76,7 +76,13 @@ class LocalFiles(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         split: [(os.path.abspath(p), os.path.getsize(p), os.path.getmtime(p)) for p in paths]
         for split, paths in files.items()}], sort_keys=True)
     name = f"{kind}_{hashlib.sha256(stamp.encode()).hexdigest()[:16]}"
-    super().__init__(data_dir=data_dir, config=tfds.core.BuilderConfig(name=name), file_format="array_record")
+    self._config = tfds.core.BuilderConfig(name=name)
+    super().__init__(data_dir=data_dir, config=self._config, file_format="array_record")
+
+  def get_builder_config(self, name, version=None):
+    # The config is made per instance, from the files; knowing it here keeps tfds from warning on every open
+    # that a "custom data configuration" is in use.
+    return self._config if name == self._config.name else None
 
   @property
   def name(self):
