@@ -51,6 +51,10 @@ def cmd_tokenizer(args, overrides):
 
 def cmd_bench(args, overrides):
   config = _load(args, overrides)
+  if args.checkpoint:
+    from jaxlm.bench_checkpoint import bench_checkpoint
+    print(json.dumps(bench_checkpoint(config, args.checkpoint)))
+    return
   from jaxlm import bench
   result = bench.bench_train_step(config, steps=args.steps, warmup=args.warmup, peak_gflops=args.peak_gflops)
   if args.data:
@@ -126,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", default=None, help="with --data: where the tokenizer is")
   p.add_argument("--workers", type=int, default=2, help="with --data: grain worker processes")
   p.add_argument("--data-batches", dest="data_batches", type=int, default=100, help="with --data: timed batches")
+  p.add_argument("--checkpoint", default=None, metavar="DIR",
+                 help="instead: time saving and restoring the train state under DIR, beside dd's speed on that disk")
   p.set_defaults(func=cmd_bench)
 
   p = sub.add_parser("plot", help="PNG of loss / learning rate / throughput curves from metrics.jsonl")

@@ -270,9 +270,7 @@ def _train(config, workdir: str, stop_requested, signals) -> TrainState:
     _check_resume(restored, tokenizer, setup, writer.log)
     writer.log(f"resumed from {restored.path} (step {int(state.step)})")
   else:
-    state = init_state(setup, c.train.seed)
-    if c.init.checkpoint_dir:
-      state = _init_from_pretrained(state, c, writer.log)
+    state = _init_from_pretrained(init_state(setup, c.train.seed), setup.task, c, writer.log)
   writer.log(f"jaxlm: {count_params(state.params):,} parameters, mesh {sharding.describe(setup.mesh)}, "
              f"{jax.device_count()} devices, {jax.process_count()} processes")
   step_fn = compile_train_step(setup)
@@ -350,10 +348,21 @@ def _check_resume(restored, tokenizer, setup: Setup, log) -> None:
     log(f"resharding {restored.path} from mesh {restored.metadata['mesh']} onto {dict(setup.mesh.shape)}")
 
 
-def _init_from_pretrained(state: TrainState, config, log) -> TrainState:
-  """init.checkpoint_dir: pretrained parameters into a fresh state (optimiser state and step stay fresh)."""
-  from jaxlm.checkpoint import init_from_checkpoint
-  params, report = init_from_checkpoint(state.params, config.init.checkpoint_dir)
+def _init_from_pretrained(state: TrainState, task, config, log) -> TrainState:
+  """A fresh run starts from pretrained parameters where they match: a jaxlm checkpoint's (init.checkpoint_dir) or
+  a converted one's (the task's pretrained_source(), e.g. from init.hf_path). Optimiser state and step stay fresh."""
+  from jaxlm.checkpoint import init_from_checkpoint, init_from_tree
+  pretrained_source = getattr(task, "pretrained_source", None)  # tasks that can start from a converted checkpoint
+  source = pretrained_source() if pretrained_source is not None else None
+  if source is not None and config.init.checkpoint_dir:
+    raise ValueError(f"init.checkpoint_dir={config.init.checkpoint_dir} and {source[0]} both name the parameters "
+                     "to start from: set one")
+  if config.init.checkpoint_dir:
+    params, report = init_from_checkpoint(state.params, config.init.checkpoint_dir)
+  elif source is not None:
+    params, report = init_from_tree(state.params, source[1], source_name=source[0], key="init.hf_path")
+  else:
+    return state
   log(report.describe())
   return state.replace(params=params)
 

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxlm import checkpoint as ckpt_lib
 from jaxlm import config as config_lib
@@ -108,21 +110,20 @@ def test_bad_keep_settings_name_the_key(tmp_path, override, message):
 
 
 def test_checksums_agree_on_host_device_and_any_mesh():
-  config = tiny("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "model.dtype=bfloat16")
-  setup8 = train.build(config, jax.devices())
-  state8 = train.init_state(setup8, 0)
-  assert any(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(state8.params))
-  state1 = jax.device_put(state8, jax.devices()[0])
-  tree = {"state": state8, "half": jnp.ones((6, 4), jnp.bfloat16), "flags": jnp.array([True, False, True])}
-  host = ckpt_lib.checksums(tree)
-  device = np.asarray(ckpt_lib.device_checksums(jax.tree.leaves(tree)))
-  assert [host[k] for k in host] == device.tolist()
-  assert ckpt_lib.checksums(state1) == ckpt_lib.checksums(state8)
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), devices=jax.devices())
+  rng = np.random.default_rng(0)
+  host = {"w": rng.normal(size=(16, 12)).astype(np.float32), "h": rng.normal(size=(6, 4, 2)).astype(jnp.bfloat16),
+          "flags": np.array([True, False, True, True]), "step": np.int32(7)}
+  specs = {"w": P("fsdp", "tensor"), "h": P(None, ("data", "tensor")), "flags": P("data"), "step": P()}
+  sharded = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in host.items()}
+  assert not sharded["w"].sharding.is_fully_replicated
+  on_one = jax.device_put(host, jax.devices()[0])
+  sums = ckpt_lib.checksums(sharded)
+  assert ckpt_lib.checksums(on_one) == ckpt_lib.checksums(host) == sums
+  assert np.asarray(ckpt_lib.device_checksums(jax.tree.leaves(sharded))).tolist() == [sums[k] for k in sorted(sums)]
   # swapping two rows keeps the plain sum but not the row-weighted one
-  w = state1.params["embedding"]
-  swapped = ckpt_lib.checksums({"w": w.at[jnp.array([0, 1])].set(w[jnp.array([1, 0])])})["w"]
-  original = ckpt_lib.checksums({"w": w})["w"]
-  assert swapped[0] == original[0] and swapped[1] != original[1]
+  swapped = ckpt_lib.checksums({"w": host["w"][[1, 0, *range(2, 16)]]})["w"]
+  assert swapped[0] == sums["w"][0] and swapped[1] != sums["w"][1]
 
 
 def test_verify_checksums_names_the_changed_array(one_device):
@@ -210,3 +211,4 @@ def test_unfinished_save_is_never_a_step_and_is_cleaned_up(one_device, tmp_path)
   assert sorted(os.listdir(checkpoints)) == ["1", "2", "3"]
   restored = ckpt_lib.Checkpointer(str(tmp_path), setup.config.checkpoint).restore_latest(train.abstract_state(setup))
   assert restored.step == 3 and int(restored.state.step) == int(state.step)
+

@@ -10,6 +10,7 @@ from jaxlm import checkpoint as ckpt_lib
 from jaxlm import config as config_lib
 from jaxlm import train
 from tests.conftest import REPO
+from tests.test_fault_resume import Train, common  # noqa: F401 - `common` is a fixture used here too
 
 TINY = str(REPO / "configs" / "gpt_tiny.py")
 
@@ -108,20 +109,38 @@ def test_init_from_a_converted_params_tree(untied4):
     ckpt_lib.init_from_tree(state.params, {"embedding": np.zeros((3, 64))}, source_name="x", key="init.hf_path")
 
 
+class ConvertingTask:
+  """A task whose pretrained_source() hands over a converted checkpoint, as the encoder tasks do for init.hf_path."""
+
+  def pretrained_source(self):
+    return "hf:tiny", {"embedding": np.ones((512, 64), np.float32), "cls": {"kernel": np.ones((64, 2), np.float32)}}
+
+
+def test_the_loop_starts_from_a_tasks_converted_checkpoint(tied):
+  lines = []
+  state = train._init_from_pretrained(tied, ConvertingTask(), tiny(), lines.append)
+  np.testing.assert_array_equal(np.asarray(state.params["embedding"]), np.ones((512, 64), np.float32))
+  assert lines[0].startswith("initialised from hf:tiny: 1 parameters loaded") and "unused: cls/kernel" in lines[0]
+  assert train._init_from_pretrained(tied, object(), tiny(), lines.append) is tied and len(lines) == 1
+  with pytest.raises(ValueError, match="init.checkpoint_dir=/x and hf:tiny both name the parameters to start from"):
+    train._init_from_pretrained(tied, ConvertingTask(), tiny("init.checkpoint_dir=/x"), lines.append)
+
+
 @pytest.mark.slow
-def test_jaxlm_train_starts_from_init_checkpoint_dir_once(pretrained, tmp_path, capsys):
+def test_jaxlm_train_starts_from_init_checkpoint_dir_once(common, pretrained, untied4, tmp_path):
   workdir, source = pretrained
-  from jaxlm.data.tokenizer import train_tokenizer
-  tokenizer = train_tokenizer(tiny("tokenizer.max_sentences=3000"), str(tmp_path / "tok"))
-  config = tiny(f"tokenizer.path={tokenizer}", "mesh.data=-1", "model.tie_embeddings=false",
-                f"init.checkpoint_dir={workdir}", "train.steps=1", "train.eval_every=0", "train.eval_batches=1",
-                "optim.learning_rate=0")
-  state = train.run(config, str(tmp_path / "finetune"))
-  out = capsys.readouterr().out
-  assert f"initialised from {workdir}/checkpoints/3: {len(jax.tree.leaves(source))} parameters loaded, 1 newly" in out
-  # learning rate 0: after one step the loaded parameters are still the pretrained ones
-  np.testing.assert_array_equal(np.asarray(state.params["block_0"]["attn"]["qkv"]), source["block_0"]["attn"]["qkv"])
-  config.train.steps = 2
-  train.run(config, str(tmp_path / "finetune"))
-  out = capsys.readouterr().out
-  assert "resumed from" in out and "initialised from" not in out  # a resumed run never re-initialises
+  # learning rate 0: after one step the loaded parameters are still exactly the pretrained ones
+  extra = ["--config.model.tie_embeddings=false", f"--config.init.checkpoint_dir={workdir}", "--config.train.steps=1",
+           "--config.optim.learning_rate=0"]
+  first = Train(common, tmp_path, *extra)
+  assert first.finish() == 0, first.output[-3000:]
+  assert (f"initialised from {workdir}/checkpoints/3: {len(jax.tree.leaves(source))} parameters loaded, 1 newly "
+          "initialised, 0 in the source unused") in first.output
+  assert "  newly initialised: lm_head" in first.output
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), tiny().checkpoint, read_only=True)
+  params = ckpt.restore_params(1, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                               untied4[1].params))
+  np.testing.assert_array_equal(np.asarray(params["block_0"]["attn"]["qkv"]), source["block_0"]["attn"]["qkv"])
+  again = Train(common, tmp_path, *extra)  # restores step 1: nothing left to train, only the final eval
+  assert again.finish() == 0, again.output[-3000:]
+  assert "resumed from" in again.output and "initialised from" not in again.output  # never re-initialised

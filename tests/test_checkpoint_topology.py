@@ -18,7 +18,8 @@ MESHES = {"2x2x2": (8, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]), "1x1x1"
 
 def setup_for(mesh: str):
   n, overrides = MESHES[mesh]
-  config = config_lib.load(TINY, ["model.dropout=0.1", "optim.warmup_steps=1", *overrides])
+  config = config_lib.load(TINY, ["model.dropout=0.1", "optim.warmup_steps=1", "model.num_layers=1",
+                                  "data.seq_len=32", *overrides])
   return train.build(config, jax.devices()[:n])
 
 
@@ -43,11 +44,11 @@ def continue_training(setup, state, data):
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-  """A 2x2x2 run checkpointed after 2 steps, and the losses of its next 3 steps on that mesh."""
+  """A 2x2x2 run checkpointed after 2 steps, and the losses of its next 2 steps on that mesh."""
   workdir = tmp_path_factory.mktemp("topology")
   setup = setup_for("2x2x2")
   assert dict(setup.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
-  data = list(batches(setup.config, 5))
+  data = list(batches(setup.config, 4))
   state = train.init_state(setup, 0)
   step_fn = train.compile_train_step(setup)
   for batch in data[:2]:

@@ -33,9 +33,8 @@ def same(a, b) -> bool:
   return all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y, equal_nan=True)), a, b)))
 
 
-@pytest.mark.parametrize("policy", ["skip", "stop"])
-def test_poisoned_batch_is_caught_inside_the_step(policy):
-  config = config_lib.load(TINY, ["mesh.data=1", f"train.nonfinite={policy}"])
+def test_poisoned_batch_is_skipped_inside_the_step():
+  config = config_lib.load(TINY, ["mesh.data=1", "train.nonfinite=skip", "model.num_layers=1"])
   setup = train.build(config, jax.devices()[:1])
   step_fn = train.compile_train_step(setup)
   rng = np.random.default_rng(0)
@@ -44,13 +43,10 @@ def test_poisoned_batch_is_caught_inside_the_step(policy):
   state, m2 = step_fn(state, lm_batch(config, rng, poison=True))
   assert bool(m1["finite"]) and not bool(m2["finite"]) and math.isnan(float(m2["loss"]))
   assert int(state.step) == 2 and int(state.nonfinite_skips) == int(m2["nonfinite_skips"]) == 1
-  if policy == "skip":
-    assert same(state.params, before.params) and same(state.opt_state, before.opt_state)
-    state, m3 = step_fn(state, lm_batch(config, rng))  # the next good batch trains normally
-    assert bool(m3["finite"]) and not same(state.params, before.params)
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
-  else:  # without the skip the update poisons the parameters: why 'stop' must never save after such a step
-    assert any(np.isnan(np.asarray(x)).any() for x in jax.tree.leaves(state.params))
+  assert same(state.params, before.params) and same(state.opt_state, before.opt_state)
+  state, m3 = step_fn(state, lm_batch(config, rng))  # the next good batch trains normally
+  assert bool(m3["finite"]) and int(m3["nonfinite_skips"]) == 1 and not same(state.params, before.params)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
 
 
 # A learning rate warmed up from 0 to 1e30: step 1 is a no-op, step 2's update is huge but finite, and from step 3 on
