@@ -1,0 +1,85 @@
+"""StopRequest: signals only set a flag (a second Ctrl-C aborts), handlers are put back afterwards; with two processes
+a SIGTERM to one of them stops both at the same step, with one checkpoint holding both processes' data state."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from jaxlm.preemption import StopRequest
+from tests.conftest import REPO
+from tests.test_fault_resume import Train, common  # noqa: F401 - `common` is a fixture used here too
+
+
+def deliver(signum):
+  os.kill(os.getpid(), signum)
+  time.sleep(0.05)  # Python runs the handler in the main thread between bytecodes
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_asks_to_stop_and_handlers_are_restored(signum):
+  before = signal.getsignal(signum)
+  with StopRequest() as stop:
+    assert not stop(1) and stop.received is None
+    deliver(signum)
+    assert stop(2) and stop.received == signal.Signals(signum).name
+    deliver(signal.SIGTERM)  # a repeated notice changes nothing
+    assert stop.received == signal.Signals(signum).name
+  assert signal.getsignal(signum) is before
+
+
+def test_a_second_ctrl_c_aborts_at_once():
+  with StopRequest():
+    deliver(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+      deliver(signal.SIGINT)
+
+
+def test_outside_the_main_thread_no_handler_is_installed():
+  before = signal.getsignal(signal.SIGTERM)
+  seen = []
+
+  def body():
+    with StopRequest() as stop:
+      seen.append((signal.getsignal(signal.SIGTERM), stop(1)))
+
+  t = threading.Thread(target=body)
+  t.start()
+  t.join()
+  assert seen == [(before, False)]
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(common, tmp_path):
+  env = {"JAXLM_COORDINATOR": f"127.0.0.1:{free_port()}", "JAXLM_NUM_PROCESSES": "2",
+         "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+  extra = ["--config.train.steps=100000", "--config.checkpoint.every_steps=100000", "--config.mesh.data=1",
+           "--config.mesh.dcn_data=2", "--config.distributed.initialization_timeout_s=120"]
+  runs = [Train(common, tmp_path, *extra, env={**env, "JAXLM_PROCESS_ID": str(i)}) for i in range(2)]
+  try:
+    runs[0].wait_for("step 3 loss")  # both are training, in step
+    runs[1].proc.send_signal(signal.SIGTERM)  # the scheduler preempts one host
+    codes = [run.finish(timeout=120) for run in runs]
+  finally:
+    for run in runs:
+      run.kill()
+  assert codes == [0, 0], "\n".join(run.output[-2000:] for run in runs)
+  line = next((x for x in runs[0].lines if x.startswith("stopped by a preemption notice")), None)
+  assert line is not None, runs[0].output[-3000:]
+  step = int(line.split(" at step ")[1].split(";")[0])
+  step_dir = tmp_path / "checkpoints" / str(step)
+  assert f"checkpoint saved in {step_dir}" in line
+  assert os.listdir(tmp_path / "checkpoints") == [str(step)]
+  # the one checkpoint holds both processes' iterator positions, taken at the same step
+  assert sorted(os.listdir(step_dir / "data")) == ["commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
