@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 from jaxlm import config as config_lib
 
 ITEMS = ("state", "data", "config", "metadata")
-CHECKSUM_KEY = "checksums"  # metadata entry: parameter path -> two uint32 sums of the array's bits (see checksums)
+CHECKSUM_KEY = "checksums"  # metadata entry: state array path -> two uint32 sums of its bits (see checksums)
 
 
 class CorruptCheckpointError(RuntimeError):

@@ -239,7 +239,9 @@ def run(config, workdir: str, *, stop_requested=None) -> TrainState:
   """
   from jaxlm.preemption import StopRequest
   with StopRequest() as signals:
-    return _train(config, workdir, stop_requested or signals, signals)
+    # the signals are asked first, at every step: the multi-process sync point needs every call
+    stop = signals if stop_requested is None else lambda step: signals(step) | bool(stop_requested(step))
+    return _train(config, workdir, stop, signals)
 
 
 def _train(config, workdir: str, stop_requested, signals) -> TrainState:
