@@ -198,6 +198,13 @@ def test_metrics_join_windows_and_match_seqeval():
   assert metrics["report"] == classification_report(y_true, y_pred, digits=4, zero_division=0)
 
 
+def test_entities_for_prediction_output():
+  tags = ["B-PER", "I-PER", "O", "B-LOC", "I-PER", "I-PER"]
+  # conlleval rules: a stray I-PER opens an entity; strict IOB2: it does not
+  assert _task().entities(tags) == [("PER", 0, 1), ("LOC", 3, 3), ("PER", 4, 5)]
+  assert _task("task.seqeval_strict=true").entities(tags) == [("PER", 0, 1), ("LOC", 3, 3)]
+
+
 def test_bad_input():
   task = _task()
   batch = _toy(0, 2)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from seqeval import metrics as seqeval_metrics
 from seqeval import scheme as seqeval_scheme
+from seqeval.metrics.sequence_labeling import get_entities
 
 from jaxlm import convert, crf, heads
 from jaxlm.models.encoder import INPUT_NAMES, EncoderConfig, dummy_inputs
@@ -108,6 +109,13 @@ class NerTask:
       y_true.append([self.labels[g] for g, _ in sentence])
       y_pred.append([self.labels[p] for _, p in sentence])
     return y_true, y_pred
+
+  def entities(self, tags: list[str]) -> list[tuple[str, int, int]]:
+    """A sentence's tag names -> its entities as (type, first word, last word), read the way the metrics read them."""
+    if self.strict:
+      spans = seqeval_scheme.Entities([tags], SEQEVAL_SCHEMES[self.scheme]).entities[0]
+      return [(e.tag, e.start, e.end - 1) for e in spans]
+    return [tuple(e) for e in get_entities(tags)]
 
   def host_metrics(self, pairs) -> dict:
     """Entity-level precision / recall / f1 (micro over entity types), word accuracy, and seqeval's
