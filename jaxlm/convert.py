@@ -15,10 +15,12 @@ from jaxlm.models.encoder import Encoder, EncoderConfig, dummy_inputs
 
 # HF hidden_act -> EncoderConfig.hidden_act. HF's "gelu" is the exact erf form; the others are the tanh one.
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
-# The EncoderConfig fields a checkpoint fixes, with the config key that sets each one.
-SHAPE_KEYS = {"vocab_size": "model.vocab_size", "max_len": "model.max_len", "num_layers": "model.num_layers",
-              "d_model": "model.d_model", "num_heads": "model.num_heads", "d_ff": "model.d_ff",
-              "type_vocab_size": "model.type_vocab_size", "hidden_act": "model.hidden_act"}
+# The EncoderConfig fields a checkpoint fixes (its shapes, and the functions its weights were trained with), with the
+# config key that sets each one.
+CHECKPOINT_KEYS = {"vocab_size": "model.vocab_size", "max_len": "model.max_len", "num_layers": "model.num_layers",
+                   "d_model": "model.d_model", "num_heads": "model.num_heads", "d_ff": "model.d_ff",
+                   "type_vocab_size": "model.type_vocab_size", "hidden_act": "model.hidden_act",
+                   "norm_eps": "model.norm_eps"}
 
 
 class ConvertError(ValueError):
@@ -179,8 +181,8 @@ def load_hf_bert(hf_dir: str, with_heads: bool = False):
 
 def model_overrides(cfg: EncoderConfig) -> list[str]:
   """The --config.model.* overrides that make a run's model the checkpoint's."""
-  values = {"family": "encoder", "norm_eps": cfg.norm_eps, "pooler": cfg.pooler,
-            **{key.split(".", 1)[1]: getattr(cfg, field) for field, key in SHAPE_KEYS.items()}}
+  values = {"family": "encoder", "pooler": cfg.pooler,
+            **{key.split(".", 1)[1]: getattr(cfg, field) for field, key in CHECKPOINT_KEYS.items()}}
   return [f"model.{k}={v}" for k, v in values.items()]
 
 
@@ -188,7 +190,7 @@ def check_compatible(model: EncoderConfig, hf_dir: str) -> EncoderConfig:
   """Stops before training when the configured model cannot take the checkpoint's weights; returns its config."""
   hf = read_hf_config(hf_dir)
   wrong = []
-  for field, key in SHAPE_KEYS.items():
+  for field, key in CHECKPOINT_KEYS.items():
     mine, theirs = getattr(model, field), getattr(hf, field)
     if field == "d_ff":
       mine, theirs = model.ffn_dim, hf.ffn_dim

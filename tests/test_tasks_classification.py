@@ -121,7 +121,9 @@ def test_starts_from_an_hf_checkpoint_and_refuses_one_that_does_not_fit(tmp_path
                                                  r"--config.model.vocab_size=256"):
     _task(f"init.hf_path={path}", "model.vocab_size=512")
   with pytest.raises(convert.ConvertError, match="model.d_ff=128 but the checkpoint has 64"):
-    _task(f"init.hf_path={path}", "model.d_ff=128")
+    _task(f"init.hf_path={path}", "model.d_ff=128", "model.norm_eps=1e-12")
+  with pytest.raises(convert.ConvertError, match="model.norm_eps=1e-05 but the checkpoint has 1e-12"):
+    _task(f"init.hf_path={path}")
 
 
 def test_bad_input():
@@ -167,9 +169,8 @@ def test_minilm_fine_tunes_on_sst2(shared_data):
   hf_dir = _minilm_dir()
   hf_cfg, _, vocab = convert.load_hf_bert(str(hf_dir))
   tokenizer = transformers.BertTokenizerFast(vocab, do_lower_case=True)
-  overrides = [o for o in convert.model_overrides(hf_cfg) if not o.startswith("model.max_len")]
-  task = make_task(config_lib.load(BASE, overrides + [
-      "task.name=classification", "data.labels=('0','1')", f"init.hf_path={hf_dir}", "model.max_len=512"]))
+  task = make_task(config_lib.load(BASE, convert.model_overrides(hf_cfg) + [
+      "task.name=classification", "data.labels=('0','1')", f"init.hf_path={hf_dir}"]))
   train = _sst2(shared_data / "sst2" / "train.tsv", 1024, tokenizer, 32)
   dev = _sst2(shared_data / "sst2" / "dev.tsv", 256, tokenizer, 48)
   params, _ = _from_hf(task, nn.meta.unbox(jax.jit(task.init_params)(jax.random.key(0), task.dummy_batch(2, 32))))
