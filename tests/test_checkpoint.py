@@ -212,3 +212,15 @@ def test_unfinished_save_is_never_a_step_and_is_cleaned_up(one_device, tmp_path)
   restored = ckpt_lib.Checkpointer(str(tmp_path), setup.config.checkpoint).restore_latest(train.abstract_state(setup))
   assert restored.step == 3 and int(restored.state.step) == int(state.step)
 
+
+
+def test_compressed_checkpoints_restore_with_either_setting(one_device, tmp_path):
+  setup, state = one_device
+  save_steps(tmp_path / "plain", setup, state, [1])
+  save_steps(tmp_path / "zstd", setup, state, [1], tiny("checkpoint.compress=true"))
+  size = {k: sum(os.path.getsize(f) for f in glob.glob(str(tmp_path / k / "checkpoints" / "1" / "**"), recursive=True)
+                 if os.path.isfile(f)) for k in ("plain", "zstd")}
+  assert size["zstd"] < 0.8 * size["plain"]  # the fresh optimiser moments are zeros
+  restored = ckpt_lib.Checkpointer(str(tmp_path / "zstd"), setup.config.checkpoint).restore_latest(
+      train.abstract_state(setup))
+  assert not setup.config.checkpoint.compress and trees_equal(restored.state.params, state.params)

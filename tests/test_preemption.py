@@ -68,7 +68,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(common, tmp
            "--config.mesh.dcn_data=2", "--config.distributed.initialization_timeout_s=120"]
   runs = [Train(common, tmp_path, *extra, env={**env, "JAXLM_PROCESS_ID": str(i)}) for i in range(2)]
   try:
-    runs[0].wait_for("step 3 loss")  # both are training, in step
+    runs[0].wait_for("step 1 loss")  # both are training, in step
     runs[1].proc.send_signal(signal.SIGTERM)  # the scheduler preempts one host
     codes = [run.finish(timeout=120) for run in runs]
   finally:
