@@ -405,7 +405,8 @@ def _match(target: Mapping[str, Any], source_shapes: Mapping[str, tuple], source
     want, have = tuple(target[k].shape), tuple(source_shapes[k])
     if want != have:
       raise ValueError(f"{key}: parameter '{k}' has shape {have} in {source} but {want} in this model")
-  return loaded, sorted(k for k in target if k not in source_shapes), sorted(k for k in source_shapes if k not in target)
+  new = sorted(k for k in target if k not in source_shapes)
+  return loaded, new, sorted(k for k in source_shapes if k not in target)
 
 
 def _replace_leaves(params, values: Mapping[str, Any]):

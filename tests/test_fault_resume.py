@@ -53,7 +53,8 @@ class Train:
   def __init__(self, common, workdir, *extra, launcher=("-m", "jaxlm"), env=None):
     args, base_env, _ = common
     self.proc = subprocess.Popen([sys.executable, *launcher, "train", *args, "--workdir", str(workdir), *extra],
-                                 env={**base_env, **(env or {})}, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                 env={**base_env, **(env or {})}, cwd=REPO, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
     self.lines, self._queue = [], queue.Queue()
     threading.Thread(target=self._read, daemon=True).start()
 

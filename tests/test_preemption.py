@@ -4,15 +4,12 @@ a SIGTERM to one of them stops both at the same step, with one checkpoint holdin
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
 from jaxlm.preemption import StopRequest
-from tests.conftest import REPO
 from tests.test_fault_resume import Train, common  # noqa: F401 - `common` is a fixture used here too
 
 
