@@ -77,7 +77,7 @@ def randomised(setup, state):
   return jax.jit(fill, out_shardings=setup.state_shardings, donate_argnums=1)(jax.random.key(1), state)
 
 
-def bench_checkpoint(config, parent: str, *, repeats: int = 2) -> dict:
+def bench_checkpoint(config, parent: str, *, repeats: int = 3) -> dict:
   """Writes under PARENT/jaxlm_bench_checkpoint (removed afterwards) and returns the figures."""
   directory = os.path.join(os.path.abspath(parent), "jaxlm_bench_checkpoint")
   setup = train.build(config)

@@ -205,10 +205,10 @@ class Checkpointer:
         read_only=read_only,
     )
     self.directory = directory or checkpoint_dir(workdir)
-    # zarr3 without compression unless asked: zstd shrinks float weights by about a tenth but makes saving and
-    # restoring several times slower where the CPU, not the disk, is the limit (see `jaxlm bench --checkpoint`).
-    # Either format restores: the handler reads the format each checkpoint records.
-    state_handler = ocp.PyTreeCheckpointHandler(use_zarr3=True, use_compression=ckpt_cfg.compress)
+    # Orbax's zarr format without compression unless asked: zstd shrinks float weights by about a tenth but makes
+    # saving and restoring several times slower where the CPU, not the disk, is the limit (`jaxlm bench
+    # --checkpoint`). Either setting restores: the handler reads what each checkpoint records.
+    state_handler = ocp.PyTreeCheckpointHandler(use_compression=ckpt_cfg.compress)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=ITEMS,
         item_handlers={"state": state_handler, "data": grain.checkpoint.CheckpointHandler()})
