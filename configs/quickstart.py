@@ -23,11 +23,11 @@ def get_config():
   c.optim.learning_rate = 2e-3
   c.optim.warmup_steps = 50
   c.optim.weight_decay = 0.1
-  c.train.steps = 600
+  c.train.steps = 300
   c.train.batch_size = 16
   c.train.log_every = 20
-  c.train.eval_every = 200
+  c.train.eval_every = 100
   c.train.eval_batches = 8
-  c.checkpoint.every_steps = 200
+  c.checkpoint.every_steps = 100
   c.sample.max_new_tokens = 48
   return c
