@@ -139,8 +139,9 @@ def prepare_local(config, kind: str) -> LocalFiles:
   """Prepares (once) data.train_files and data.eval_files as array_record and returns the builder."""
   d = config.data
   files = {"train": sources.expand_globs(d.train_files, "data.train_files")}
-  if d.eval_files:
-    files["eval"] = sources.expand_globs(d.eval_files, "data.eval_files")
+  for split, key in (("eval", "eval_files"), ("dev", "dev_files"), ("test", "test_files")):
+    if d[key]:
+      files[split] = sources.expand_globs(d[key], f"data.{key}")
   builder = LocalFiles(kind=kind, files=files, options=_local_options(config, kind), data_dir=_data_dir(config))
   with _prepare_lock(_data_dir(config)):
     tfds.disable_progress_bar()  # per-split bars for files that take a second to read are noise in logs
@@ -279,6 +280,9 @@ class Split:
   labels: tuple[str, ...] = ()
 
 
+SPLITS = ("train", "eval", "dev", "test")
+
+
 def _holdout(n: int, fraction: float, split: str) -> np.ndarray:
   """Indices of a deterministic held-out `fraction` (for eval) or of the rest (for train)."""
   if not 0.0 < fraction < 1.0:
@@ -320,10 +324,24 @@ def check_labels(records: Sequence, labels: tuple[str, ...], kind: str, split: s
         raise DataError(f"{where}: unknown label {label!r}; known labels: {', '.join(labels)} (data.labels)")
 
 
+def split_name(config, split: str) -> str:
+  """The split that `split` reads: 'dev' and 'eval' are one split (data.dev_files if set, else data.eval_files or
+  the held-out part of train), so a fine-tuning dev split and an LM eval split need one set of keys each."""
+  d = config.data
+  if split not in SPLITS:
+    raise DataError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
+  if split == "test" and not (d.test_files if d.source != "tfds" else d.tfds_test_split):
+    raise DataError("there is no test split: set data.test_files (data.tfds_test_split for data.source='tfds')")
+  if split == "eval" and d.dev_files:
+    return "dev"
+  if split == "dev" and not d.dev_files:
+    return "eval"
+  return split
+
+
 def open_split(config, split: str) -> Split:
-  """The records of `split` (train | eval) for the config's task, from its data.source."""
-  if split not in ("train", "eval"):
-    raise DataError(f"unknown split {split!r}: expected train or eval")
+  """The records of `split` (train | eval | dev | test) for the config's task, from its data.source."""
+  split = split_name(config, split)
   d = config.data
   kind = KIND_OF_TASK.get(config.task.name)
   if kind is None:
@@ -339,8 +357,8 @@ def open_split(config, split: str) -> Split:
   if d.source == "tfds":
     builder = named_builder(config)
     # Without an eval split name, eval is a fixed held-out part of the train split (and train is the rest).
-    holdout = not d.tfds_eval_split
-    tfds_split = d.tfds_eval_split if split == "eval" and not holdout else d.tfds_train_split
+    holdout = not d.tfds_eval_split and split != "test"
+    tfds_split = {"eval": d.tfds_eval_split, "test": d.tfds_test_split}.get(split) or d.tfds_train_split
     try:
       n = len(builder.as_data_source(split=tfds_split))
     except Exception as e:  # noqa: BLE001 - tfds raises several kinds for a missing split
@@ -358,17 +376,17 @@ def open_split(config, split: str) -> Split:
   else:
     builder = prepare_local(config, kind)
     decode = _DecodeLocal(kind)
-    if "eval" in builder.info.splits:
+    if split in builder.info.splits and (split != "train" or {"eval", "dev"} & set(builder.info.splits)):
       records = Records((str(builder.data_dir), split), decode)
-    else:  # no eval files: a fixed held-out part of the train files
+    else:  # no eval (dev) files: a fixed held-out part of the train files
       n = builder.info.splits["train"].num_examples
       records = Records((str(builder.data_dir), "train"), decode, _holdout(n, d.eval_fraction, split))
   if len(records) == 0:
     raise DataError(f"the {split} split of data.source={d.source!r} is empty")
   if kind in ("ner", "classification"):
     if not labels:
-      labels = open_split(config, "train").labels if split == "eval" else _derived_labels(builder, records, kind)
-    if split == "eval" or d.labels:
+      labels = open_split(config, "train").labels if split != "train" else _derived_labels(builder, records, kind)
+    if split != "train" or d.labels:
       check_labels(records, labels, kind, split)
   return Split(records, labels)
 

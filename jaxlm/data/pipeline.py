@@ -79,8 +79,73 @@ class ShardedBatchDataset(grain.IterDataset):
     return _ShardedBatchIterator(self._parent.__iter__(), *self._args)
 
 
-def _finish_train(ds: grain.IterDataset, config, batch_size: int, finish=None) -> grain.IterDataset:
+class _LengthGroupedIterator(grain.DatasetIterator):
+  """Reads a pool of rows, sorts it by length (attention_mask), cuts it into batch-sized runs and yields the runs'
+  rows, the runs in a random order (train) or shortest first (eval, seed None). Each batch then holds rows of similar
+  length, so a bucketed batch is mostly real tokens, while which lengths come when stays random."""
+
+  def __init__(self, parent, pool_rows: int, batch_rows: int, seed, drop_remainder: bool):
+    super().__init__(parent)
+    self._pool_rows, self._batch_rows, self._seed, self._drop = pool_rows, batch_rows, seed, drop_remainder
+    self._pool_state = parent.get_state()  # the parent's state before the current pool: where a resume refills from
+    self._pools = 0  # pools read so far (with the seed, they fix each pool's order of runs)
+    self._rows, self._taken = [], 0
+
+  def _fill(self):
+    self._pool_state = self._parent.get_state()
+    rows = []
+    for _ in range(self._pool_rows):
+      try:
+        rows.append(next(self._parent))
+      except StopIteration:
+        break
+    if self._drop:  # whole batches only: a train batch never mixes two pools
+      rows = rows[:len(rows) // self._batch_rows * self._batch_rows]
+    if not rows:
+      raise StopIteration
+    order = np.argsort([int(r["attention_mask"].sum()) for r in rows], kind="stable")
+    runs = [order[i:i + self._batch_rows] for i in range(0, len(order), self._batch_rows)]
+    if self._seed is not None:
+      perm = np.random.default_rng([self._seed, self._pools]).permutation(len(runs))
+      runs = [runs[i] for i in perm]
+    self._rows = [rows[i] for run in runs for i in run]
+    self._pools += 1
+    self._taken = 0
+
+  def __next__(self):
+    if self._taken >= len(self._rows):
+      self._fill()
+    self._taken += 1
+    return self._rows[self._taken - 1]
+
+  def get_state(self):
+    return {"parent": self._pool_state, "pools": self._pools - (1 if self._rows else 0), "taken": self._taken}
+
+  def set_state(self, state):
+    self._parent.set_state(state["parent"])
+    self._pools, self._rows, self._taken = state["pools"], [], 0
+    if state["taken"]:
+      self._fill()
+      self._taken = state["taken"]
+
+
+class LengthGroupedDataset(grain.IterDataset):
+  """Rows grouped by length within pools of `pool_rows` (see _LengthGroupedIterator)."""
+
+  def __init__(self, parent: grain.IterDataset, pool_rows: int, batch_rows: int, seed, drop_remainder: bool):
+    super().__init__(parent)
+    self._args = (pool_rows, batch_rows, seed, drop_remainder)
+
+  def __iter__(self):
+    return _LengthGroupedIterator(self._parent.__iter__(), *self._args)
+
+
+def _finish_train(ds: grain.IterDataset, config, batch_size: int, finish=None, group_lengths: bool = False
+                  ) -> grain.IterDataset:
   """Batches (full batches only) and runs the pipeline in worker processes or a prefetch thread."""
+  groups = config.data.length_group_batches
+  if group_lengths and groups > 0:
+    ds = LengthGroupedDataset(ds, groups * batch_size, batch_size, config.train.seed, drop_remainder=True)
   ds = ds.batch(batch_size, drop_remainder=True)
   if finish is not None:
     ds = ds.map(finish)
@@ -226,8 +291,12 @@ def task_batches(config, tokenizer, split: str, *, process_index: int = 0, proce
                      "classification, ner or qa")
 
   finish = functools.partial(encoder_inputs.trim_to_bucket, buckets=buckets, seq_len=d.seq_len) if buckets else None
+  fine_tuning = name in ("classification", "ner", "qa")
   if train:
-    return iter(_finish_train(rows, config, b, finish if process_count == 1 else None))
+    return iter(_finish_train(rows, config, b, finish if process_count == 1 else None, group_lengths=fine_tuning))
+  if fine_tuning and d.length_group_batches > 0:
+    # eval rows are matched to their examples by example id, so their order is free: shortest first pads least
+    rows = LengthGroupedDataset(rows, d.length_group_batches * b * process_count, b * process_count, None, False)
   return iter(ShardedBatchDataset(rows, b, process_index, process_count, pad_values, finish))
 
 

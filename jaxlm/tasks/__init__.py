@@ -8,10 +8,18 @@ Every task has the same shape, so the train step stays one function whatever is 
                                               can average over micro-batches, eval batches and hosts exactly
   task.predict_fn(params, batch)              jittable predictions for host-side metrics (may be None)
   task.host_metrics(pairs)                    metrics computed on the host after an eval pass (may return {})
-  task.eval_splits                            the eval split names the task reports ("eval", or "dev"/"test")
+  task.eval_splits                            the split(s) evaluated during training ("eval"; "dev" for fine-tuning)
+  task.test_split                             the split evaluated once at the end with the best checkpoint, or None
 """
 
 from __future__ import annotations
+
+
+def fine_tuning_splits(config) -> tuple[tuple[str, ...], str | None]:
+  """A fine-tuning task's splits: dev during training, and test at the end when the config names one."""
+  d = config.data
+  has_test = bool(d.tfds_test_split if d.source == "tfds" else d.test_files)
+  return ("dev",), ("test" if has_test else None)
 
 
 def make_task(config):

@@ -9,6 +9,7 @@ import numpy as np
 
 from jaxlm import convert, heads
 from jaxlm.models.encoder import INPUT_NAMES, EncoderConfig, dummy_inputs
+from jaxlm.tasks import fine_tuning_splits
 
 HEADS = ("sequence",)
 
@@ -60,9 +61,9 @@ def macro_f1(gold: np.ndarray, pred: np.ndarray) -> float:
 
 class ClassificationTask:
   name = "classification"
-  eval_splits = ("eval",)
 
   def __init__(self, config):
+    self.eval_splits, self.test_split = fine_tuning_splits(config)
     self.model_cfg = EncoderConfig.from_config(config.model)
     self.head = check_head(self.name, config.task.head, HEADS)
     self.labels = resolved_labels(config)

@@ -22,6 +22,7 @@ def cross_entropy(logits, targets, weights, z_loss: float = 0.0):
 class LMTask:
   name = "lm"
   eval_splits = ("eval",)
+  test_split = None
 
   def __init__(self, config):
     self.model_cfg = DecoderConfig.from_config(config.model)

@@ -21,6 +21,7 @@ HEADS = ("mlm_nsp", "mlm")
 class MlmNspTask:
   name = "mlm_nsp"
   eval_splits = ("eval",)
+  test_split = None
 
   def __init__(self, config):
     self.model_cfg = EncoderConfig.from_config(config.model)

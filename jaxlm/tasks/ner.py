@@ -16,6 +16,7 @@ from seqeval.metrics.sequence_labeling import get_entities
 
 from jaxlm import convert, crf, heads
 from jaxlm.models.encoder import INPUT_NAMES, EncoderConfig, dummy_inputs
+from jaxlm.tasks import fine_tuning_splits
 from jaxlm.tasks.classification import check_head, check_label_ids, cross_entropy, resolved_labels
 
 HEADS = ("softmax", "crf")
@@ -25,9 +26,9 @@ SEQEVAL_SCHEMES = {"iob1": seqeval_scheme.IOB1, "iob2": seqeval_scheme.IOB2, "bi
 
 class NerTask:
   name = "ner"
-  eval_splits = ("eval",)
 
   def __init__(self, config):
+    self.eval_splits, self.test_split = fine_tuning_splits(config)
     self.model_cfg = EncoderConfig.from_config(config.model)
     self.head = check_head(self.name, config.task.head, HEADS)
     self.labels = resolved_labels(config)

@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxlm import convert, heads
 from jaxlm.models.encoder import INPUT_NAMES, EncoderConfig, dummy_inputs
+from jaxlm.tasks import fine_tuning_splits
 from jaxlm.tasks.classification import check_head
 
 HEADS = ("span",)
@@ -62,9 +63,9 @@ def best_spans(start_logits, end_logits, in_context, max_answer_len: int):
 
 class QATask:
   name = "qa"
-  eval_splits = ("eval",)
 
   def __init__(self, config):
+    self.eval_splits, self.test_split = fine_tuning_splits(config)
     self.model_cfg = EncoderConfig.from_config(config.model)
     self.head = check_head(self.name, config.task.head, HEADS)
     self.max_answer_len = config.task.max_answer_len
