@@ -67,6 +67,20 @@ def cmd_bench(args, overrides):
   print(json.dumps(result))
 
 
+def cmd_predict(args, overrides):
+  from jaxlm import predict
+  if overrides:
+    raise config_lib.ConfigError("predict reads WORKDIR/config.json; it takes no --config.KEY overrides")
+  n = predict.predict(args.workdir, args.input, args.output, args.input_format)
+  if args.output:
+    print(f"{n} predictions written to {args.output}")
+
+
+def cmd_convert(args, overrides):
+  from jaxlm import convert
+  print(f"checkpoint written to {convert.convert_to_workdir(args.hf, args.workdir, tuple(overrides))}")
+
+
 def cmd_plot(args, overrides):
   from jaxlm import plot
   print(f"plot written to {plot.plot_metrics(args.workdir, args.output)}")
@@ -134,6 +148,21 @@ def build_parser() -> argparse.ArgumentParser:
                  help="instead: time saving and restoring the train state under DIR, beside dd's speed on that disk")
   p.set_defaults(func=cmd_bench)
 
+  p = sub.add_parser("predict", help="predictions of a fine-tuned workdir's best (else latest) checkpoint for new text")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--input", required=True, help="classification: a sentence per line (a tab between a pair); ner: "
+                 "whitespace-tokenised sentences one per line, or CoNLL; qa: SQuAD JSON")
+  p.add_argument("--output", default=None, help="default: stdout. '.jsonl' writes JSON lines; otherwise "
+                 "label<TAB>text (classification) or CoNLL word<TAB>tag (ner); qa always writes JSON lines")
+  p.add_argument("--input-format", dest="input_format", default="auto", choices=("auto", "lines", "conll", "squad"),
+                 help="auto: CoNLL when the file has blank lines or -DOCSTART-, else one sentence per line")
+  p.set_defaults(func=cmd_predict)
+
+  p = sub.add_parser("convert", help="a Hugging Face BERT directory -> a jaxlm workdir (config, vocab, checkpoint)")
+  p.add_argument("--hf", required=True, help="directory with config.json, model.safetensors, vocab.txt")
+  p.add_argument("--workdir", required=True, help="fine-tune from it with --config.init.checkpoint_dir=WORKDIR")
+  p.set_defaults(func=cmd_convert)
+
   p = sub.add_parser("plot", help="PNG of loss / learning rate / throughput curves from metrics.jsonl")
   p.add_argument("--workdir", required=True)
   p.add_argument("--output", default=None, help="default: WORKDIR/metrics.png")
@@ -147,13 +176,17 @@ def main(argv=None) -> None:
   args = build_parser().parse_args(rest)
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.ERROR)  # library chatter (orbax, grain) stays out of the user's terminal
+  from jaxlm.convert import ConvertError
+  from jaxlm.data.sources import DataError
   from jaxlm.distributed import DistributedError
   from jaxlm.sharding import MeshError
+  from jaxlm.train import SetupError
   try:
     args.func(args, overrides)
   except config_lib.ConfigError as e:
     sys.exit(f"jaxlm: config error: {e}")
-  except (MeshError, FileNotFoundError, DistributedError, FloatingPointError) as e:
+  except (MeshError, FileNotFoundError, DistributedError, FloatingPointError, DataError, ConvertError,
+          SetupError) as e:
     sys.exit(f"jaxlm: error: {e}")
 
 

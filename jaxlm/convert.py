@@ -208,3 +208,61 @@ def source_tree(hf_dir: str, with_heads: bool = False) -> dict:
   with_heads, the pretraining heads where the checkpoint has them."""
   _, encoder, _, heads = load_hf_bert(hf_dir, with_heads=True)
   return {"encoder": encoder, **(heads if with_heads and heads else {})}
+
+
+def vocab_is_lowercase(hf_dir: str) -> bool:
+  """Whether the checkpoint's tokenizer lower-cases: tokenizer_config.json's do_lower_case where the directory has
+  one, else whether vocab.txt lacks upper-case word pieces (uncased vocabularies have none)."""
+  tok_config = os.path.join(hf_dir, "tokenizer_config.json")
+  if os.path.isfile(tok_config):
+    with open(tok_config, encoding="utf-8") as f:
+      value = json.load(f).get("do_lower_case")
+    if value is not None:
+      return bool(value)
+  with open(os.path.join(hf_dir, "vocab.txt"), encoding="utf-8") as f:
+    return not any(p.strip() != p.strip().lower() for p in f if not p.startswith("["))
+
+
+def convert_to_workdir(hf_dir: str, workdir: str, overrides: tuple[str, ...] = ()) -> str:
+  """A Hugging Face BERT directory -> a jaxlm workdir: config.json (an MLM+NSP encoder of the checkpoint's shape, the
+  WordPiece vocabulary copied beside it), and a step-0 checkpoint of its parameters (with the pretraining heads where
+  the checkpoint has them). Fine-tuning starts from it with --config.init.checkpoint_dir=WORKDIR. Returns the step
+  directory."""
+  import shutil
+
+  from jaxlm import checkpoint, train
+  from jaxlm import config as config_lib
+
+  cfg, _, vocab_path = load_hf_bert(hf_dir)
+  os.makedirs(workdir, exist_ok=True)
+  vocab_copy = os.path.join(os.path.abspath(workdir), "vocab.txt")
+  shutil.copyfile(vocab_path, vocab_copy)
+  base = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "base.py")
+  config = config_lib.load(base, [
+      *model_overrides(cfg), "task.name=mlm_nsp", "tokenizer.kind=wordpiece", f"tokenizer.path={vocab_copy}",
+      f"tokenizer.lowercase={vocab_is_lowercase(hf_dir)}", f"name=converted:{os.path.basename(hf_dir.rstrip('/'))}",
+      "checkpoint.async_save=False", *overrides])
+  setup = train.build(config)
+  state = train.init_state(setup, 0)
+  params, report = checkpoint.init_from_tree(state.params, source_tree(hf_dir, with_heads=True),
+                                             source_name=hf_dir, key="--hf")
+  state = state.replace(params=params)
+  train.write_config(config, workdir)
+  ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
+  ckpt.save(0, state, None, config, train.metadata(config, setup))
+  ckpt.close()
+  print(report.describe())
+  return ckpt.step_path(0)
+
+
+def configure_from_hf(config, hf_dir: str) -> None:
+  """Sets a run config's model keys and WordPiece tokenizer to those of a Hugging Face BERT directory, and starts
+  training from its weights (init.hf_path): recipe configs call this instead of typing the checkpoint's shape."""
+  cfg = read_hf_config(hf_dir)
+  config.model.family = "encoder"
+  for field, key in CHECKPOINT_KEYS.items():
+    config.model[key.split(".", 1)[1]] = getattr(cfg, field)
+  config.init.hf_path = str(hf_dir)
+  config.tokenizer.kind = "wordpiece"
+  config.tokenizer.path = os.path.join(hf_dir, "vocab.txt")
+  config.tokenizer.lowercase = vocab_is_lowercase(hf_dir)

@@ -184,6 +184,43 @@ def evaluate(setup: Setup, params, batches, eval_fn, max_batches: int = 0) -> di
   return out
 
 
+def evaluate_split(setup: Setup, params, tokenizer, split: str, eval_fn, max_batches: int = 0) -> dict:
+  """One eval pass over `split`; QA first learns the split's contexts and gold answers (its metrics need the text)."""
+  from jaxlm.data import builders
+  set_examples = getattr(setup.task, "set_examples", None)
+  if set_examples is not None:
+    set_examples(builders.open_split(setup.config, split).records)
+  return evaluate(setup, params, make_batches(setup.config, tokenizer, split), eval_fn, max_batches)
+
+
+def write_eval(writer, workdir: str, step: int, split: str, result: dict, write_report: bool) -> dict:
+  """An eval result -> a metrics.jsonl row and a log line; a text report (seqeval's) is printed and written to
+  WORKDIR/report_{split}_step{step}.txt. Returns the numeric metrics."""
+  result = dict(result)
+  report = result.pop("report", None)
+  writer.write(step, split, result)
+  writer.log(f"step {step} {split}: " + " ".join(f"{k}={v:.4f}" for k, v in result.items()))
+  if report and write_report:
+    writer.log(report)
+    with open(os.path.join(workdir, f"report_{split}_step{step}.txt"), "w") as f:
+      f.write(report)
+  return result
+
+
+class SetupError(ValueError):
+  """Input that cannot be trained on (labels, vocabulary, head, data), found before the first step."""
+
+
+def resolve_labels(config) -> None:
+  """Fills data.labels from the train split when it is empty (classification, NER), before the task sizes its head.
+
+  The config written to the workdir then carries them, so eval and predict build the same head with the same ids.
+  """
+  from jaxlm.data import builders
+  if builders.KIND_OF_TASK.get(config.task.name) in ("classification", "ner") and not config.data.labels:
+    config.data.labels = tuple(builders.open_split(config, "train").labels)
+
+
 def write_config(config, workdir: str) -> None:
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "config.json")
@@ -245,12 +282,149 @@ def run(config, workdir: str, *, stop_requested=None) -> TrainState:
 
 
 def _train(config, workdir: str, stop_requested, signals) -> TrainState:
+  try:
+    return _train_checked(config, workdir, stop_requested, signals)
+  except _SetupFailed as e:
+    raise SetupError(str(e.__cause__)) from e.__cause__
+
+
+class _SetupFailed(Exception):
+  """Carries a ValueError raised while setting a run up (before the first step) out to _train."""
+
+
+def _train_checked(config, workdir: str, stop_requested, signals) -> TrainState:
+  c = config
+  is_main = jax.process_index() == 0
+  try:
+    setup, tokenizer, writer, ckpt, train_iter, state, prior_seconds = _set_up(c, workdir, is_main)
+  except ValueError as e:
+    # a head or vocabulary that does not fit, a label the data lacks: a clean message, before any step. The named
+    # kinds (DataError, ConvertError, MeshError, ...) keep their type; `jaxlm` prints every one without a traceback.
+    if type(e) is ValueError:
+      raise _SetupFailed() from e
+    raise
+  step_fn = compile_train_step(setup)
+  eval_fn = compile_eval_step(setup)
+  meta = metadata(c, setup, tokenizer.fingerprint())
+  nonfinite_seen = int(state.nonfinite_skips)  # with train.nonfinite='stop', any increase stops the run unsaved
+  tokens_per_step = c.train.batch_size * c.data.seq_len
+  eval_every = c.train.eval_every
+  if c.train.eval_each_epoch:
+    from jaxlm.data import builders
+    eval_every = max(1, len(builders.open_split(c, "train").records) // c.train.batch_size)
+  best_metric = c.checkpoint.best_metric
+
+  def run_eval(step):
+    results = {}
+    for split in setup.task.eval_splits:
+      result = evaluate_split(setup, state.params, tokenizer, split, eval_fn, c.train.eval_batches)
+      results[split] = write_eval(writer, workdir, step, split, result, is_main)
+    return results
+
+  step = int(state.step)
+  stopping = False
+  pending = None  # (step, metrics on device, time) of the last logged step, pulled after the next dispatch
+  t_last, step_last = time.time(), step
+  # training seconds: wall time of this loop without evaluation, added to the earlier runs' (saved in checkpoints)
+  t_start, eval_seconds, last_eval = time.time(), 0.0, None
+  real_tokens = 0  # non-padding tokens since the last log row (fine-tuning batches carry attention_mask)
+
+  def train_seconds():
+    return prior_seconds + time.time() - t_start - eval_seconds
+
+  while step < c.train.steps:
+    local = next(train_iter)
+    if "attention_mask" in local:
+      real_tokens += int(local["attention_mask"].sum())
+    batch = global_batch(local, setup.batch_shardings)
+    state, metrics = step_fn(state, batch)
+    step += 1
+    # Pull the previous log step's metrics only now that this step is dispatched: the host never idles the device.
+    nonfinite = False
+    if pending is not None:
+      nonfinite = _emit(writer, pending, c, tokens_per_step)["nonfinite_skips"] > nonfinite_seen
+      pending = None
+    if step % c.train.log_every == 0 or step == c.train.steps:
+      if step == c.train.steps:
+        jax.block_until_ready(metrics)  # the last row's train_seconds counts the last step's work
+      now = time.time()
+      extra = {"train_seconds": train_seconds()}
+      if real_tokens:
+        extra["nonpad_tokens_per_s"] = real_tokens * jax.process_count() / max(now - t_last, 1e-9)
+      pending = (step, metrics, (step - step_last) * tokens_per_step / max(now - t_last, 1e-9), extra)
+      t_last, step_last, real_tokens = now, step, 0
+    stopping = stop_requested(step)  # every process asks at every step: the multi-process sync point needs it
+    saving = stopping or step % c.checkpoint.every_steps == 0 or step == c.train.steps
+    # With 'stop', the non-finite counter in the state is read at every log row and before every save (which waits
+    # for the state anyway): a poisoned state is never written.
+    if saving and c.train.nonfinite == "stop":
+      nonfinite = nonfinite or int(state.nonfinite_skips) > nonfinite_seen
+    if nonfinite and c.train.nonfinite == "stop":
+      if pending is not None:
+        _emit(writer, pending, c, tokens_per_step)
+      writer.close()
+      ckpt.close()
+      last = ckpt.latest_step()
+      kept = f"the last good checkpoint is {ckpt.step_path(last)}" if last is not None else "no checkpoint was saved"
+      raise FloatingPointError(
+          f"non-finite loss or gradient norm by step {step} (train.nonfinite='stop'); {kept}, nothing after it")
+    evaluating = not stopping and (step == c.train.steps or (eval_every and step % eval_every == 0))
+    ranked = None  # the dev metrics a best-by-metric checkpoint is ranked by
+    if evaluating:
+      if pending is not None and step == c.train.steps:  # the last train row comes before the last eval rows
+        _emit(writer, pending, c, tokens_per_step)
+        pending = None
+      t_eval = time.time()
+      results = run_eval(step)
+      eval_seconds += time.time() - t_eval
+      last_eval = step
+      ranked = results[setup.task.eval_splits[0]] if best_metric else None
+    if saving or ranked is not None:
+      # the final save follows the final eval, so that the last step is ranked too
+      ckpt.save(step, state, train_iter, c, dict(meta, train_seconds=train_seconds()), metrics=ranked)
+    if stopping:
+      break
+  if pending is not None:
+    _emit(writer, pending, c, tokens_per_step)
+  if step >= c.train.steps and not stopping and last_eval != step:
+    run_eval(step)
+  if step >= c.train.steps and not stopping:
+    writer.log(f"trained {step} steps in {train_seconds():.1f} s (evaluation excluded)")
+    test_split = getattr(setup.task, "test_split", None)
+    if test_split:
+      _test_best(setup, ckpt, tokenizer, eval_fn, writer, workdir, is_main)
+  ckpt.close()  # waits for the async write: a checkpoint is never left half-written at exit
+  if stopping:
+    writer.log(f"stopped by {signals.reason()} at step {step}; checkpoint saved in {ckpt.step_path(step)}")
+  writer.close()
+  return state
+
+
+def best_or_latest_step(ckpt, config) -> int | None:
+  """The checkpoint predictions and the test split use: the best by checkpoint.best_metric, else the latest."""
+  ckpt.wait()
+  step = ckpt.best_step() if config.checkpoint.best_metric else None
+  return step if step is not None else ckpt.latest_step()
+
+
+def _test_best(setup: Setup, ckpt, tokenizer, eval_fn, writer, workdir: str, is_main: bool) -> dict:
+  """Evaluates the best checkpoint (by checkpoint.best_metric; else the latest) on the test split, once."""
+  c = setup.config
+  step = best_or_latest_step(ckpt, c)
+  params = ckpt.restore_params(step, abstract_state(setup).params)
+  chosen = f"best by dev {c.checkpoint.best_metric}" if c.checkpoint.best_metric else "latest"
+  writer.log(f"test split: the checkpoint of step {step} ({chosen})")
+  result = evaluate_split(setup, params, tokenizer, setup.task.test_split, eval_fn, 0)
+  return write_eval(writer, workdir, step, setup.task.test_split, result, is_main)
+
+
+def _set_up(c, workdir: str, is_main: bool):
+  """Labels, mesh, tokenizer, writer, checkpointer, train batches and the first state (restored, pretrained or new)."""
   from jaxlm.checkpoint import Checkpointer
   from jaxlm.data.tokenizer import load_tokenizer, tokenizer_path, train_tokenizer
   from jaxlm.metric_writer import MetricWriter
 
-  c = config
-  is_main = jax.process_index() == 0
+  resolve_labels(c)  # before the task is built: the head's size comes from them
   setup = build(c)  # mesh and batch checks come first: a bad mesh stops before any work
   if not c.tokenizer.path and c.tokenizer.kind == "sentencepiece" and not os.path.isfile(tokenizer_path(c, workdir)):
     # a workdir-owned tokenizer that does not exist yet is trained first, as `jaxlm tokenizer` would
@@ -267,78 +441,17 @@ def _train(config, workdir: str, stop_requested, signals) -> TrainState:
   train_iter = make_batches(c, tokenizer, "train")
 
   restored = ckpt.restore_latest(abstract_state(setup), train_iter)  # skips damaged steps, with a warning
+  prior_seconds = 0.0
   if restored is not None:
     state = restored.state
     _check_resume(restored, tokenizer, setup, writer.log)
+    prior_seconds = float(restored.metadata.get("train_seconds", 0.0))
     writer.log(f"resumed from {restored.path} (step {int(state.step)})")
   else:
     state = _init_from_pretrained(init_state(setup, c.train.seed), setup.task, c, writer.log)
   writer.log(f"jaxlm: {count_params(state.params):,} parameters, mesh {sharding.describe(setup.mesh)}, "
              f"{jax.device_count()} devices, {jax.process_count()} processes")
-  step_fn = compile_train_step(setup)
-  eval_fn = compile_eval_step(setup)
-  meta = metadata(c, setup, tokenizer.fingerprint())
-  nonfinite_seen = int(state.nonfinite_skips)  # with train.nonfinite='stop', any increase stops the run unsaved
-  tokens_per_step = c.train.batch_size * c.data.seq_len
-
-  def run_eval(step):
-    for split in setup.task.eval_splits:
-      result = evaluate(setup, state.params, make_batches(c, tokenizer, split), eval_fn, c.train.eval_batches)
-      report = result.pop("report", None)
-      writer.write(step, split, result)
-      writer.log(f"step {step} {split}: " + " ".join(f"{k}={v:.4f}" for k, v in result.items()))
-      if report and is_main:
-        writer.log(report)
-        with open(os.path.join(workdir, f"report_{split}_step{step}.txt"), "w") as f:
-          f.write(report)
-
-  step = int(state.step)
-  stopping = False
-  pending = None  # (step, metrics on device, time) of the last logged step, pulled after the next dispatch
-  t_last, step_last = time.time(), step
-  while step < c.train.steps:
-    batch = global_batch(next(train_iter), setup.batch_shardings)
-    state, metrics = step_fn(state, batch)
-    step += 1
-    # Pull the previous log step's metrics only now that this step is dispatched: the host never idles the device.
-    nonfinite = False
-    if pending is not None:
-      nonfinite = _emit(writer, pending, c, tokens_per_step)["nonfinite_skips"] > nonfinite_seen
-      pending = None
-    if step % c.train.log_every == 0 or step == c.train.steps:
-      now = time.time()
-      pending = (step, metrics, (step - step_last) * tokens_per_step / max(now - t_last, 1e-9))
-      t_last, step_last = now, step
-    stopping = stop_requested(step)  # every process asks at every step: the multi-process sync point needs it
-    saving = stopping or step % c.checkpoint.every_steps == 0 or step == c.train.steps
-    # With 'stop', the non-finite counter in the state is read at every log row and before every save (which waits
-    # for the state anyway): a poisoned state is never written.
-    if saving and c.train.nonfinite == "stop":
-      nonfinite = nonfinite or int(state.nonfinite_skips) > nonfinite_seen
-    if nonfinite and c.train.nonfinite == "stop":
-      if pending is not None:
-        _emit(writer, pending, c, tokens_per_step)
-      writer.close()
-      ckpt.close()
-      last = ckpt.latest_step()
-      kept = f"the last good checkpoint is {ckpt.step_path(last)}" if last is not None else "no checkpoint was saved"
-      raise FloatingPointError(
-          f"non-finite loss or gradient norm by step {step} (train.nonfinite='stop'); {kept}, nothing after it")
-    if c.train.eval_every and step % c.train.eval_every == 0 and step < c.train.steps and not stopping:
-      run_eval(step)
-    if saving:
-      ckpt.save(step, state, train_iter, c, meta)
-    if stopping:
-      break
-  if pending is not None:
-    _emit(writer, pending, c, tokens_per_step)
-  if step >= c.train.steps and not stopping:
-    run_eval(step)
-  ckpt.close()  # waits for the async write: a checkpoint is never left half-written at exit
-  if stopping:
-    writer.log(f"stopped by {signals.reason()} at step {step}; checkpoint saved in {ckpt.step_path(step)}")
-  writer.close()
-  return state
+  return setup, tokenizer, writer, ckpt, train_iter, state, prior_seconds
 
 
 def _check_resume(restored, tokenizer, setup: Setup, log) -> None:
@@ -370,10 +483,10 @@ def _init_from_pretrained(state: TrainState, task, config, log) -> TrainState:
 
 
 def _emit(writer, pending, c, tokens_per_step):
-  step, metrics, tokens_per_s = pending
+  step, metrics, tokens_per_s, extra = pending
   m = jax.device_get(metrics)
   row = {"loss": m["loss"], "learning_rate": m["learning_rate"], "grad_norm": m["grad_norm"],
-         "tokens_per_s": tokens_per_s, "nonfinite_skips": m["nonfinite_skips"]}
+         "tokens_per_s": tokens_per_s, "nonfinite_skips": m["nonfinite_skips"], **extra}
   row.update({k: v for k, v in m.items() if k.endswith("_mean")})
   writer.write(step, "train", row)
   writer.progress_bar(step, float(m["loss"]), tokens_per_s)
@@ -384,24 +497,27 @@ def _emit(writer, pending, c, tokens_per_step):
 
 
 def run_eval_only(config, workdir: str) -> dict:
-  """`jaxlm eval`: evaluates the latest checkpoint in workdir on the task's eval splits."""
+  """`jaxlm eval`: evaluates the best (by checkpoint.best_metric) else the latest checkpoint in workdir on the task's
+  eval splits and its test split."""
   from jaxlm.checkpoint import Checkpointer
   from jaxlm.data.tokenizer import load_tokenizer
   from jaxlm.metric_writer import MetricWriter
 
+  resolve_labels(config)
   setup = build(config)
   tokenizer = load_tokenizer(config, workdir)
   check_vocab(config, tokenizer)
   ckpt = Checkpointer(workdir, config.checkpoint, read_only=True)
-  step = ckpt.latest_step()
+  step = best_or_latest_step(ckpt, config)
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {ckpt.manager.directory}: run `jaxlm train` first")
   params = ckpt.restore_params(step, abstract_state(setup).params)
   eval_fn = compile_eval_step(setup)
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0, progress=False)
   results = {}
-  for split in setup.task.eval_splits:
-    result = evaluate(setup, params, make_batches(config, tokenizer, split), eval_fn, 0)
+  test_split = getattr(setup.task, "test_split", None)
+  for split in setup.task.eval_splits + ((test_split,) if test_split else ()):
+    result = evaluate_split(setup, params, tokenizer, split, eval_fn, 0)
     result.pop("report", None)
     writer.write(step, split, result)
     results[split] = result
