@@ -1,0 +1,230 @@
+"""Fine-tuning through `jaxlm train` on slices of the real data: dev evaluation at an interval, best-by-metric
+checkpoints, the test split evaluated once with the best checkpoint, seqeval reports, labels recorded in config.json,
+training seconds in train rows, and clean errors for input that cannot be trained on."""
+
+import json
+
+import grain
+import numpy as np
+import pytest
+from seqeval import metrics as seqeval_metrics
+
+from jaxlm import cli
+from jaxlm import config as config_lib
+from jaxlm.data import pipeline
+from tests.conftest import REPO
+
+CONFIGS = REPO / "configs"
+
+
+def conll_slice(src, dst, sentences: int) -> str:
+  """The first `sentences` sentences of a CoNLL file (a -DOCSTART- line counts as one)."""
+  out, n = [], 0
+  with open(src) as f:
+    for line in f:
+      out.append(line)
+      if not line.strip():
+        n += 1
+        if n >= sentences:
+          break
+  dst.write_text("".join(out))
+  return str(dst)
+
+
+def tsv_slice(src, dst, rows: int) -> str:
+  with open(src) as f:
+    dst.write_text("".join(line for _, line in zip(range(rows + 1), f)))
+  return str(dst)
+
+
+def rows_of(workdir) -> list[dict]:
+  with open(workdir / "metrics.jsonl") as f:
+    return [json.loads(line) for line in f]
+
+
+def train_cli(config: str, workdir, *overrides: str) -> None:
+  cli.main(["train", "--config", str(CONFIGS / config), "--workdir", str(workdir)]
+           + [f"--config.{o}" for o in overrides])
+
+
+def check_dev_and_test(rows, metric: str, test_expected: bool):
+  """Dev rows at every eval step; the one test row (if any) is at the step with the best dev metric."""
+  dev = {r["step"]: r for r in rows if r["split"] == "dev"}
+  assert sorted(dev) == [10, 20, 30]
+  test = [r for r in rows if r["split"] == "test"]
+  if not test_expected:
+    assert not test
+    return dev, None
+  assert len(test) == 1
+  best = max(r[metric] for r in dev.values())
+  assert dev[test[0]["step"]][metric] == best
+  return dev, test[0]
+
+
+@pytest.mark.slow
+def test_ner_dev_best_test_report_and_predict(shared_data, tmp_path):
+  src = shared_data / "conll2003"
+  files = {split: conll_slice(src / f"{name}.txt", tmp_path / f"{name}.txt", n)
+           for split, name, n in (("train", "train", 300), ("dev", "valid", 60), ("test", "test", 60))}
+  workdir = tmp_path / "run"
+  train_cli("bert_tiny_ner.py", workdir, f"data.train_files={files['train']}", f"data.dev_files={files['dev']}",
+            f"data.test_files={files['test']}", "model.max_len=160", "data.seq_len=160", "data.bucket_lengths=(32,64)")
+  rows = rows_of(workdir)
+  dev, test = check_dev_and_test(rows, "f1", test_expected=True)
+  for r in list(dev.values()) + [test]:
+    assert {"precision", "recall", "f1", "accuracy", "loss"} <= set(r)
+  # seqeval's per-type report is written at each eval, and for the test split
+  for step in dev:
+    assert "micro avg" in (workdir / f"report_dev_step{step}.txt").read_text()
+  assert "micro avg" in (workdir / f"report_test_step{test['step']}.txt").read_text()
+
+  # the labels were resolved from the train split and recorded for eval / predict
+  config = json.loads((workdir / "config.json").read_text())
+  tags = {line.split()[-1] for line in open(files["train"]) if line.strip() and not line.startswith("-DOCSTART-")}
+  assert config["data"]["labels"] == ["O"] + sorted(tags - {"O"})
+
+  train_rows = [r for r in rows if r["split"] == "train"]
+  seconds = [r["train_seconds"] for r in train_rows]
+  assert all(b > a for a, b in zip(seconds, seconds[1:])) and all(r["nonpad_tokens_per_s"] > 0 for r in train_rows)
+
+  # predictions on the test file (its tag column is ignored) score what the test row says
+  out = tmp_path / "pred.conll"
+  cli.main(["predict", "--workdir", str(workdir), "--input", files["test"], "--output", str(out)])
+  predicted = [s.splitlines() for s in out.read_text().strip("\n").split("\n\n")]
+  gold = [s.splitlines() for s in open(files["test"]).read().strip("\n").split("\n\n") if "-DOCSTART-" not in s]
+  assert [[w.split("\t")[0] for w in s] for s in predicted] == [[w.split()[0] for w in s] for s in gold]
+  y_pred = [[w.split("\t")[1] for w in s] for s in predicted]
+  y_true = [[w.split()[-1] for w in s] for s in gold]
+  assert seqeval_metrics.f1_score(y_true, y_pred) == pytest.approx(test["f1"], abs=1e-9)
+
+  # one sentence per line -> JSON lines with typed spans that read the tags as the metrics do
+  sentences = tmp_path / "sentences.txt"
+  sentences.write_text("\n".join(" ".join(w.split()[0] for w in s) for s in gold[:5]) + "\n")
+  out = tmp_path / "pred.jsonl"
+  cli.main(["predict", "--workdir", str(workdir), "--input", str(sentences), "--output", str(out)])
+  lines = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [x["tags"] for x in lines] == y_pred[:5]
+  for x in lines:
+    spans = [(e["type"], e["start"], e["end"]) for e in x["entities"]]
+    expected = [(t, s, e + 1) for t, s, e in seqeval_metrics.sequence_labeling.get_entities(x["tags"])]
+    assert spans == expected
+    assert all(e["text"] == " ".join(x["tokens"][e["start"]:e["end"]]) for e in x["entities"])
+
+
+@pytest.mark.slow
+def test_sst2_dev_only_best_checkpoint_and_predict(shared_data, tmp_path):
+  train = tsv_slice(shared_data / "sst2" / "train.tsv", tmp_path / "train.tsv", 400)
+  dev = tsv_slice(shared_data / "sst2" / "dev.tsv", tmp_path / "dev.tsv", 96)
+  workdir = tmp_path / "run"
+  train_cli("bert_tiny_sst2.py", workdir, f"data.train_files={train}", f"data.dev_files={dev}")
+  dev_rows, _ = check_dev_and_test(rows_of(workdir), "accuracy", test_expected=False)
+  assert all({"accuracy", "f1", "loss"} <= set(r) for r in dev_rows.values())
+
+  # predict reads the best checkpoint: its labels on the dev sentences give the best dev accuracy
+  lines = open(dev).read().splitlines()[1:]
+  sentences = tmp_path / "sentences.txt"
+  sentences.write_text("".join(line.split("\t")[0] + "\n" for line in lines))
+  out = tmp_path / "pred.tsv"
+  cli.main(["predict", "--workdir", str(workdir), "--input", str(sentences), "--output", str(out)])
+  predicted = [line.split("\t")[0] for line in out.read_text().splitlines()]
+  gold = [line.split("\t")[1].strip() for line in lines]
+  assert len(predicted) == len(gold)
+  accuracy = float(np.mean([p == g for p, g in zip(predicted, gold)]))
+  assert accuracy == pytest.approx(max(r["accuracy"] for r in dev_rows.values()), abs=1e-9)
+
+
+def _squad(path, seed: int, n: int) -> str:
+  """Generated SQuAD v1 data: who lives where, one or two facts per paragraph."""
+  rng = np.random.default_rng(seed)
+  people = ["anna", "boris", "carla", "dmitri", "elena", "farid", "greta", "hugo"]
+  places = ["paris", "lima", "oslo", "cairo", "delhi", "quito", "rome", "tokyo"]
+  paragraphs = []
+  for i in range(n):
+    a, b = rng.choice(people, 2, replace=False)
+    pa, pb = rng.choice(places, 2, replace=False)
+    context = f"{a} lives in {pa} . {b} works in {pb} ."
+    qas = [{"id": f"{seed}-{i}-a", "question": f"where does {a} live ?",
+            "answers": [{"text": pa, "answer_start": context.index(pa)}]},
+           {"id": f"{seed}-{i}-b", "question": f"where does {b} work ?",
+            "answers": [{"text": pb, "answer_start": context.index(f"in {pb}") + 3}]}]
+    paragraphs.append({"context": context, "qas": qas})
+  path.write_text(json.dumps({"data": [{"title": "t", "paragraphs": paragraphs}]}))
+  return str(path)
+
+
+@pytest.mark.slow
+def test_qa_dev_test_and_predict(tmp_path):
+  files = {s: _squad(tmp_path / f"{s}.json", seed, n) for s, seed, n in (("train", 0, 120), ("dev", 1, 16),
+                                                                         ("test", 2, 16))}
+  workdir = tmp_path / "run"
+  train_cli("bert_tiny_qa.py", workdir, f"data.train_files={files['train']}", f"data.dev_files={files['dev']}",
+            f"data.test_files={files['test']}")
+  _, test = check_dev_and_test(rows_of(workdir), "f1", test_expected=True)
+  assert {"exact_match", "f1"} <= set(test)
+
+  out = tmp_path / "pred.jsonl"
+  cli.main(["predict", "--workdir", str(workdir), "--input", files["test"], "--output", str(out)])
+  answers = [json.loads(line) for line in out.read_text().splitlines()]
+  questions = [q for p in json.loads(open(files["test"]).read())["data"][0]["paragraphs"] for q in p["qas"]]
+  assert [a["id"] for a in answers] == [q["id"] for q in questions]
+  exact = np.mean([a["answer"] == q["answers"][0]["text"] for a, q in zip(answers, questions)])
+  assert exact == pytest.approx(test["exact_match"], abs=1e-9)
+
+
+def _error(*argv) -> str:
+  with pytest.raises(SystemExit) as e:
+    cli.main(list(argv))
+  return str(e.value.code)
+
+
+def test_bad_input_stops_with_a_clean_message(shared_data, tmp_path):
+  train = conll_slice(shared_data / "conll2003" / "train.txt", tmp_path / "train.txt", 20)
+  common = ["train", "--config", str(CONFIGS / "bert_tiny_ner.py"), "--workdir", str(tmp_path / "run"),
+            f"--config.data.train_files={train}", f"--config.data.dev_files={train}", "--config.data.test_files="]
+  # a tag the config does not know: named with the file and line
+  message = _error(*common, "--config.data.labels=('O','B-PER','I-PER')")
+  assert message.startswith("jaxlm: error: ") and "train.txt:" in message and "unknown tag" in message
+  # a head that is not the task's
+  message = _error(*common, "--config.task.head=sequence")
+  assert message.startswith("jaxlm: error: ") and "task.head='sequence' does not fit task.name='ner'" in message
+  # a model whose vocabulary is not the tokenizer's
+  message = _error(*common, "--config.model.vocab_size=1000")
+  assert message.startswith("jaxlm: error: ") and "the tokenizer has 30522 tokens but model.vocab_size=1000" in message
+  # a pretrained checkpoint of another shape than the configured model
+  minilm = config_lib.load(str(CONFIGS / "bert_conll2003.py")).init.hf_path
+  message = _error(*common, f"--config.init.hf_path={minilm}")
+  assert message.startswith("jaxlm: error: ") and "does not fit the configured model" in message
+  assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def _rows_of_lengths(lengths, seq_len=16):
+  rows = []
+  for i, n in enumerate(lengths):
+    mask = np.zeros(seq_len, np.int32)
+    mask[:n] = 1
+    rows.append({"attention_mask": mask, "example_ids": np.int32(i)})
+  return rows
+
+
+def test_length_grouping_pads_less_and_resumes_exactly():
+  lengths = np.random.default_rng(0).integers(1, 17, size=96)
+  source = grain.MapDataset.source(_rows_of_lengths(lengths)).to_iter_dataset()
+  grouped = pipeline.LengthGroupedDataset(source, 32, 4, seed=0, drop_remainder=True).batch(4)
+
+  def padded(batches):
+    return sum(b["attention_mask"].shape[0] * b["attention_mask"].sum(1).max() for b in batches)
+
+  batches = list(grouped)
+  plain = list(source.batch(4))
+  # every row comes once, and the max-length padding of the grouped batches is smaller
+  assert sorted(np.concatenate([b["example_ids"] for b in batches]).tolist()) == list(range(96))
+  assert padded(batches) < 0.8 * padded(plain)
+  # a resume from the middle of a pool gives the same batches
+  it = iter(grouped)
+  for _ in range(3):
+    next(it)
+  state = it.get_state()
+  expected = [next(it)["example_ids"].tolist() for _ in range(6)]
+  again = iter(grouped)
+  again.set_state(state)
+  assert [next(again)["example_ids"].tolist() for _ in range(6)] == expected
