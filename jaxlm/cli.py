@@ -16,7 +16,8 @@ def _load(args, overrides):
 def cmd_train(args, overrides):
   config = _load(args, overrides)
   if args.dry_run:
-    from jaxlm import memory
+    from jaxlm import memory, train
+    train.resolve_labels(config)  # classification/NER heads are sized by the labels the train split holds
     print(memory.dry_run(config, args.devices, args.device_memory_gib, args.compile, args.topology))
     return
   from jaxlm import distributed

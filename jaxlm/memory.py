@@ -91,6 +91,7 @@ def _residual_bytes(config, rows: int, num_layers: int, remat: str, fused: bool)
   c = ml_collections.ConfigDict(config.to_dict())
   c.model.num_layers = num_layers
   c.model.remat = remat
+  c.init.hf_path = ""  # shapes only: a pretrained checkpoint's depth would not match the 1- and 2-layer traces
   task = make_task(c)
   batch = task.dummy_batch(rows, c.data.seq_len)
   params = jax.eval_shape(lambda r: _unbox(task.init_params(r, batch)), jax.random.key(0))
