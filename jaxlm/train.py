@@ -377,6 +377,7 @@ def _train_checked(config, workdir: str, stop_requested, signals) -> TrainState:
       t_eval = time.time()
       results = run_eval(step)
       eval_seconds += time.time() - t_eval
+      t_last += time.time() - t_eval  # the next row's throughput counts training time only
       last_eval = step
       ranked = results[setup.task.eval_splits[0]] if best_metric else None
     if saving or ranked is not None:
