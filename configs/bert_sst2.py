@@ -3,7 +3,8 @@ eval split (test.tsv has no labels), so the best dev accuracy is reported.
 
     jaxlm train --config configs/bert_sst2.py --workdir /tmp/sst2
 
-Result on the 2-core CPU: see README, "BERT family: fine-tuning and results".
+Measured on the 2-core CPU (README, "BERT family: fine-tuning and results"): 1052 steps (1 epoch, batch 64) in
+725.4 s of training; dev accuracy 0.8624 / 0.8670 / 0.8830 / 0.9002 at steps 263 / 526 / 789 / 1052.
 """
 
 import base
