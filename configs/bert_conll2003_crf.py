@@ -2,7 +2,8 @@
 
     jaxlm train --config configs/bert_conll2003_crf.py --workdir /tmp/conll_crf
 
-Result on the 2-core CPU: see README, "BERT family: fine-tuning and results".
+Measured on the 2-core CPU for one epoch only (README, "BERT family: fine-tuning and results"): dev F1 0.8987 at
+step 438 (~270 s of training), against the softmax recipe's 0.8798 at the same step; the full 3 epochs were not run.
 """
 
 import bert_conll2003
