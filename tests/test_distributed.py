@@ -95,7 +95,8 @@ WORKER = textwrap.dedent("""
     print("RESULT", json.dumps(dict(
         plan=plan.how, process=jax.process_index(), processes=jax.process_count(), devices=jax.device_count(),
         local_devices=jax.local_device_count(), mesh=dict(mesh.shape), total=float(total),
-        data_row_processes=[sorted({{d.process_index for d in mesh.devices[i].flat}}) for i in range(2)])))
+        data_row_processes=[sorted({{d.process_index for d in mesh.devices[i].flat}}) for i in range(2)])),
+        flush=True)  # a file is block-buffered: flush before jax's own exit handlers run
 """).format(repo=str(REPO), tiny=TINY)
 
 
@@ -108,8 +109,11 @@ def test_two_processes_join_over_loopback(tmp_path):
                            "-c", WORKER], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
   outputs = [(logs / f"process_{i}.log").read_text() for i in range(2)]
   assert result.returncode == 0, result.stderr + "\n".join(outputs)
-  results = [json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
-             for out in outputs]
+  results = []
+  for i, out in enumerate(outputs):
+    found = [line for line in out.splitlines() if line.startswith("RESULT ")]
+    assert found, f"process {i} printed no RESULT line:\n{out[-4000:]}\nlauncher:\n{result.stderr[-2000:]}"
+    results.append(json.loads(found[0][7:]))
   assert [r["process"] for r in results] == [0, 1]
   for r in results:
     assert (r["plan"], r["processes"], r["devices"], r["local_devices"]) == ("explicit", 2, 8, 4)
