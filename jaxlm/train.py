@@ -324,10 +324,11 @@ def _train_checked(config, workdir: str, stop_requested, signals) -> TrainState:
   step = int(state.step)
   stopping = False
   pending = None  # (step, metrics on device, time) of the last logged step, pulled after the next dispatch
-  t_last, step_last = time.time(), step
+  t_last = time.time()
   # training seconds: wall time of this loop without evaluation, added to the earlier runs' (saved in checkpoints)
   t_start, eval_seconds, last_eval = time.time(), 0.0, None
   real_tokens = 0  # non-padding tokens since the last log row (fine-tuning batches carry attention_mask)
+  batch_tokens = 0  # token slots (padding included) since the last log row: bucketed batches vary in length
 
   def train_seconds():
     return prior_seconds + time.time() - t_start - eval_seconds
@@ -336,6 +337,9 @@ def _train_checked(config, workdir: str, stop_requested, signals) -> TrainState:
     local = next(train_iter)
     if "attention_mask" in local:
       real_tokens += int(local["attention_mask"].sum())
+      batch_tokens += local["attention_mask"].size
+    else:
+      batch_tokens += tokens_per_step // jax.process_count()
     batch = global_batch(local, setup.batch_shardings)
     state, metrics = step_fn(state, batch)
     step += 1
@@ -351,8 +355,8 @@ def _train_checked(config, workdir: str, stop_requested, signals) -> TrainState:
       extra = {"train_seconds": train_seconds()}
       if real_tokens:
         extra["nonpad_tokens_per_s"] = real_tokens * jax.process_count() / max(now - t_last, 1e-9)
-      pending = (step, metrics, (step - step_last) * tokens_per_step / max(now - t_last, 1e-9), extra)
-      t_last, step_last, real_tokens = now, step, 0
+      pending = (step, metrics, batch_tokens * jax.process_count() / max(now - t_last, 1e-9), extra)
+      t_last, real_tokens, batch_tokens = now, 0, 0
     stopping = stop_requested(step)  # every process asks at every step: the multi-process sync point needs it
     saving = stopping or step % c.checkpoint.every_steps == 0 or step == c.train.steps
     # With 'stop', the non-finite counter in the state is read at every log row and before every save (which waits
