@@ -2,8 +2,9 @@
 
     jaxlm train --config configs/bert_conll2003_crf.py --workdir /tmp/conll_crf
 
-Measured on the 2-core CPU for one epoch only (README, "BERT family: fine-tuning and results"): dev F1 0.8987 at
-step 438 (~270 s of training), against the softmax recipe's 0.8798 at the same step; the full 3 epochs were not run.
+Measured on the idle 2-core CPU (README, "BERT family: fine-tuning and results"): 1314 steps (3 epochs) in 757.9 s
+of training; dev F1 0.8959 / 0.9056 / 0.9165 after epochs 1 / 2 / 3; test entity F1 0.8719 (P 0.8729, R 0.8709)
+with the best checkpoint (step 1314), against 0.8604 for the softmax recipe with the same settings.
 """
 
 import bert_conll2003
