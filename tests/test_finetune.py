@@ -86,6 +86,10 @@ def test_ner_dev_best_test_report_and_predict(shared_data, tmp_path):
   train_rows = [r for r in rows if r["split"] == "train"]
   seconds = [r["train_seconds"] for r in train_rows]
   assert all(b > a for a, b in zip(seconds, seconds[1:])) and all(r["nonpad_tokens_per_s"] > 0 for r in train_rows)
+  # token slots per second count the bucket actually run (32 or 64 here), padding included, not data.seq_len (160):
+  # about 2 slots per real token with these buckets, where full 160-slot rows would make it 5 to 10
+  for r in train_rows:
+    assert r["nonpad_tokens_per_s"] <= r["tokens_per_s"] < 3.5 * r["nonpad_tokens_per_s"], r
 
   # predictions on the test file (its tag column is ignored) score what the test row says
   out = tmp_path / "pred.conll"
