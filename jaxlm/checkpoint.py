@@ -321,11 +321,36 @@ class Checkpointer:
 
   def restore_params(self, step: int, abstract_params):
     """Parameters only (for eval, sampling and fine-tuning), onto the given shardings, checked against the saved
-    checksums."""
-    params = _restore_params_subset(self.step_path(step), abstract_params)
-    expected = self.metadata(step).get(CHECKSUM_KEY, {})
-    verify_checksums({"params": params}, expected, self.step_path(step))
+    checksums. A step whose files cannot be read, or read back wrong, raises CorruptCheckpointError."""
+    path = self.step_path(step)
+    try:
+      expected = self.metadata(step).get(CHECKSUM_KEY, {})
+      params = _restore_params_subset(path, abstract_params)
+    except Exception as e:  # noqa: BLE001 - as in _restore: a finalised step that does not read back is damaged
+      raise CorruptCheckpointError(f"{path}: {type(e).__name__}: {_first_line(e)}") from e
+    verify_checksums({"params": params}, expected, path)
     return params
+
+  def restore_params_falling_back(self, step: int, abstract_params, *, log: Callable[[str], None] = stderr_log
+                                  ) -> tuple[int, Any]:
+    """(step, parameters) from `step`, or, if it is damaged, from the newest earlier step that restores intact.
+
+    For readers (eval, generate, predict, the test split): each damaged step is reported by name and left where it is
+    (a reader never moves files); NoUsableCheckpointError names them all when none restores.
+    """
+    failures = []
+    for candidate in [step] + [s for s in reversed(self.all_steps()) if s < step]:
+      try:
+        params = self.restore_params(candidate, abstract_params)
+      except CorruptCheckpointError as e:
+        failures.append(e)
+        log(f"WARNING: checkpoint {self.step_path(candidate)} is damaged and is skipped: {e}")
+        continue
+      if failures:
+        log(f"using the checkpoint of step {candidate} instead of step {step}")
+      return candidate, params
+    raise NoUsableCheckpointError(f"no checkpoint in {self.directory} restores intact: "
+                                  + "; ".join(str(e) for e in failures))
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

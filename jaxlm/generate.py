@@ -68,7 +68,7 @@ def load_params(config, workdir: str):
   step = ckpt.latest_step()
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {ckpt.manager.directory}: run `jaxlm train` first")
-  params = ckpt.restore_params(step, abstract)
+  step, params = ckpt.restore_params_falling_back(step, abstract)
   ckpt.close()
   return task.model, params, step
 

@@ -95,7 +95,7 @@ def predict(workdir: str, input_path: str, output_path: str | None = None, input
   step = train.best_or_latest_step(ckpt, config)
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: run `jaxlm train` first")
-  params = ckpt.restore_params(step, train.abstract_state(setup).params)
+  step, params = ckpt.restore_params_falling_back(step, train.abstract_state(setup).params)
   ckpt.close()
 
   records = read_input(task.name, input_path, input_format)

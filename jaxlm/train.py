@@ -415,9 +415,9 @@ def best_or_latest_step(ckpt, config) -> int | None:
 def _test_best(setup: Setup, ckpt, tokenizer, eval_fn, writer, workdir: str, is_main: bool) -> dict:
   """Evaluates the best checkpoint (by checkpoint.best_metric; else the latest) on the test split, once."""
   c = setup.config
-  step = best_or_latest_step(ckpt, c)
-  params = ckpt.restore_params(step, abstract_state(setup).params)
   chosen = f"best by dev {c.checkpoint.best_metric}" if c.checkpoint.best_metric else "latest"
+  step = best_or_latest_step(ckpt, c)
+  step, params = ckpt.restore_params_falling_back(step, abstract_state(setup).params, log=writer.log)
   writer.log(f"test split: the checkpoint of step {step} ({chosen})")
   result = evaluate_split(setup, params, tokenizer, setup.task.test_split, eval_fn, 0)
   return write_eval(writer, workdir, step, setup.task.test_split, result, is_main)
@@ -516,7 +516,7 @@ def run_eval_only(config, workdir: str) -> dict:
   step = best_or_latest_step(ckpt, config)
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {ckpt.manager.directory}: run `jaxlm train` first")
-  params = ckpt.restore_params(step, abstract_state(setup).params)
+  step, params = ckpt.restore_params_falling_back(step, abstract_state(setup).params)
   eval_fn = compile_eval_step(setup)
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0, progress=False)
   results = {}

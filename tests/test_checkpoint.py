@@ -195,6 +195,32 @@ def test_all_steps_damaged_is_an_error_that_moves_nothing(one_device, tmp_path):
   ckpt.close()
 
 
+@pytest.mark.parametrize("damage", ["state tree deleted", "metadata truncated"])
+def test_readers_fall_back_past_a_damaged_step_and_move_nothing(one_device, tmp_path, damage):
+  """eval, generate, predict and the test split restore parameters only, read-only: a damaged step is named and
+  skipped for the newest intact one before it, and stays where it is."""
+  setup, state = one_device
+  save_steps(tmp_path, setup, state, [1, 2, 3])
+  step3 = os.path.join(tmp_path, "checkpoints", "3")
+  DAMAGE[damage](step3)
+  warnings = []
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), setup.config.checkpoint, read_only=True)
+  step, params = ckpt.restore_params_falling_back(3, train.abstract_state(setup).params, log=warnings.append)
+  assert step == 2 and trees_equal(params, state.params)
+  assert any(step3 in w and "damaged" in w for w in warnings) and "instead of step 3" in warnings[-1], warnings
+  # an intact preferred step (e.g. the best by a dev metric) is used as is, without a word
+  warnings.clear()
+  assert ckpt.restore_params_falling_back(1, train.abstract_state(setup).params, log=warnings.append)[0] == 1
+  assert not warnings
+  assert ckpt.all_steps() == [1, 2, 3] and os.path.isdir(step3)
+  for step in (1, 2):
+    DAMAGE[damage](os.path.join(tmp_path, "checkpoints", str(step)))
+  with pytest.raises(ckpt_lib.NoUsableCheckpointError, match="no checkpoint in .* restores intact") as e:
+    ckpt.restore_params_falling_back(3, train.abstract_state(setup).params, log=lambda m: None)
+  assert all(f"checkpoints/{s}" in str(e.value) for s in (1, 2, 3))
+  ckpt.close()
+
+
 def test_unfinished_save_is_never_a_step_and_is_cleaned_up(one_device, tmp_path):
   """What a process killed mid-write leaves: Orbax's tmp directory, never renamed to its step."""
   setup, state = one_device

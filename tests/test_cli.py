@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -63,6 +64,16 @@ def test_train_resume_eval_generate_plot(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   with open(os.path.join(wd, "metrics.png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+  # a damaged latest step: eval and generate name it, use step 20 instead, and leave the files where they are
+  shutil.rmtree(os.path.join(wd, "checkpoints", "30", "state"))
+  r = jaxlm("eval", "--config", TINY, "--workdir", wd)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert json.loads(r.stdout.strip().splitlines()[-1])["step"] == 20
+  assert "checkpoints/30 is damaged and is skipped" in r.stderr and "instead of step 30" in r.stderr
+  r = jaxlm("generate", "--workdir", wd, "--prompt", "The list", "--max-new-tokens", "4", "--temperature", "0")
+  assert r.returncode == 0 and "checkpoints/30 is damaged" in r.stderr, r.stderr[-3000:]
+  assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["10", "20", "30"]
 
 
 def test_unknown_key_fails_before_work(tmp_path):
