@@ -40,6 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.rope_theta = 10000.0  # RoPE base frequency (llama style)
   c.model.use_bias = True  # biases in dense layers (gpt2: True, llama: False)
   c.model.dropout = 0.0  # dropout rate on residual branches and embeddings during training
+  c.model.attention_dropout = 0.0  # encoder: dropout on attention probabilities in training (BERT's; unfused attention)
   c.model.init_std = 0.02  # stddev of the normal initialiser; output projections are scaled by 1/sqrt(2*layers)
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters always stay float32)
   c.model.remat = "none"  # rematerialisation per block: none | full | dots (save matmul outputs) | dots_no_batch

@@ -48,7 +48,7 @@ def read_hf_config(hf_dir: str) -> EncoderConfig:
         d_model=hf["hidden_size"], num_heads=hf["num_attention_heads"], d_ff=hf["intermediate_size"],
         type_vocab_size=hf.get("type_vocab_size", 2), hidden_act=HF_ACTIVATIONS[act],
         norm_eps=hf.get("layer_norm_eps", 1e-12), dropout=hf.get("hidden_dropout_prob", 0.1),
-        init_std=hf.get("initializer_range", 0.02))
+        attention_dropout=hf.get("attention_probs_dropout_prob", 0.1), init_std=hf.get("initializer_range", 0.02))
   except KeyError as e:
     raise ConvertError(f"{path} has no '{e.args[0]}' entry") from None
 

@@ -1,5 +1,7 @@
 """BERT encoder: sharded training equals one device, parameter PartitionSpecs, padding and packed-row isolation."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxlm import config as config_lib
 from jaxlm import sharding
+from jaxlm.models import encoder as encoder_lib
 from jaxlm.models.encoder import Encoder, EncoderConfig, dummy_inputs
 from jaxlm.tasks import make_task
 from tests.conftest import REPO
@@ -50,8 +53,8 @@ def _setup(config):
   return task, params, shardings, batch_shardings
 
 
-def _losses(mesh, steps=2):
-  config = _config(mesh)
+def _losses(mesh, steps=2, extra=()):
+  config = _config(mesh, extra)
   task, params, shardings, batch_shardings = _setup(config)
   tx = optax.adam(1e-2)
   opt_state = jax.jit(tx.init)(params)
@@ -77,6 +80,10 @@ def test_sharded_losses_equal_single_device():
   assert np.all(np.isfinite(base)) and base[-1] < base[0]
   for mesh in [(8, 1, 1), (2, 2, 2), (1, 1, 8)]:
     np.testing.assert_allclose(_losses(mesh), base, rtol=1e-5, err_msg=f"mesh {mesh}")
+  # dropout on the attention probabilities draws the same noise on any mesh too
+  with_attn = _losses((1, 1, 1), extra=["model.attention_dropout=0.1"])
+  assert not np.allclose(with_attn, base)
+  np.testing.assert_allclose(_losses((2, 2, 2), extra=["model.attention_dropout=0.1"]), with_attn, rtol=1e-5)
 
 
 def test_partition_specs_on_2x2x2():
@@ -154,6 +161,46 @@ def test_dropout_only_in_training():
   assert float(trains[0]) != float(trains[1])
 
 
+def test_attention_without_dropout_equals_the_fused_kernel():
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 6, 4, 8)), jnp.float32) for _ in range(3))
+  keys = jnp.asarray([[1] * 6, [1] * 4 + [0] * 2], bool)[:, None, None, :]  # [B, 1, 1, S]: padding
+  segments = jnp.asarray([[1, 1, 1, 2, 2, 2], [1, 1, 2, 2, 0, 0]])
+  packed = (segments[:, None, :, None] == segments[:, None, None, :]) & keys  # [B, 1, T, S]
+  for mask in (None, keys, packed):
+    want = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    got = encoder_lib.attention_with_dropout(q, k, v, mask, lambda p: p)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_attention_dropout_only_in_training_and_never_through_padding():
+  cfg = EncoderConfig(vocab_size=64, max_len=32, num_layers=2, d_model=32, num_heads=4, dropout=0.0,
+                      attention_dropout=0.5)
+  model, plain = Encoder(cfg), Encoder(dataclasses.replace(cfg, attention_dropout=0.0))
+  rng = np.random.default_rng(0)
+  ids = rng.integers(1, 64, size=(2, 10)).astype(np.int32)
+  mask = np.ones_like(ids)
+  variables = model.init(jax.random.key(1), **dummy_inputs(1, 8))
+
+  def run(m, ids, mask, key=None):
+    train = key is not None
+    return m.apply(variables, ids, None, mask, deterministic=not train, rngs={"dropout": key} if train else {})[0]
+
+  # in eval the probabilities are not dropped: the same output as without attention dropout
+  np.testing.assert_allclose(run(model, ids, mask), run(plain, ids, mask), atol=1e-6)
+  # in training they are (residual dropout is 0 here, so only the attention noise differs)
+  a, b = run(model, ids, mask, jax.random.key(2)), run(model, ids, mask, jax.random.key(3))
+  assert float(jnp.max(jnp.abs(a - b))) > 1e-2
+  assert float(jnp.max(jnp.abs(a - run(plain, ids, mask)))) > 1e-2
+  # padded keys stay masked under dropout: what stands in the padding never reaches the real tokens
+  other = ids.copy()
+  other[:, 7:] = rng.integers(1, 64, size=(2, 3))
+  short = mask.copy()
+  short[:, 7:] = 0
+  key = jax.random.key(4)
+  np.testing.assert_allclose(run(model, ids, short, key)[:, :7], run(model, other, short, key)[:, :7], atol=1e-5)
+
+
 def test_config_errors():
   with pytest.raises(ValueError, match="model.family=encoder"):
     make_task(config_lib.load(BASE, ["task.name=classification", "data.labels=('a','b')"]))
@@ -161,6 +208,8 @@ def test_config_errors():
     EncoderConfig.from_config(_config(extra=["model.scan_layers=true"]).model)
   with pytest.raises(ValueError, match="hidden_act"):
     EncoderConfig.from_config(_config(extra=["model.hidden_act=relu"]).model)
+  with pytest.raises(ValueError, match=r"model.attention_dropout must be in \[0, 1\)"):
+    EncoderConfig.from_config(_config(extra=["model.attention_dropout=1.0"]).model)
   apply, variables = _encoder()
   with pytest.raises(ValueError, match="model.max_len=32"):
     apply(variables, jnp.zeros((1, 40), jnp.int32))

@@ -38,6 +38,7 @@ class EncoderConfig:
   hidden_act: str = "gelu"
   norm_eps: float = 1e-12
   dropout: float = 0.1
+  attention_dropout: float = 0.0
   init_std: float = 0.02
   dtype: str = "float32"
   remat: str = "none"
@@ -55,6 +56,8 @@ class EncoderConfig:
       raise ValueError(f"model.dtype must be float32 or bfloat16, got '{self.dtype}'")
     if self.type_vocab_size < 1:
       raise ValueError(f"model.type_vocab_size must be at least 1, got {self.type_vocab_size}")
+    if not 0.0 <= self.attention_dropout < 1.0:
+      raise ValueError(f"model.attention_dropout must be in [0, 1), got {self.attention_dropout}")
 
   @property
   def head_dim(self) -> int:
@@ -96,18 +99,33 @@ def dummy_inputs(batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
   return {"input_ids": ints, "token_type_ids": ints.copy(), "attention_mask": np.ones_like(ints)}
 
 
+def attention_with_dropout(q, k, v, mask, drop):
+  """softmax(q k^T / sqrt(E), masked), `drop` applied to the probabilities, then @ v: BERT's attention in training
+  (attention_probs_dropout_prob). q/k/v [B, T|S, H, E]; mask broadcastable to [B, H, T, S] (True = attend)."""
+  scores = jnp.einsum("bthe,bshe->bhts", q, k).astype(jnp.float32) / np.sqrt(q.shape[-1])
+  if mask is not None:
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = drop(jax.nn.softmax(scores, axis=-1)).astype(v.dtype)
+  return jnp.einsum("bhts,bshe->bthe", probs, v)
+
+
 class SelfAttention(nn.Module):
   cfg: EncoderConfig
 
   @nn.compact
-  def __call__(self, x, mask):
+  def __call__(self, x, mask, deterministic: bool = True):
     c = self.cfg
     dt, d, h, e = c.compute_dtype, c.d_model, c.num_heads, c.head_dim
     # one fused projection for q, k and v: a single matmul instead of three
     w = layers.param(self, "qkv", layers.normal(c.init_std), (d, 3, h, e), ("embed", None, "heads", "head_dim"))
     b = layers.param(self, "qkv_bias", nn.initializers.zeros, (3, h, e), (None, "heads", "head_dim"))
     qkv = jnp.einsum("btd,dche->btche", x, w.astype(dt)) + b.astype(dt)  # [B, T, 3, H, E]
-    y = layers.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask, c.attention_impl)  # [B, T, H, E]
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if c.attention_dropout > 0 and not deterministic:  # the fused kernel has no dropout: spelled out in training
+      drop = nn.Dropout(c.attention_dropout, name="attention_dropout")
+      y = attention_with_dropout(q, k, v, mask, lambda p: drop(p, deterministic=False))
+    else:
+      y = layers.dot_product_attention(q, k, v, mask, c.attention_impl)  # [B, T, H, E]
     wo = layers.param(self, "o", layers.normal(c.init_std), (h, e, d), ("heads", "head_dim", "embed"))
     bo = layers.param(self, "o_bias", nn.initializers.zeros, (d,), ("norm",))
     return jnp.einsum("bthe,hed->btd", y, wo.astype(dt)) + bo.astype(dt)  # [B, T, D]
@@ -120,7 +138,7 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, mask, deterministic: bool):
     c = self.cfg
-    h = SelfAttention(c, name="attn")(x, mask)
+    h = SelfAttention(c, name="attn")(x, mask, deterministic)
     x = layers.LayerNorm(c.norm_eps, True, c.compute_dtype, name="ln_attn")(
         x + nn.Dropout(c.dropout)(h, deterministic=deterministic))
     h = layers.Mlp(c.ffn_dim, c.hidden_act, True, c.init_std, c.init_std, c.compute_dtype, name="mlp")(x)
