@@ -378,6 +378,9 @@ def _train_checked(config, workdir: str, stop_requested, signals) -> TrainState:
       if pending is not None and step == c.train.steps:  # the last train row comes before the last eval rows
         _emit(writer, pending, c, tokens_per_step)
         pending = None
+      # The host runs up to a log interval ahead of the device: the train steps still queued are training time,
+      # so they finish before the evaluation clock starts.
+      jax.block_until_ready(state)
       t_eval = time.time()
       results = run_eval(step)
       eval_seconds += time.time() - t_eval

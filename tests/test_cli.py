@@ -96,3 +96,17 @@ def test_bench_prints_one_json_line():
   for key in ("tokens_per_s", "step_ms", "mfu", "compile_s", "peak_rss_mb", "params"):
     assert result[key] > 0, key
   assert result["mfu"] == pytest.approx(6 * result["params_6n"] * result["tokens_per_s"] / 100e9, rel=1e-3)
+
+
+def test_throughput_after_an_eval_counts_the_queued_train_steps(tmp_path):
+  """The host dispatches up to a log interval ahead of the device; the steps still queued when an eval starts are
+  training time, so the row after an eval reports an ordinary throughput, not the dispatch rate."""
+  wd = str(tmp_path / "run")
+  r = jaxlm("train", "--config", TINY, "--workdir", wd, "--config.train.progress_bar=false", "--config.train.steps=30",
+            "--config.train.log_every=5", "--config.train.eval_every=10", "--config.train.batch_size=64",
+            "--config.checkpoint.every_steps=100", devices=1)
+  assert r.returncode == 0, r.stderr[-3000:]
+  rate = {row["step"]: row["tokens_per_s"] for row in rows(wd, "train")}
+  ordinary = max(rate[s] for s in (10, 20, 30))  # rows that end where an eval starts, or at the end (it blocks)
+  for step in (15, 25):  # the first rows after an eval
+    assert rate[step] < 3 * ordinary, rate
