@@ -4,7 +4,9 @@ eval split (test.tsv has no labels), so the best dev accuracy is reported.
     jaxlm train --config configs/bert_sst2.py --workdir /tmp/sst2
 
 Measured on the 2-core CPU (README, "BERT family: fine-tuning and results"): 1052 steps (1 epoch, batch 64) in
-725.4 s of training; dev accuracy 0.8624 / 0.8670 / 0.8830 / 0.9002 at steps 263 / 526 / 789 / 1052.
+725.4 s of training as counted then (low: the train steps still queued when a dev evaluation began were counted as
+evaluation; the whole run took 841 s of wall time); dev accuracy 0.8624 / 0.8670 / 0.8830 / 0.9002 at steps 263 /
+526 / 789 / 1052.
 """
 
 import base
