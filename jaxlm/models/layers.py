@@ -21,6 +21,17 @@ def param(module: nn.Module, name: str, init: Initializer, shape: Sequence[int],
   return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), jnp.float32)
 
 
+def project(module: nn.Module, name: str, equation: str, x, init: Initializer, shape: Sequence[int],
+            axes: Sequence[str | None], dtype):
+  """x times a new parameter `name` by an einsum `equation` ('inputs,weight->outputs'), computed in `dtype`.
+
+  Every dense projection of every model family goes through here, so what wraps a projection (adapters, quantised
+  weights) is written once.
+  """
+  w = param(module, name, init, shape, axes)
+  return jnp.einsum(equation, x, w.astype(dtype))
+
+
 def normal(std: float) -> Initializer:
   return nn.initializers.normal(stddev=std)
 
