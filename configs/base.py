@@ -46,10 +46,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.remat = "none"  # rematerialisation per block: none | full | dots (save matmul outputs) | dots_no_batch
   c.model.scan_layers = False  # jax.lax.scan over blocks (one compiled block, faster compile for deep models)
   c.model.attention = "xla"  # jax.nn.dot_product_attention implementation: xla | cudnn | None-equivalent 'auto'
+  c.model.hidden_act = "gelu"  # encoder and gpt2-style MLP: gelu (exact erf, BERT) | gelu_tanh (tanh form, GPT-2)
   # encoder (BERT) only:
   c.model.type_vocab_size = 2  # token-type (segment A/B) embeddings
   c.model.pooler = True  # tanh pooler over the first token, for sentence-level heads
-  c.model.hidden_act = "gelu"  # MLP activation: gelu (exact erf form, BERT) | gelu_tanh (tanh approximation)
 
   # ---- mesh and sharding -------------------------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict()

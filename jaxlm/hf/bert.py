@@ -1,17 +1,20 @@
 """Hugging Face BERT <-> jaxlm: config.json + model.safetensors + vocab.txt -> an EncoderConfig and encoder parameters
-laid out as jaxlm.models.encoder.Encoder creates them (with the optional MLM/NSP pretraining heads)."""
+laid out as jaxlm.models.encoder.Encoder creates them (with the optional MLM/NSP pretraining heads), and back."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
-from jaxlm.hf.io import ConvertError, TensorReader, read_config_json, read_safetensors
+from jaxlm.hf.io import ConvertError, TensorReader, read_config_json, read_safetensors, write_model_dir
 from jaxlm.models.encoder import Encoder, EncoderConfig, dummy_inputs
+from jaxlm.models.heads import PreTrainingModel
 
 # HF hidden_act -> EncoderConfig.hidden_act. HF's "gelu" is the exact erf form; the others are the tanh one.
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
@@ -184,3 +187,113 @@ def configure_from_hf(config, hf_dir: str) -> None:
   config.tokenizer.kind = "wordpiece"
   config.tokenizer.path = os.path.join(hf_dir, "vocab.txt")
   config.tokenizer.lowercase = vocab_is_lowercase(hf_dir)
+
+
+# ---- export: jaxlm parameters -> a Hugging Face BERT directory ----------------------------------------------------
+
+EXPORT_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
+
+
+def load(hf_dir: str) -> tuple[EncoderConfig, dict]:
+  """(EncoderConfig, the pretraining model's parameters: {"encoder": ...} plus the MLM/NSP heads where the checkpoint
+  has them), as numpy float32: the load every family module gives. save() writes such a tree back."""
+  cfg, encoder, _, heads = load_hf_bert(hf_dir, with_heads=True)
+  return cfg, {"encoder": encoder, **(heads or {})}
+
+
+def _to_host(tree) -> dict:
+  """Device or host arrays, boxed or not -> float32 numpy; arrays spread over processes are gathered one by one."""
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x), np.float32)
+  return jax.tree.map(one, nn.meta.unbox(tree))
+
+
+def _check_module_tree(params: dict, module: nn.Module, where: str) -> None:
+  """The tree has exactly the parameters, and shapes, that `module` creates."""
+  want = jax.eval_shape(lambda: nn.meta.unbox(module.init(jax.random.key(0), **dummy_inputs(1, 1))["params"]))
+  want_flat = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(want)[0]}
+  got_flat = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  for key in sorted(set(want_flat) | set(got_flat)):
+    if got_flat.get(key) != want_flat.get(key):
+      raise ConvertError(f"{where}: parameter {key} has shape {got_flat.get(key)}, the model has "
+                         f"{want_flat.get(key)}")
+
+
+def encoder_tensors(params: dict, cfg: EncoderConfig, prefix: str = "") -> dict[str, np.ndarray]:
+  """The Encoder's parameter tree (host arrays) -> HF BERT tensors (torch Linear weights are [out, in]), each name
+  after `prefix` ('bert.' inside a BertFor* model, '' for BertModel)."""
+  d = cfg.d_model
+  t = {"embeddings.word_embeddings.weight": params["word_embeddings"],
+       "embeddings.position_embeddings.weight": params["position_embeddings"],
+       "embeddings.token_type_embeddings.weight": params["type_embeddings"],
+       "embeddings.LayerNorm.weight": params["ln_embed"]["scale"], "embeddings.LayerNorm.bias": params["ln_embed"]["bias"]}
+  for i in range(cfg.num_layers):
+    b, n = params[f"blocks_{i}"], f"encoder.layer.{i}"
+    attn, mlp = b["attn"], b["mlp"]
+    for j, name in enumerate(("query", "key", "value")):
+      t[f"{n}.attention.self.{name}.weight"] = attn["qkv"][:, j].reshape(d, d).T  # [D, H, E] -> [H*E, D]
+      t[f"{n}.attention.self.{name}.bias"] = attn["qkv_bias"][j].reshape(d)
+    t.update({
+        f"{n}.attention.output.dense.weight": attn["o"].reshape(d, d).T, f"{n}.attention.output.dense.bias": attn["o_bias"],
+        f"{n}.attention.output.LayerNorm.weight": b["ln_attn"]["scale"],
+        f"{n}.attention.output.LayerNorm.bias": b["ln_attn"]["bias"],
+        f"{n}.intermediate.dense.weight": mlp["wi"].T, f"{n}.intermediate.dense.bias": mlp["bi"],
+        f"{n}.output.dense.weight": mlp["wo"].T, f"{n}.output.dense.bias": mlp["bo"],
+        f"{n}.output.LayerNorm.weight": b["ln_mlp"]["scale"], f"{n}.output.LayerNorm.bias": b["ln_mlp"]["bias"],
+    })
+  if cfg.pooler:
+    t["pooler.dense.weight"], t["pooler.dense.bias"] = params["pooler"].T, params["pooler_bias"]
+  return {prefix + k: v for k, v in t.items()}
+
+
+def pretraining_head_tensors(heads: dict) -> dict[str, np.ndarray]:
+  """PreTrainingModel's MLM transform/bias (and NSP head, where present) -> the 'cls.' tensors of BertForPreTraining /
+  BertForMaskedLM. The MLM decoder is tied to the word embeddings, so it has no tensor of its own."""
+  t = {"cls.predictions.transform.dense.weight": heads["mlm_transform"]["kernel"].T,
+       "cls.predictions.transform.dense.bias": heads["mlm_transform"]["bias"],
+       "cls.predictions.transform.LayerNorm.weight": heads["mlm_norm"]["scale"],
+       "cls.predictions.transform.LayerNorm.bias": heads["mlm_norm"]["bias"],
+       "cls.predictions.bias": heads["mlm_bias"]}
+  if "nsp_head" in heads:
+    t["cls.seq_relationship.weight"] = heads["nsp_head"]["kernel"].T
+    t["cls.seq_relationship.bias"] = heads["nsp_head"]["bias"]
+  return t
+
+
+def hf_config(cfg: EncoderConfig, architecture: str, extra: dict | None = None) -> dict:
+  """The config.json of a BERT `architecture` (BertModel, BertForPreTraining, ...) for cfg; `extra` adds or
+  replaces entries."""
+  hf = {"architectures": [architecture], "model_type": "bert", "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_len, "num_hidden_layers": cfg.num_layers, "hidden_size": cfg.d_model,
+        "num_attention_heads": cfg.num_heads, "intermediate_size": cfg.ffn_dim, "type_vocab_size": cfg.type_vocab_size,
+        "hidden_act": EXPORT_ACTIVATIONS[cfg.hidden_act], "layer_norm_eps": cfg.norm_eps,
+        "hidden_dropout_prob": cfg.dropout, "attention_probs_dropout_prob": cfg.attention_dropout,
+        "initializer_range": cfg.init_std, "position_embedding_type": "absolute", "pad_token_id": 0,
+        "tie_word_embeddings": True, "dtype": "float32"}
+  return {**hf, **(extra or {})}
+
+
+def hf_tensors(cfg: EncoderConfig, params) -> tuple[str, dict[str, np.ndarray]]:
+  """(architecture, tensors) for an Encoder tree (-> BertModel) or a PreTrainingModel tree {"encoder", MLM heads
+  [, NSP head]} (-> BertForPreTraining with NSP, BertForMaskedLM without: it has no pooler, so none is written)."""
+  params = _to_host(params)
+  if "encoder" not in params:
+    _check_module_tree(params, Encoder(cfg), "BERT export")
+    return "BertModel", encoder_tensors(params, cfg)
+  nsp = "nsp_head" in params
+  _check_module_tree(params, PreTrainingModel(cfg, nsp=nsp), "BERT export")
+  heads = {k: v for k, v in params.items() if k != "encoder"}
+  if nsp:
+    return "BertForPreTraining", {**encoder_tensors(params["encoder"], cfg, "bert."), **pretraining_head_tensors(heads)}
+  encoder = {k: v for k, v in params["encoder"].items() if k not in ("pooler", "pooler_bias")}
+  tensors = encoder_tensors(encoder, dataclasses.replace(cfg, pooler=False), "bert.")
+  return "BertForMaskedLM", {**tensors, **pretraining_head_tensors(heads)}
+
+
+def save(out_dir: str, cfg: EncoderConfig, params, extra_config: dict | None = None) -> None:
+  """config.json + model.safetensors of the BERT model that computes what jaxlm does with `params` (see hf_tensors);
+  the caller copies vocab.txt beside them."""
+  architecture, tensors = hf_tensors(cfg, params)
+  write_model_dir(out_dir, hf_config(cfg, architecture, extra_config), tensors)

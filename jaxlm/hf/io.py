@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+import ml_dtypes  # noqa: F401 - registers bfloat16 with numpy, so safetensors reads bfloat16 checkpoints
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file

@@ -40,6 +40,7 @@ class DecoderConfig:
   norm_eps: float = 1e-5
   rope_theta: float = 10000.0
   use_bias: bool = True
+  hidden_act: str = "gelu"  # gpt2 style's MLP: gelu (exact erf) | gelu_tanh (GPT-2's gelu_new); llama is SwiGLU
   dropout: float = 0.0
   init_std: float = 0.02
   dtype: str = "float32"
@@ -54,6 +55,8 @@ class DecoderConfig:
       raise ValueError(f"model.remat must be one of none, {', '.join(REMAT_POLICIES)}; got '{self.remat}'")
     if self.dtype not in ("float32", "bfloat16"):
       raise ValueError(f"model.dtype must be float32 or bfloat16, got '{self.dtype}'")
+    if self.hidden_act not in ("gelu", "gelu_tanh"):
+      raise ValueError(f"model.hidden_act must be gelu or gelu_tanh, got '{self.hidden_act}'")
     if self.kv_heads <= 0 or self.num_heads % self.kv_heads:
       raise ValueError(f"model.num_kv_heads={self.num_kv_heads} must divide model.num_heads={self.num_heads}")
     if not self.head_dim and self.d_model % self.num_heads:
@@ -157,7 +160,7 @@ class Block(nn.Module):
         else (lambda name: layers.RMSNorm(c.norm_eps, c.compute_dtype, name=name))
     h = Attention(c, name="attn")(norm("ln_attn")(x), positions, segment_ids, decode)
     x = x + nn.Dropout(c.dropout)(h, deterministic=deterministic)
-    h = layers.Mlp(c.ffn_dim, "gelu" if c.style == "gpt2" else "swiglu", c.use_bias, c.init_std,
+    h = layers.Mlp(c.ffn_dim, c.hidden_act if c.style == "gpt2" else "swiglu", c.use_bias, c.init_std,
                    c.init_std / math.sqrt(2 * c.num_layers), c.compute_dtype, name="mlp")(norm("ln_mlp")(x))
     x = x + nn.Dropout(c.dropout)(h, deterministic=deterministic)
     return x
