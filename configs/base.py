@@ -25,8 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---- model -------------------------------------------------------------------------------------------
   c.model = ml_collections.ConfigDict()
-  c.model.family = "decoder"  # decoder | encoder (BERT) — which model file builds the network
+  c.model.family = "decoder"  # decoder | encoder (BERT) | encoder_decoder (T5) — which model file builds the network
   c.model.style = "gpt2"  # decoder flavour: gpt2 (learned positions, LayerNorm, GELU, tied) | llama (RoPE, RMSNorm, SwiGLU, GQA)
+  # encoder_decoder flavours: t5 (ReLU MLP, tied and rescaled output) | t5_v1_1 (gated GELU; set tie_embeddings=False)
   c.model.vocab_size = 1024  # must equal the tokenizer's vocabulary size (checked before training)
   c.model.max_len = 256  # longest sequence the model accepts (learned position table size / RoPE cache)
   c.model.num_layers = 2  # transformer blocks
@@ -50,6 +51,12 @@ def get_config() -> ml_collections.ConfigDict:
   # encoder (BERT) only:
   c.model.type_vocab_size = 2  # token-type (segment A/B) embeddings
   c.model.pooler = True  # tanh pooler over the first token, for sentence-level heads
+  # encoder_decoder (T5) only; it also reads num_layers (the encoder's), head_dim (T5's d_kv), d_ff (0 = 4*d_model),
+  # tie_embeddings, norm_eps (T5: 1e-6), dropout (T5: 0.1), dtype, remat, scan_layers, attention; it has no biases:
+  c.model.num_decoder_layers = 0  # decoder blocks; 0 = model.num_layers
+  c.model.relative_attention_num_buckets = 32  # position buckets per stack: half exact distances, half log-spaced
+  c.model.relative_attention_max_distance = 128  # key-query distances from this on share the last bucket
+  c.model.init_factor = 1.0  # T5's initializer_factor: multiplies every init stddev, which T5 derives from the shapes
 
   # ---- mesh and sharding -------------------------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict()
