@@ -13,7 +13,7 @@ import os
 
 import base
 
-from jaxlm import convert
+from jaxlm.hf import bert as hf_bert
 
 
 def minilm_dir() -> str:
@@ -27,7 +27,7 @@ def minilm_dir() -> str:
 
 def finetune_defaults(c):
   """What the MiniLM recipes share: AdamW as the HF Trainer sets it, a linear schedule, best-by-dev checkpoints."""
-  convert.configure_from_hf(c, minilm_dir())
+  hf_bert.configure_from_hf(c, minilm_dir())
   c.model.dropout = 0.1
   # The measured runs (README) use the fused attention without dropout on its probabilities; 0.1 is BERT's and HF's
   # (attention_probs_dropout_prob), at the cost of the unfused attention in training.

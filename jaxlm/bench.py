@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import train
+from jaxlm import run, train
 
 
 def measure_peak_gflops(n: int = 2048, reps: int = 5) -> float:
@@ -35,7 +35,7 @@ def flops_params(config, params) -> int:
 
 
 def bench_train_step(config, *, steps: int = 10, warmup: int = 3, peak_gflops: float | None = None) -> dict:
-  train.resolve_labels(config)  # a fine-tuning config sizes its head from the train split's labels
+  run.resolve_labels(config)  # a fine-tuning config sizes its head from the train split's labels
   setup = train.build(config)
   state = train.init_state(setup, config.train.seed)
   n_params = train.count_params(state.params)

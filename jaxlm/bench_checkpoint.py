@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm import checkpoint as ckpt_lib
-from jaxlm import train
+from jaxlm import run, train
 
 MB = 1e6
 
@@ -48,7 +48,7 @@ def _dd_rate(output: str) -> float:
   m = re.search(r"copied, ([\d.]+) s", output)
   if not m:
     raise RuntimeError(f"unexpected dd output: {output!r}")
-  n = int(re.search(r"^(\d+) bytes", output, re.M).group(1))
+  n = int(re.search(r"^(\d+) bytes", output, re.MULTILINE).group(1))
   return n / float(m.group(1)) / MB
 
 
@@ -83,7 +83,7 @@ def bench_checkpoint(config, parent: str, *, repeats: int = 3) -> dict:
   setup = train.build(config)
   state = jax.block_until_ready(randomised(setup, train.init_state(setup, config.train.seed)))
   state_mb = sum(x.nbytes for x in jax.tree.leaves(state)) / MB
-  meta = train.metadata(config, setup)
+  meta = run.metadata(config, setup)
   shutil.rmtree(directory, ignore_errors=True)
   os.makedirs(directory)
 

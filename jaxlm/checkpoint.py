@@ -22,8 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxlm import config as config_lib
-
 ITEMS = ("state", "data", "config", "metadata")
 CHECKSUM_KEY = "checksums"  # metadata entry: state array path -> two uint32 sums of its bits (see checksums)
 
@@ -267,7 +265,7 @@ class Checkpointer:
       if data_iterator is not None and saved_processes == jax.process_count():
         items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
       state = self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
-    except Exception as e:  # noqa: BLE001 - any failure to read a finalised step is reported as damage to that step
+    except Exception as e:
       raise CorruptCheckpointError(f"{path}: {type(e).__name__}: {_first_line(e)}") from e
     verify_checksums(state, meta.get(CHECKSUM_KEY, {}), path)
     if data_iterator is not None and saved_processes != jax.process_count():
@@ -315,10 +313,6 @@ class Checkpointer:
     _sync(f"jaxlm_move_aside_{step}")
     self.manager.reload()
 
-  def restore_config(self, step: int):
-    restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    return config_lib.from_json_dict(restored["config"])
-
   def restore_params(self, step: int, abstract_params):
     """Parameters only (for eval, sampling and fine-tuning), onto the given shardings, checked against the saved
     checksums. A step whose files cannot be read, or read back wrong, raises CorruptCheckpointError."""
@@ -326,7 +320,7 @@ class Checkpointer:
     try:
       expected = self.metadata(step).get(CHECKSUM_KEY, {})
       params = _restore_params_subset(path, abstract_params)
-    except Exception as e:  # noqa: BLE001 - as in _restore: a finalised step that does not read back is damaged
+    except Exception as e:
       raise CorruptCheckpointError(f"{path}: {type(e).__name__}: {_first_line(e)}") from e
     verify_checksums({"params": params}, expected, path)
     return params

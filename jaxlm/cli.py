@@ -6,7 +6,17 @@ import argparse
 import json
 import sys
 
+from absl import logging as absl_logging
+
+from jaxlm import bench, convert, distributed, generate, memory, plot, predict, run
 from jaxlm import config as config_lib
+from jaxlm.bench_checkpoint import bench_checkpoint
+from jaxlm.data.bench import bench_data
+from jaxlm.data.sources import DataError
+from jaxlm.data.tokenizer import train_tokenizer
+from jaxlm.distributed import DistributedError
+from jaxlm.hf.io import ConvertError
+from jaxlm.sharding import MeshError
 
 
 def _load(args, overrides):
@@ -16,25 +26,20 @@ def _load(args, overrides):
 def cmd_train(args, overrides):
   config = _load(args, overrides)
   if args.dry_run:
-    from jaxlm import memory, train
-    train.resolve_labels(config)  # classification/NER heads are sized by the labels the train split holds
+    run.resolve_labels(config)  # classification/NER heads are sized by the labels the train split holds
     print(memory.dry_run(config, args.devices, args.device_memory_gib, args.compile, args.topology))
     return
-  from jaxlm import distributed
   distributed.initialize(config.distributed, coordinator=args.coordinator, num_processes=args.num_processes,
                          process_id=args.process_id)
-  from jaxlm import train
-  train.run(config, args.workdir)
+  run.run(config, args.workdir)
 
 
 def cmd_eval(args, overrides):
   config = _load(args, overrides)
-  from jaxlm import train
-  print(json.dumps(train.run_eval_only(config, args.workdir)))
+  print(json.dumps(run.run_eval_only(config, args.workdir)))
 
 
 def cmd_generate(args, overrides):
-  from jaxlm import generate
   config = generate.load_config_for_sampling(args.workdir, overrides)
   for key in ("max_new_tokens", "temperature", "top_k", "seed"):
     value = getattr(args, key)
@@ -45,23 +50,19 @@ def cmd_generate(args, overrides):
 
 def cmd_tokenizer(args, overrides):
   config = _load(args, overrides)
-  from jaxlm.data.tokenizer import train_tokenizer
-  path = train_tokenizer(config, args.workdir)
+  path = train_tokenizer(config, args.workdir, run.open_data(config).texts())
   print(f"tokenizer written to {path}")
 
 
 def cmd_bench(args, overrides):
   config = _load(args, overrides)
   if args.checkpoint:
-    from jaxlm.bench_checkpoint import bench_checkpoint
     print(json.dumps(bench_checkpoint(config, args.checkpoint)))
     return
-  from jaxlm import bench
   result = bench.bench_train_step(config, steps=args.steps, warmup=args.warmup, peak_gflops=args.peak_gflops)
   if args.data:
     if not args.workdir:
       raise config_lib.ConfigError("bench --data needs --workdir (the tokenizer is read from there)")
-    from jaxlm.data.bench import bench_data
     data = bench_data(config, workdir=args.workdir, batches=args.data_batches, workers=args.workers)
     result = {"train_step": result, "data": data,
               "data_over_step": {p: round(data[p]["tokens_per_s"] / result["tokens_per_s"], 2) for p in ("lm", "mlm")}}
@@ -69,7 +70,6 @@ def cmd_bench(args, overrides):
 
 
 def cmd_predict(args, overrides):
-  from jaxlm import predict
   if overrides:
     raise config_lib.ConfigError("predict reads WORKDIR/config.json; it takes no --config.KEY overrides")
   n = predict.predict(args.workdir, args.input, args.output, args.input_format)
@@ -78,12 +78,10 @@ def cmd_predict(args, overrides):
 
 
 def cmd_convert(args, overrides):
-  from jaxlm import convert
   print(f"checkpoint written to {convert.convert_to_workdir(args.hf, args.workdir, tuple(overrides))}")
 
 
 def cmd_plot(args, overrides):
-  from jaxlm import plot
   print(f"plot written to {plot.plot_metrics(args.workdir, args.output)}")
 
 
@@ -175,19 +173,13 @@ def main(argv=None) -> None:
   argv = sys.argv[1:] if argv is None else argv
   overrides, rest = config_lib.split_config_args(argv)
   args = build_parser().parse_args(rest)
-  from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.ERROR)  # library chatter (orbax, grain) stays out of the user's terminal
-  from jaxlm.convert import ConvertError
-  from jaxlm.data.sources import DataError
-  from jaxlm.distributed import DistributedError
-  from jaxlm.sharding import MeshError
-  from jaxlm.train import SetupError
   try:
     args.func(args, overrides)
   except config_lib.ConfigError as e:
     sys.exit(f"jaxlm: config error: {e}")
   except (MeshError, FileNotFoundError, DistributedError, FloatingPointError, DataError, ConvertError,
-          SetupError) as e:
+          run.SetupError) as e:
     sys.exit(f"jaxlm: error: {e}")
 
 

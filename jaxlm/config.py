@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import ml_collections
 
+from jaxlm.configs import base as base_configs
+
 
 class ConfigError(ValueError):
   """A config file or override that cannot be used; the message says which key and why."""
@@ -138,12 +140,15 @@ def check_against_base(config: ml_collections.ConfigDict, base: ml_collections.C
       raise ConfigError(f"{source}: unknown config key '{key}' (not defined in configs/base.py){hint}")
 
 
+def base_config() -> ml_collections.ConfigDict:
+  """configs/base.py's config (installed with the package as jaxlm.configs.base): every key with its default."""
+  return base_configs.get_config()
+
+
 def load(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """Loads a config file, checks its keys against base.py next to it, applies overrides."""
+  """Loads a config file, checks its keys against the base config, applies overrides."""
   config = load_config_file(path)
-  base_path = os.path.join(os.path.dirname(os.path.abspath(path)), "base.py")
-  if os.path.isfile(base_path) and os.path.abspath(base_path) != os.path.abspath(path):
-    check_against_base(config, load_config_file(base_path), path)
+  check_against_base(config, base_config(), path)
   return apply_overrides(config, overrides)
 
 

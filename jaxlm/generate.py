@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import config as config_lib
+from jaxlm import run, train
+from jaxlm.checkpoint import Checkpointer
+from jaxlm.data.tokenizer import load_tokenizer
 from jaxlm.models.decoder import Decoder, DecoderConfig
 
 
 def load_config_for_sampling(workdir: str, overrides=()):
-  from jaxlm.train import read_config
-  return config_lib.apply_overrides(read_config(workdir), overrides)
+  return config_lib.apply_overrides(run.read_config(workdir), overrides)
 
 
 def _pick(logits, rng, temperature: float, top_k: int):
@@ -55,27 +56,15 @@ def sample(model: Decoder, params, prompt, rng, *, max_new_tokens: int, temperat
 
 
 def load_params(config, workdir: str):
-  """The latest checkpoint's parameters, on one device."""
-  from jaxlm.checkpoint import Checkpointer
-  from jaxlm.tasks.lm import LMTask
-
-  task = LMTask(config)
-  dummy = task.dummy_batch(1, 1)
-  shapes = jax.eval_shape(lambda r: nn.meta.unbox(task.init_params(r, dummy)), jax.random.key(0))
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
+  """The model and the best-or-latest checkpoint's parameters, on the run's mesh."""
+  setup = train.build(config)
   ckpt = Checkpointer(workdir, config.checkpoint, read_only=True)
-  step = ckpt.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {ckpt.manager.directory}: run `jaxlm train` first")
-  step, params = ckpt.restore_params_falling_back(step, abstract)
+  step, params = run.restore_params(setup, ckpt)
   ckpt.close()
-  return task.model, params, step
+  return setup.task.model, params, step
 
 
 def generate_text(config, workdir: str, prompt: str) -> str:
-  from jaxlm.data.tokenizer import load_tokenizer
-
   tokenizer = load_tokenizer(config, workdir)
   model, params, _ = load_params(config, workdir)
   ids = tokenizer.encode(prompt)

@@ -18,7 +18,8 @@ from jax.extend import core as jax_core
 from jax.sharding import AbstractMesh, NamedSharding
 
 from jaxlm import config as config_lib
-from jaxlm import optim, sharding
+from jaxlm import optim, sharding, train
+from jaxlm.models.decoder import DecoderConfig
 from jaxlm.tasks import make_task
 
 GIB = 1024**3
@@ -61,7 +62,6 @@ def _per_device_model_config(config, mesh_sizes: dict[str, int]):
   c.model.scan_layers = False  # the residuals are the same; unrolled blocks let layers be counted one by one
   if config.model.family != "decoder":
     return c  # only the decoder pins head_dim, so only its per-device width can be derived exactly
-  from jaxlm.models.decoder import DecoderConfig
   m = DecoderConfig.from_config(config.model)
   rules = sharding.rules_from_config(config.mesh)
 
@@ -214,7 +214,6 @@ def format_estimate(est: dict, device_memory_gib: float | None = None) -> str:
 def compiled_memory(config, devices) -> dict:
   """XLA's own per-device sizes for the train step compiled (not run) for `devices`: local devices, or the
   compile-only devices of a jax.experimental.topologies topology."""
-  from jaxlm import train
   setup = train.build(config, devices)
   state = train.abstract_state(setup)
   dummy = setup.task.dummy_batch(config.train.batch_size, config.data.seq_len)

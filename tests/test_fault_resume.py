@@ -19,7 +19,7 @@ import pytest
 
 from jaxlm import checkpoint as ckpt_lib
 from jaxlm import config as config_lib
-from tests.conftest import REPO
+from tests.conftest import REPO, train_tokenizer
 
 STEPS = 12
 TINY = str(REPO / "configs" / "gpt_tiny.py")
@@ -30,7 +30,6 @@ def common(tmp_path_factory):
   """The `jaxlm train` arguments every run here shares, and the environment to run it in. The tokenizer and the
   compilation cache are shared by every test module that uses this fixture."""
   shared = tmp_path_factory.getbasetemp() / "jaxlm_fault_shared"
-  from jaxlm.data.tokenizer import train_tokenizer
   tokenizer = shared / "tok" / "tokenizer" / "spm.model"
   if not tokenizer.is_file():
     train_tokenizer(config_lib.load(TINY, ["tokenizer.max_sentences=3000"]), str(shared / "tok"))

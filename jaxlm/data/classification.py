@@ -12,16 +12,23 @@ from jaxlm.data import encoder_inputs
 
 @dataclasses.dataclass
 class EncodeClassification(grain.transforms.Map):
-  """A {'text_a', 'text_b', 'label'} record -> encoder inputs + labels [] + example_weights []."""
+  """An (example id, {'text_a', 'text_b', 'label'}) pair -> encoder inputs + labels [] + example_weights [] +
+  example_ids []."""
   tokenizer: object
   seq_len: int
   label_ids: dict
 
-  def map(self, record: dict) -> dict[str, np.ndarray]:
+  def map(self, item) -> dict[str, np.ndarray]:
+    index, record = item
     a = self.tokenizer.encode(record["text_a"])
     b = self.tokenizer.encode(record["text_b"]) if record["text_b"] else None
     a, b = encoder_inputs.truncate_pair(a, b, self.seq_len - (3 if b is not None else 2))
     out = encoder_inputs.encode_pair(a, b, self.seq_len, self.tokenizer)
     out["labels"] = np.int32(self.label_ids[record["label"]])
     out["example_weights"] = np.float32(1.0)
+    out["example_ids"] = np.int32(index)
     return out
+
+
+# Filler rows of an eval batch: no example.
+PAD_VALUES = {"example_ids": -1}

@@ -20,8 +20,7 @@ def truncate_pair(a: list[int], b: list[int] | None, max_tokens: int, rng: np.ra
       return a[:max_tokens], None
     if len(a) + len(b) > max_tokens:
       short, long = sorted((len(a), len(b)))
-      if short >= max_tokens // 2:
-        short = max_tokens // 2
+      short = min(max_tokens // 2, short)
       long = max_tokens - short
       keep_a, keep_b = (short, long) if len(a) <= len(b) else (long, short)
       a, b = a[:keep_a], b[:keep_b]

@@ -48,29 +48,3 @@ class AlignTags(grain.transforms.Map):
 
 # Filler rows of an eval batch: no word, no example.
 PAD_VALUES = {"word_index": -1, "example_ids": -1}
-
-
-def predictions_to_tags(batch: dict[str, np.ndarray], predicted: np.ndarray, label_names) -> dict[int, list[str]]:
-  """Per example id, one tag per word of the sentence (label_names[predicted id] at each word's first subword).
-
-  `predicted` is [b, L] tag ids. Words cut off by seq_len get 'O' so the list always matches the sentence.
-  """
-  out = {}
-  for row in range(predicted.shape[0]):
-    example = int(batch["example_ids"][row])
-    if example < 0:
-      continue
-    tags = ["O"] * int(batch["num_words"][row])
-    starts = np.flatnonzero(batch["word_index"][row] >= 0)
-    for pos in starts:
-      tags[int(batch["word_index"][row, pos])] = label_names[int(predicted[row, pos])]
-    out[example] = tags
-  return out
-
-
-def collect_tags(pairs, label_names) -> list[list[str]]:
-  """(batch, predicted ids) pairs of a whole eval pass -> tag lists in example order (seqeval's input)."""
-  by_example = {}
-  for batch, predicted in pairs:
-    by_example.update(predictions_to_tags(batch, np.asarray(predicted), label_names))
-  return [by_example[i] for i in sorted(by_example)]

@@ -1,29 +1,32 @@
-"""Per-process batch iterators for every task, built on grain's Dataset API: order, epochs, per-process sharding,
-worker processes and resumable state (get_state / set_state, saved with the training checkpoint)."""
+"""The generic input pipeline on grain: a split's records -> the task's rows (its own transformations) -> per-process
+batches, shuffled and repeated for training, one padded deterministic pass for evaluation, resumable through the
+iterator state saved with each checkpoint. It knows tasks only through the rows they describe."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import grain
 import numpy as np
 from absl import flags
 
-from jaxlm.data import builders, classification, encoder_inputs, masking, ner, packing, qa, span_corruption
-from jaxlm.data import tokenizer as tokenizer_lib
+from jaxlm.data import encoder_inputs
+from jaxlm.data.rows import FlatMap, Map, RandomMap, RowContext, Stream
 from jaxlm.data.sources import DataError
 
+# Eval masks and spans do not move with train.seed, so eval losses of different runs compare.
+EVAL_SEED = 1234
 
-def _read_options(config) -> grain.ReadOptions:
+
+def _read_options(data_cfg, batch_size: int) -> grain.ReadOptions:
   """Threads that read and transform records ahead, in the main process or in each worker. The transforms are
   Python (the GIL), so threads beyond a few only contend; more help only when reads wait on remote storage."""
-  return grain.ReadOptions(num_threads=config.data.read_threads, prefetch_buffer_size=4 * config.train.batch_size
-                           if config.data.read_threads else 0)
+  return grain.ReadOptions(num_threads=data_cfg.read_threads, prefetch_buffer_size=4 * batch_size
+                           if data_cfg.read_threads else 0)
 
 
-def local_batch_size(config, process_count: int) -> int:
-  b = config.train.batch_size
+def local_batch_size(batch_size: int, process_count: int) -> int:
+  b = batch_size
   if b % process_count:
     raise ValueError(f"train.batch_size={b} is not divisible by the {process_count} processes")
   return b // process_count
@@ -140,16 +143,16 @@ class LengthGroupedDataset(grain.IterDataset):
     return _LengthGroupedIterator(self._parent.__iter__(), *self._args)
 
 
-def _finish_train(ds: grain.IterDataset, config, batch_size: int, finish=None, group_lengths: bool = False
-                  ) -> grain.IterDataset:
+def _finish_train(ds: grain.IterDataset, data_cfg, batch_size: int, seed: int, finish=None,
+                  group_lengths: bool = False) -> grain.IterDataset:
   """Batches (full batches only) and runs the pipeline in worker processes or a prefetch thread."""
-  groups = config.data.length_group_batches
+  groups = data_cfg.length_group_batches
   if group_lengths and groups > 0:
-    ds = LengthGroupedDataset(ds, groups * batch_size, batch_size, config.train.seed, drop_remainder=True)
+    ds = LengthGroupedDataset(ds, groups * batch_size, batch_size, seed, drop_remainder=True)
   ds = ds.batch(batch_size, drop_remainder=True)
   if finish is not None:
     ds = ds.map(finish)
-  d = config.data
+  d = data_cfg
   if d.worker_count > 0:
     # grain's worker start-up reads absl flags directly; jaxlm parses its own arguments, so absl's flags are
     # declared parsed here (they keep their defaults) instead of failing with UnparsedFlagAccessError.
@@ -163,142 +166,77 @@ def _finish_train(ds: grain.IterDataset, config, batch_size: int, finish=None, g
   return ds
 
 
-def _records(records, config, split: str, process_index: int, process_count: int, *, with_index: bool = False):
-  """A split's records -> (this process's records, the items to transform: shuffled and repeated for train).
-
-  with_index makes each item (index in this process's records, record): examples keep their identity (NER, QA)
-  and MLM finds the other documents it draws random next sentences from.
-  """
+def _items(records, data_cfg, split: str, seed: int, process_index: int, process_count: int):
+  """A split's records -> (this process's records, the (index, record) items to transform: shuffled and repeated
+  for train). Train records are split between processes before anything is read from them; eval passes are whole
+  on every process."""
   ds = grain.MapDataset.source(records)
   if split == "train":
     ds = ds[process_index::process_count]  # each process reads only its own part
     if len(ds) == 0:
       raise DataError(f"process {process_index} of {process_count} has no training records ({len(records)} in all)")
-  items = ds.map_with_index(_with_index) if with_index else ds
+  items = ds.map_with_index(_with_index)
   if split == "train":
-    if config.data.shuffle:
-      items = items.shuffle(seed=config.train.seed)
-    items = items.repeat(config.data.num_epochs if config.data.num_epochs > 0 else None)
+    if data_cfg.shuffle:
+      items = items.shuffle(seed=seed)
+    items = items.repeat(data_cfg.num_epochs if data_cfg.num_epochs > 0 else None)
   return ds, items
 
 
-def lm_batches(config, tokenizer, split: str, *, process_index: int = 0, process_count: int = 1):
-  """A grain DatasetIterator (has get_state()/set_state()) of per-process batches, each a dict of numpy arrays:
-  inputs, targets, segment_ids, positions: int32 [b, L]; weights: float32 [b, L];
-  b = config.train.batch_size // process_count, L = config.data.seq_len.
-  split 'train': shuffled with config.train.seed, repeats for config.data.num_epochs (0 = forever).
-  split 'eval': one deterministic pass, no shuffle; the last partial batch is padded with weight-0 rows.
+def _with_index(index: int, rec):
+  return index, rec
 
-  Train documents are split between processes before anything is read from them. Every process runs the whole
-  eval pass and keeps its block of each global batch: eval splits are small, and this gives every process the
-  same number of batches (a process that ran out early would leave the others waiting in a collective).
+
+def _apply(ds, step, read: grain.ReadOptions, seed: int):
+  """One row step on a MapDataset (while the steps are per-item) or an IterDataset."""
+  if isinstance(step, (FlatMap, Stream)) and isinstance(ds, grain.MapDataset):
+    ds = ds.to_iter_dataset(read)
+  if isinstance(step, Map):
+    return ds.map(step.fn)
+  if isinstance(step, RandomMap):
+    return ds.random_map(step.fn, seed=seed)
+  if isinstance(step, FlatMap):
+    return grain.experimental.FlatMapIterDataset(ds, step.fn)
+  if isinstance(step, Stream):
+    return step.fn(ds)
+  raise TypeError(f"a row step must be Map, RandomMap, FlatMap or Stream, not {type(step).__name__}")
+
+
+def batches(task, records, tokenizer, split: str, *, data_cfg, batch_size: int, seed: int, process_index: int = 0,
+            process_count: int = 1):
+  """Per-process batches of `task`'s rows for one split, as a grain DatasetIterator (has get_state()/set_state()),
+  each a dict of numpy arrays with a leading batch axis of batch_size // process_count.
+
+  split 'train': records shuffled with `seed`, repeated for data.num_epochs (0 = forever), full batches only.
+  Other splits: one deterministic pass; rows that complete the last batch carry the task's pad values (weight 0).
+  Every process runs the whole eval pass and keeps its block of each global batch: eval splits are small, and this
+  gives every process the same number of batches (a process that ran out early would leave the others waiting).
+
+  A bucketed task's batches are cut to the smallest of data.bucket_lengths that fits: for eval on any number of
+  processes (each sees the whole global batch), for train with one process (several could not agree on a length
+  without exchanging it).
   """
-  b = local_batch_size(config, process_count)
-  d = config.data
-  _, docs = _records(builders.open_split(config, split).records, config, split, process_index, process_count)
-  ids = docs.map(packing.EncodeDocument(tokenizer, d.add_eos)).to_iter_dataset(_read_options(config))
-  rows = packing.pack_lm(ids, seq_len=d.seq_len, method=d.packing, num_bins=d.pack_bins, seed=config.train.seed,
-                         shuffle_bins=split == "train" and d.shuffle)
-  if split == "train":
-    return iter(_finish_train(rows, config, b))
-  return iter(ShardedBatchDataset(rows, b, process_index, process_count))
-
-
-def _with_index(index: int, record):
-  return index, record
-
-
-@dataclasses.dataclass
-class _Flatten(grain.experimental.FlatMapTransform):
-  """A list of examples made from one record -> the examples."""
-  max_fan_out: int = 1 << 16
-
-  def flat_map(self, examples):
-    return examples
-
-
-def _tokens(ids: np.ndarray) -> dict[str, np.ndarray]:
-  return {"tokens": ids}
-
-
-# Eval masks and spans do not move with train.seed, so eval losses of different runs compare.
-_EVAL_SEED = 1234
-
-
-def task_batches(config, tokenizer, split: str, *, process_index: int = 0, process_count: int = 1):
-  """Per-process batches of the encoder tasks and T5 span corruption, as a grain DatasetIterator (resumable).
-
-  mlm_nsp: input_ids, token_type_ids, attention_mask, mlm_targets [b, L]; mlm_weights [b, L]; nsp_labels [b];
-  example_weights [b]. classification: encoder inputs + labels [b], example_weights [b]. ner: encoder inputs +
-  labels, label_weights, word_index [b, L], example_ids, num_words [b]. qa: encoder inputs + start_positions,
-  end_positions, example_ids, example_weights [b], offsets [b, L, 2]. span_corruption: encoder_input_ids [b, L],
-  decoder_input_ids, decoder_target_ids, decoder_weights [b, T] (T from span_corruption.chunk_lengths).
-  Rows that complete an eval batch have attention_mask 0, weights 0 and example_ids -1.
-
-  data.bucket_lengths cuts the length axis of fine-tuning batches to the smallest bucket that fits: for eval on
-  any number of processes (each sees the whole global batch), for train with one process. With several
-  training processes the rows stay at seq_len: they could not agree on a length without exchanging it.
-  """
-  name = config.task.name
-  d = config.data
-  b = local_batch_size(config, process_count)
-  data = builders.open_split(config, split)
+  d = data_cfg
+  b = local_batch_size(batch_size, process_count)
   train = split == "train"
-  seed = config.train.seed if train else _EVAL_SEED
-  read = _read_options(config)
-  # MLM draws random next sentences from this process's documents only.
-  documents, items = _records(data.records, config, split, process_index, process_count, with_index=True)
-  label_ids = {label: i for i, label in enumerate(data.labels)}
-  pad_values = {"input_ids": tokenizer.pad_id}
-  buckets = tuple(int(x) for x in d.bucket_lengths)
+  row_seed = seed if train else EVAL_SEED
+  read = _read_options(d, batch_size)
+  documents, items = _items(records, d, split, seed, process_index, process_count)
+  ctx = RowContext(tokenizer, d, split, row_seed, documents)
+  rows = items
+  for step in task.row_steps(ctx):
+    rows = _apply(rows, step, read, row_seed)
+  if isinstance(rows, grain.MapDataset):
+    rows = rows.to_iter_dataset(read)
+  bucketed = task.bucketed()
+  buckets = tuple(int(x) for x in d.bucket_lengths) if bucketed else ()
   if any(x <= 0 or x > d.seq_len for x in buckets):
     raise ValueError(f"data.bucket_lengths={d.bucket_lengths}: every bucket must be in 1..data.seq_len={d.seq_len}")
-
-  if name == "mlm_nsp":
-    tokenizer_lib.require_ids(tokenizer, ("cls", "sep", "mask"), name)
-    make = masking.MlmNspExamples(tokenizer, documents, d.seq_len, d.mlm_probability, d.nsp_probability,
-                                  d.short_seq_probability, d.whole_word_mask)
-    rows = grain.experimental.FlatMapIterDataset(items.random_map(make, seed=seed).to_iter_dataset(read), _Flatten())
-    buckets = ()
-  elif name == "span_corruption":
-    tokens_length, targets_length = span_corruption.chunk_lengths(d.seq_len, d.noise_density, d.mean_noise_span_length)
-    num_spans = int(round(round(tokens_length * d.noise_density) / d.mean_noise_span_length))
-    sentinels = tuple(tokenizer.piece_to_id(tokenizer_lib.sentinel(i)) for i in range(max(num_spans, 1)))
-    if tokenizer.unk_id in sentinels:
-      raise ValueError(f"span corruption of {tokens_length}-token chunks needs {num_spans} sentinel pieces "
-                       f"<extra_id_0>..; set tokenizer.num_sentinels >= {num_spans} and retrain with `jaxlm tokenizer`")
-    ids = items.map(_second).map(packing.EncodeDocument(tokenizer, d.add_eos)).to_iter_dataset(read).map(_tokens)
-    chunks = grain.experimental.ConcatThenSplitIterDataset(ids, length_struct={"tokens": tokens_length})
-    corrupt = span_corruption.SpanCorruption(sentinels, tokenizer.eos_id, tokenizer.pad_id, d.seq_len,
-                                             targets_length, d.noise_density, d.mean_noise_span_length)
-    rows = chunks.random_map(corrupt, seed=seed)
-    pad_values, buckets = {}, ()
-  elif name == "classification":
-    tokenizer_lib.require_ids(tokenizer, ("cls", "sep"), name)
-    rows = items.map(_second).map(classification.EncodeClassification(tokenizer, d.seq_len, label_ids))
-    rows = rows.to_iter_dataset(read)
-  elif name == "ner":
-    tokenizer_lib.require_ids(tokenizer, ("cls", "sep"), name)
-    rows = items.map(ner.AlignTags(tokenizer, d.seq_len, label_ids)).to_iter_dataset(read)
-    pad_values.update(ner.PAD_VALUES)
-  elif name == "qa":
-    tokenizer_lib.require_ids(tokenizer, ("cls", "sep"), name)
-    windows = qa.QAWindows(tokenizer, d.seq_len, d.doc_stride, d.max_query_length)
-    rows = grain.experimental.FlatMapIterDataset(items.to_iter_dataset(read), windows)
-    pad_values.update(qa.PAD_VALUES)
-  else:
-    raise ValueError(f"task.name={name!r} has no input pipeline; expected lm, mlm_nsp, span_corruption, "
-                     "classification, ner or qa")
-
   finish = functools.partial(encoder_inputs.trim_to_bucket, buckets=buckets, seq_len=d.seq_len) if buckets else None
-  fine_tuning = name in ("classification", "ner", "qa")
   if train:
-    return iter(_finish_train(rows, config, b, finish if process_count == 1 else None, group_lengths=fine_tuning))
-  if fine_tuning and d.length_group_batches > 0:
+    return iter(_finish_train(rows, d, b, seed, finish if process_count == 1 else None, group_lengths=bucketed))
+  if bucketed and d.length_group_batches > 0:
     # eval rows are matched to their examples by example id, so their order is free: shortest first pads least
     rows = LengthGroupedDataset(rows, d.length_group_batches * b * process_count, b * process_count, None, False)
+  pad_values = task.pad_values(tokenizer)
   return iter(ShardedBatchDataset(rows, b, process_index, process_count, pad_values, finish))
-
-
-def _second(item):
-  return item[1]

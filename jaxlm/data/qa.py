@@ -64,35 +64,3 @@ class QAWindows(grain.experimental.FlatMapTransform):
 
 # Filler rows of an eval batch: no example, no context tokens.
 PAD_VALUES = {"offsets": -1, "example_ids": -1}
-
-
-def span_text(context: str, offsets: np.ndarray, start: int, end: int) -> str:
-  """The context characters covered by tokens start..end (inclusive) of one row."""
-  return context[int(offsets[start, 0]):int(offsets[end, 1])]
-
-
-def best_answers(pairs, contexts: dict[int, str], *, max_answer_tokens: int = 30, n_best: int = 20) -> dict[int, str]:
-  """Per example id, the highest-scoring answer text over all of its windows.
-
-  pairs: (batch, (start_logits [b, L], end_logits [b, L])) for an eval pass; contexts: example id -> context.
-  A span must lie on context tokens, start <= end, and be at most max_answer_tokens long; its score is
-  start_logit + end_logit. An example with no valid span gets ''.
-  """
-  best: dict[int, tuple[float, str]] = {}
-  for batch, (start_logits, end_logits) in pairs:
-    start_logits, end_logits = np.asarray(start_logits), np.asarray(end_logits)
-    for row in range(start_logits.shape[0]):
-      example = int(batch["example_ids"][row])
-      if example < 0:
-        continue
-      offsets = batch["offsets"][row]
-      in_context = offsets[:, 0] >= 0
-      starts = [i for i in np.argsort(-start_logits[row])[:n_best] if in_context[i]]
-      ends = [i for i in np.argsort(-end_logits[row])[:n_best] if in_context[i]]
-      for s in starts:
-        for e in ends:
-          if s <= e < s + max_answer_tokens:
-            score = float(start_logits[row, s] + end_logits[row, e])
-            if example not in best or score > best[example][0]:
-              best[example] = (score, span_text(contexts[example], offsets, s, e))
-  return {example: best.get(example, (0.0, ""))[1] for example in contexts}

@@ -95,6 +95,18 @@ def read_text_files(files: list[str], doc_split: str, jsonl_field: str) -> list[
   return docs
 
 
+def read_lines(path: str) -> list[tuple[int, str]]:
+  """(line number, text) of every non-blank line of a UTF-8 text file (any line ending), in order."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+  except UnicodeDecodeError as e:
+    raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+  except IsADirectoryError:
+    raise DataError(f"{path} is a directory, not a file") from None
+  return [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
 def pydoc_documents() -> list[str]:
   """CPython's documentation topics (pydoc_data), one document per topic, in a fixed order."""
   from pydoc_data.topics import topics

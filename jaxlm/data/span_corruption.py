@@ -4,8 +4,13 @@ encoder input, and the decoder predicts each sentinel followed by the tokens it 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import grain
 import numpy as np
+
+from jaxlm.data import packing, rows
+from jaxlm.data import tokenizer as tokenizer_lib
 
 
 def _corrupted_lengths(tokens_length: int, noise_density: float, mean_span: float) -> tuple[int, int]:
@@ -88,3 +93,31 @@ class SpanCorruption:
     weights[:len(targets)] = 1.0
     return {"encoder_input_ids": enc, "decoder_input_ids": dec_inputs, "decoder_target_ids": dec_targets,
             "decoder_weights": weights}
+
+
+def _tokens(ids: np.ndarray) -> dict[str, np.ndarray]:
+  return {"tokens": ids}
+
+
+def _concat_then_split(ds: grain.IterDataset, tokens_length: int) -> grain.IterDataset:
+  return grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={"tokens": tokens_length})
+
+
+def row_steps(ctx: rows.RowContext) -> list:
+  """The rows of span-corruption pretraining: documents tokenised (+ EOS), concatenated and cut into chunks whose
+  corrupted form fills data.seq_len encoder positions, then corrupted with fresh noise per chunk."""
+  d, tok = ctx.data_cfg, ctx.tokenizer
+  tokens_length, targets_length = chunk_lengths(d.seq_len, d.noise_density, d.mean_noise_span_length)
+  num_spans = int(round(round(tokens_length * d.noise_density) / d.mean_noise_span_length))
+  sentinels = tuple(tok.piece_to_id(tokenizer_lib.sentinel(i)) for i in range(max(num_spans, 1)))
+  if tok.unk_id in sentinels:
+    raise ValueError(f"span corruption of {tokens_length}-token chunks needs {num_spans} sentinel pieces "
+                     f"<extra_id_0>..; set tokenizer.num_sentinels >= {num_spans} and retrain with `jaxlm tokenizer`")
+  corrupt = SpanCorruption(sentinels, tok.eos_id, tok.pad_id, d.seq_len, targets_length, d.noise_density,
+                           d.mean_noise_span_length)
+  return [rows.Map(rows.record), rows.Map(packing.EncodeDocument(tok, d.add_eos)),
+          rows.Stream(functools.partial(_split_stream, tokens_length=tokens_length)), rows.RandomMap(corrupt)]
+
+
+def _split_stream(ds: grain.IterDataset, tokens_length: int) -> grain.IterDataset:
+  return _concat_then_split(ds.map(_tokens), tokens_length)

@@ -51,7 +51,7 @@ class SentencePieceTokenizer:
     self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
     self.vocab_size = self._sp.vocab_size()
     # Models without a pad piece still need a filler id for padded positions; they carry weight 0.
-    self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else 0
+    self.pad_id = max(self._sp.pad_id(), 0)
     self.unk_id = self._sp.unk_id()
     self.bos_id = self._sp.bos_id()
     self.eos_id = self._sp.eos_id()
@@ -156,11 +156,10 @@ def load_tokenizer(config, workdir: str) -> Tokenizer:
   return SentencePieceTokenizer.from_file(path)
 
 
-def _training_sentences(config, max_sentences: int):
-  """Lines of the training documents: sentencepiece learns from sentences, not whole documents."""
-  from jaxlm.data import builders
+def _training_sentences(texts, max_sentences: int):
+  """Lines of the training text: sentencepiece learns from sentences, not whole documents."""
   count = 0
-  for doc in builders.training_texts(config):
+  for doc in texts:
     for line in doc.split("\n"):
       line = line.strip()
       if line:
@@ -170,8 +169,9 @@ def _training_sentences(config, max_sentences: int):
           return
 
 
-def train_tokenizer(config, workdir: str) -> str:
-  """Trains a sentencepiece model on the config's training text and writes it to tokenizer_path(); returns it."""
+def train_tokenizer(config, workdir: str, texts) -> str:
+  """Trains a sentencepiece model on `texts` (an iterable of documents, e.g. the train split's) and writes it to
+  tokenizer_path(); returns the path."""
   t = config.tokenizer
   if t.kind != "sentencepiece":
     raise ValueError(f"tokenizer.kind={t.kind!r}: only sentencepiece models are trained (WordPiece comes with its "
@@ -184,7 +184,7 @@ def train_tokenizer(config, workdir: str) -> str:
   proto = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_training_sentences(config, t.max_sentences), model_writer=proto,
+        sentence_iterator=_training_sentences(texts, t.max_sentences), model_writer=proto,
         vocab_size=t.vocab_size, model_type=t.model_type, character_coverage=t.character_coverage,
         pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, user_defined_symbols=symbols,
         # a training corpus usually holds more sentences than max_sentences; sample them, don't take the head

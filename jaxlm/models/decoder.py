@@ -85,7 +85,7 @@ class DecoderConfig:
     return None if self.attention == "auto" else self.attention
 
   @classmethod
-  def from_config(cls, model_cfg) -> "DecoderConfig":
+  def from_config(cls, model_cfg) -> DecoderConfig:
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in model_cfg.items() if k in names})
 

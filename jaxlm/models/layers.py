@@ -124,3 +124,16 @@ class Mlp(nn.Module):
 
 def llama_ffn_dim(d_model: int, multiple: int = 64) -> int:
   return multiple * math.ceil(int(8 * d_model / 3) / multiple)
+
+
+def compact(selected):
+  """selected [B, L] bool -> (order [B, L], count [B]): order lists the selected positions first, each group in its
+  original order, so x[b, order[b]] is the row's selected entries followed by the rest."""
+  order = jnp.argsort(~selected.astype(bool), axis=-1, stable=True).astype(jnp.int32)
+  return order, jnp.sum(selected.astype(jnp.int32), axis=-1)
+
+
+def gather(x, order):
+  """x [B, L, ...] reordered along L by order [B, L]."""
+  idx = order.reshape(order.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, idx, axis=1)

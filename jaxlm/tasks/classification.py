@@ -3,50 +3,27 @@ cross-entropy, accuracy, and macro-F1 over the labels present (as sklearn's f1_s
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import convert, heads
-from jaxlm.models.encoder import INPUT_NAMES, EncoderConfig, dummy_inputs
-from jaxlm.tasks import fine_tuning_splits
+from jaxlm.data import classification, records, rows, sources
+from jaxlm.data import tokenizer as tokenizer_lib
+from jaxlm.models.encoder import INPUT_NAMES, dummy_inputs
+from jaxlm.models.heads import SequenceClassifier
+from jaxlm.tasks.common import (
+  bert_source,
+  check_head,
+  check_label_ids,
+  cross_entropy,
+  encoder_config,
+  fine_tuning_splits,
+  resolved_labels,
+)
 
 HEADS = ("sequence",)
-
-
-def check_head(task_name: str, head: str, allowed: tuple[str, ...]) -> str:
-  """task.head '' means the task's own head (the first allowed); anything else must be one the task has."""
-  head = head or allowed[0]
-  if head not in allowed:
-    raise ValueError(f"task.head='{head}' does not fit task.name='{task_name}'; its heads: {', '.join(allowed)}")
-  return head
-
-
-def resolved_labels(config) -> tuple[str, ...]:
-  labels = tuple(config.data.labels)
-  if not labels:
-    raise ValueError(f"task.name='{config.task.name}' needs its label names to size the head: set data.labels, or "
-                     "resolve them from the train split (jaxlm.data.builders.open_split(config, 'train').labels) first")
-  if len(set(labels)) != len(labels):
-    raise ValueError(f"data.labels lists a label more than once: {labels}")
-  return labels
-
-
-def check_label_ids(values: np.ndarray, weights: np.ndarray, labels, where: str) -> None:
-  """Label ids of weighted entries must index data.labels: catches data encoded with another label set."""
-  used = values[weights > 0]
-  bad = used[(used < 0) | (used >= len(labels))]
-  if bad.size:
-    raise ValueError(f"{where}: label id {int(bad[0])} is outside data.labels ({len(labels)} labels: "
-                     f"{', '.join(labels)})")
-
-
-def cross_entropy(logits, labels, weights):
-  """Weighted cross-entropy sum and correct-prediction sum; logits [..., C], labels/weights [...]."""
-  log_z = jax.nn.logsumexp(logits, axis=-1)
-  gold = jnp.take_along_axis(logits, jnp.clip(labels, 0, logits.shape[-1] - 1)[..., None], axis=-1)[..., 0]
-  correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
-  return jnp.sum((log_z - gold) * weights), jnp.sum(correct * weights)
 
 
 def macro_f1(gold: np.ndarray, pred: np.ndarray) -> float:
@@ -61,17 +38,15 @@ def macro_f1(gold: np.ndarray, pred: np.ndarray) -> float:
 
 class ClassificationTask:
   name = "classification"
+  kind = records.CLASSIFICATION
+  labels_from_data = True
 
   def __init__(self, config):
     self.eval_splits, self.test_split = fine_tuning_splits(config)
-    self.model_cfg = EncoderConfig.from_config(config.model)
+    self.model_cfg, self.hf_path = encoder_config(config)
     self.head = check_head(self.name, config.task.head, HEADS)
     self.labels = resolved_labels(config)
-    self.hf_path = config.init.hf_path
-    if self.hf_path:
-      convert.check_compatible(self.model_cfg, self.hf_path)
-    self.model = heads.SequenceClassifier(self.model_cfg, len(self.labels), config.task.head_dropout)
-    self.predict_fn = jax.jit(self._predict)
+    self.model = SequenceClassifier(self.model_cfg, len(self.labels), config.task.head_dropout)
 
   def dummy_batch(self, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
     return {**dummy_inputs(batch_size, seq_len), "labels": np.zeros((batch_size,), np.int32),
@@ -80,26 +55,21 @@ class ClassificationTask:
   def init_params(self, rng, batch):
     return self.model.init({"params": rng}, *(batch[k] for k in INPUT_NAMES))["params"]
 
-  def pretrained_source(self) -> tuple[str, dict] | None:
-    """(name, params tree) to start from (init.hf_path's encoder; the head stays fresh), or None."""
-    return (self.hf_path, convert.source_tree(self.hf_path)) if self.hf_path else None
-
-  def check_batch(self, batch: dict[str, np.ndarray]) -> None:
-    check_label_ids(batch["labels"], batch["example_weights"], self.labels, "batch 'labels'")
+  def pretrained_source(self):
+    """init.hf_path's encoder (the head stays fresh), or None."""
+    return bert_source(self.hf_path)
 
   def loss_fn(self, params, batch, rng, train: bool):
     logits = self.model.apply({"params": params}, *(batch[k] for k in INPUT_NAMES), deterministic=not train,
                               rngs={"dropout": rng} if train else None)  # [B, C]
-    w = batch["example_weights"]
-    total, correct = cross_entropy(logits, batch["labels"], w)
-    n = jnp.sum(w)
-    return total / jnp.maximum(n, 1.0), {"loss": (total, n), "accuracy": (correct, n)}
+    ce = cross_entropy(logits, batch["labels"], batch["example_weights"])
+    return ce.loss / jnp.maximum(ce.count, 1.0), {"loss": (ce.loss, ce.count), "accuracy": (ce.correct, ce.count)}
 
-  def _predict(self, params, batch):
+  def predict(self, params, batch):
     logits = self.model.apply({"params": params}, *(batch[k] for k in INPUT_NAMES))
     return {"labels": jnp.argmax(logits, axis=-1).astype(jnp.int32), "probs": jax.nn.softmax(logits, axis=-1)}
 
-  def host_metrics(self, pairs) -> dict[str, float]:
+  def host_metrics(self, pairs, records_) -> dict[str, float]:
     """accuracy and f1 (macro-F1) over the weighted rows of an eval pass."""
     gold, pred = [], []
     for batch, out in pairs:
@@ -111,3 +81,42 @@ class ClassificationTask:
     gold, pred = np.concatenate(gold), np.concatenate(pred)
     check_label_ids(gold, np.ones_like(gold), self.labels, "eval 'labels'")
     return {"accuracy": float(np.mean(gold == pred)) if gold.size else 0.0, "f1": macro_f1(gold, pred)}
+
+  def row_steps(self, ctx):
+    tokenizer_lib.require_ids(ctx.tokenizer, ("cls", "sep"), self.name)
+    label_ids = {label: i for i, label in enumerate(self.labels)}
+    return [rows.Map(classification.EncodeClassification(ctx.tokenizer, ctx.data_cfg.seq_len, label_ids))]
+
+  def pad_values(self, tokenizer):
+    return {"input_ids": tokenizer.pad_id, **classification.PAD_VALUES}
+
+  def bucketed(self) -> bool:
+    return True
+
+  def read_predict_input(self, path, input_format):
+    """A sentence per line (a tab between the two sentences of a pair); blank lines are skipped."""
+    out = []
+    for _, line in sources.read_lines(path):
+      a, _, b = line.partition("\t")
+      out.append({"text_a": a.strip(), "text_b": b.strip(), "label": self.labels[0]})
+    return out
+
+  def write_predictions(self, records_, pairs, out, jsonl: bool) -> int:
+    """'label<TAB>text' lines, or JSON lines with the label's probability, in input order."""
+    by_example = {}
+    for batch, o in pairs:
+      for row in np.flatnonzero(np.asarray(batch["example_ids"]) >= 0):
+        by_example[int(batch["example_ids"][row])] = (int(o["labels"][row]), float(o["probs"][row, o["labels"][row]]))
+    for i, record in enumerate(records_):
+      if i not in by_example:
+        continue
+      label, p = by_example[i]
+      text = record["text_a"] + ("\t" + record["text_b"] if record["text_b"] else "")
+      if jsonl:
+        out.write(json.dumps({"text": text, "label": self.labels[label], "probability": round(p, 6)}) + "\n")
+      else:
+        out.write(f"{self.labels[label]}\t{text}\n")
+    return len(by_example)
+
+
+TASK = ClassificationTask

@@ -1,28 +1,25 @@
-"""Causal language modelling: next-token cross-entropy over packed sequences, with optional z-loss."""
+"""Causal language modelling: next-token cross-entropy over packed sequences (segment ids keep documents apart), with
+optional z-loss. Reads text records; rows are documents tokenised (+ EOS) and packed to data.seq_len."""
 
 from __future__ import annotations
 
-import jax
+import functools
+
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlm.data import packing, records, rows
 from jaxlm.models.decoder import Decoder, DecoderConfig
-
-
-def cross_entropy(logits, targets, weights, z_loss: float = 0.0):
-  """Weighted token cross-entropy in float32. Returns (sum of losses incl. z-loss, sum of CE only, sum weights)."""
-  logits = logits.astype(jnp.float32)
-  log_z = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  ce = (log_z - target_logit) * weights
-  total = ce + z_loss * jnp.square(log_z) * weights if z_loss else ce
-  return jnp.sum(total), jnp.sum(ce), jnp.sum(weights)
+from jaxlm.tasks.common import cross_entropy
 
 
 class LMTask:
   name = "lm"
+  kind = records.TEXT
+  labels_from_data = False
   eval_splits = ("eval",)
   test_split = None
+  labels = ()
 
   def __init__(self, config):
     self.model_cfg = DecoderConfig.from_config(config.model)
@@ -43,15 +40,40 @@ class LMTask:
   def loss_fn(self, params, batch, rng, train: bool):
     logits = self.model.apply(
         {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
-        deterministic=not train, rngs={"dropout": rng} if train else None)
-    total, ce, count = cross_entropy(logits, batch["targets"], batch["weights"], self.z_loss)
-    loss = total / jnp.maximum(count, 1.0)
-    stats = {"loss": (ce, count)}
+        deterministic=not train, rngs={"dropout": rng} if train else None)  # [B, T, V]
+    ce = cross_entropy(logits, batch["targets"], batch["weights"], self.z_loss)
+    stats = {"loss": (ce.ce, ce.count)}
     if self.z_loss:
-      stats["z_loss"] = (total - ce, count)
-    return loss, stats
+      stats["z_loss"] = (ce.loss - ce.ce, ce.count)
+    return ce.loss / jnp.maximum(ce.count, 1.0), stats
 
-  predict_fn = None
+  def predict(self, params, batch):
+    return None
 
-  def host_metrics(self, pairs):
+  def host_metrics(self, pairs, records_):
     return {}
+
+  def pretrained_source(self):
+    return None
+
+  def row_steps(self, ctx: rows.RowContext) -> list:
+    d = ctx.data_cfg
+    pack = functools.partial(packing.pack_lm, seq_len=d.seq_len, method=d.packing, num_bins=d.pack_bins,
+                             seed=ctx.seed, shuffle_bins=ctx.train and d.shuffle)
+    return [rows.Map(rows.record), rows.Map(packing.EncodeDocument(ctx.tokenizer, d.add_eos)),
+            rows.Stream(pack)]
+
+  def pad_values(self, tokenizer):
+    return {}
+
+  def bucketed(self) -> bool:
+    return False
+
+  def read_predict_input(self, path, input_format):
+    raise ValueError("task.name='lm' has no `jaxlm predict`: use `jaxlm generate` to sample from it")
+
+  def write_predictions(self, records_, pairs, out, jsonl):
+    raise ValueError("task.name='lm' has no `jaxlm predict`")
+
+
+TASK = LMTask

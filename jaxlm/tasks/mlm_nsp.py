@@ -7,32 +7,46 @@ Batches: encoder inputs, `mlm_targets` [B, L] (the original token at masked posi
 
 from __future__ import annotations
 
+import dataclasses
+
+import grain
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import convert, heads
-from jaxlm.crf import compact, gather
-from jaxlm.models.encoder import INPUT_NAMES, EncoderConfig, dummy_inputs
-from jaxlm.tasks.classification import check_head, cross_entropy
+from jaxlm.data import masking, records, rows
+from jaxlm.data import tokenizer as tokenizer_lib
+from jaxlm.models.encoder import INPUT_NAMES, dummy_inputs
+from jaxlm.models.heads import PreTrainingModel
+from jaxlm.models.layers import compact, gather
+from jaxlm.tasks.common import bert_source, check_head, cross_entropy, encoder_config
 
 HEADS = ("mlm_nsp", "mlm")
 
 
+@dataclasses.dataclass
+class _Flatten(grain.experimental.FlatMapTransform):
+  """The list of examples made from one document -> the examples."""
+  max_fan_out: int = 1 << 16
+
+  def flat_map(self, examples):
+    return examples
+
+
 class MlmNspTask:
   name = "mlm_nsp"
+  kind = records.TEXT
+  labels_from_data = False
   eval_splits = ("eval",)
   test_split = None
+  labels = ()
 
   def __init__(self, config):
-    self.model_cfg = EncoderConfig.from_config(config.model)
+    self.model_cfg, self.hf_path = encoder_config(config)
     self.head = check_head(self.name, config.task.head, HEADS)
     self.max_predictions = config.task.mlm_max_predictions
     if self.max_predictions < 0:
       raise ValueError(f"task.mlm_max_predictions must be 0 (every position) or positive, got {self.max_predictions}")
-    self.hf_path = config.init.hf_path
-    if self.hf_path:
-      convert.check_compatible(self.model_cfg, self.hf_path)
-    self.model = heads.PreTrainingModel(self.model_cfg, nsp=self.head == "mlm_nsp")
+    self.model = PreTrainingModel(self.model_cfg, nsp=self.head == "mlm_nsp")
 
   def dummy_batch(self, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
     ints = np.zeros((batch_size, seq_len), np.int32)
@@ -42,20 +56,9 @@ class MlmNspTask:
   def init_params(self, rng, batch):
     return self.model.init({"params": rng}, *(batch[k] for k in INPUT_NAMES))["params"]
 
-  def pretrained_source(self) -> tuple[str, dict] | None:
-    """(name, params tree) to start from: init.hf_path's encoder and, where it has them, its MLM/NSP heads; or None."""
-    return (self.hf_path, convert.source_tree(self.hf_path, with_heads=True)) if self.hf_path else None
-
-  def check_batch(self, batch: dict[str, np.ndarray]) -> None:
-    targets = batch["mlm_targets"][batch["mlm_weights"] > 0]
-    bad = targets[(targets < 0) | (targets >= self.model_cfg.vocab_size)]
-    if bad.size:
-      raise ValueError(f"batch 'mlm_targets': token id {int(bad[0])} is outside model.vocab_size="
-                       f"{self.model_cfg.vocab_size}")
-    if self.head == "mlm_nsp":
-      labels = batch["nsp_labels"][batch["example_weights"] > 0]
-      if np.any((labels != 0) & (labels != 1)):
-        raise ValueError("batch 'nsp_labels': next-sentence labels must be 0 or 1")
+  def pretrained_source(self):
+    """init.hf_path's encoder and, where it has them, its MLM/NSP heads; or None."""
+    return bert_source(self.hf_path, with_heads=True)
 
   def loss_fn(self, params, batch, rng, train: bool):
     targets, weights = batch["mlm_targets"], batch["mlm_weights"]
@@ -68,21 +71,43 @@ class MlmNspTask:
     mlm_logits, nsp_logits = self.model.apply(
         {"params": params}, *(batch[k] for k in INPUT_NAMES), deterministic=not train,
         rngs={"dropout": rng} if train else None, mlm_positions=positions)  # [B, P, V], [B, 2]
-    mlm_total, mlm_correct = cross_entropy(mlm_logits, targets, weights)
-    n_mlm = jnp.sum(weights)
+    mlm = cross_entropy(mlm_logits, targets, weights)
+    mlm_total, mlm_correct, n_mlm = mlm.loss, mlm.correct, mlm.count
     loss = mlm_total / jnp.maximum(n_mlm, 1.0)
     stats = {"mlm_loss": (mlm_total, n_mlm), "mlm_accuracy": (mlm_correct, n_mlm)}
     if nsp_logits is not None:
-      w = batch["example_weights"]
-      nsp_total, nsp_correct = cross_entropy(nsp_logits, batch["nsp_labels"], w)
-      n = jnp.sum(w)
+      nsp = cross_entropy(nsp_logits, batch["nsp_labels"], batch["example_weights"])
+      nsp_total, nsp_correct, n = nsp.loss, nsp.correct, nsp.count
       loss = loss + nsp_total / jnp.maximum(n, 1.0)
       stats.update({"nsp_loss": (nsp_total, n), "nsp_accuracy": (nsp_correct, n)})
     # the loop weights micro-batches by the loss count: here, masked tokens
     stats["loss"] = (loss * n_mlm, n_mlm)
     return loss, stats
 
-  predict_fn = None
+  def predict(self, params, batch):
+    return None
 
-  def host_metrics(self, pairs) -> dict[str, float]:
+  def host_metrics(self, pairs, records_):
     return {}
+
+  def row_steps(self, ctx):
+    tokenizer_lib.require_ids(ctx.tokenizer, ("cls", "sep", "mask"), self.name)
+    d = ctx.data_cfg
+    make = masking.MlmNspExamples(ctx.tokenizer, ctx.documents, d.seq_len, d.mlm_probability, d.nsp_probability,
+                                  d.short_seq_probability, d.whole_word_mask)
+    return [rows.RandomMap(make), rows.FlatMap(_Flatten())]
+
+  def pad_values(self, tokenizer):
+    return {"input_ids": tokenizer.pad_id}
+
+  def bucketed(self) -> bool:
+    return False
+
+  def read_predict_input(self, path, input_format):
+    raise ValueError("task.name='mlm_nsp' has no `jaxlm predict`: fine-tune it for a task first")
+
+  def write_predictions(self, records_, pairs, out, jsonl):
+    raise ValueError("task.name='mlm_nsp' has no `jaxlm predict`")
+
+
+TASK = MlmNspTask

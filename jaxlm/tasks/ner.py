@@ -2,43 +2,55 @@
 sub-word of each word; evaluated at entity level with seqeval (precision, recall, F1 and classification_report).
 
 Batches: encoder inputs, `labels` [B, L] (a tag id on first sub-words), `label_weights` [B, L] (1 there),
-`word_index` [B, L] (the word's index in its sentence, -1 elsewhere) and `example_ids` [B] (-1 on padding rows).
+`word_index` [B, L] (the word's index in its sentence, -1 elsewhere), `example_ids` [B] (-1 on padding rows) and
+`num_words` [B].
 """
 
 from __future__ import annotations
 
-import jax
+import json
+
 import jax.numpy as jnp
 import numpy as np
 from seqeval import metrics as seqeval_metrics
 from seqeval import scheme as seqeval_scheme
 from seqeval.metrics.sequence_labeling import get_entities
 
-from jaxlm import convert, crf, heads
-from jaxlm.models.encoder import INPUT_NAMES, EncoderConfig, dummy_inputs
-from jaxlm.tasks import fine_tuning_splits
-from jaxlm.tasks.classification import check_head, check_label_ids, cross_entropy, resolved_labels
+from jaxlm.data import ner, records, rows, sources
+from jaxlm.data import tokenizer as tokenizer_lib
+from jaxlm.models import crf
+from jaxlm.models.encoder import INPUT_NAMES, dummy_inputs
+from jaxlm.models.heads import TokenClassifier
+from jaxlm.tasks.common import (
+  bert_source,
+  check_head,
+  check_label_ids,
+  cross_entropy,
+  encoder_config,
+  fine_tuning_splits,
+  resolved_labels,
+)
 
 HEADS = ("softmax", "crf")
 # data.tag_scheme -> seqeval's scheme class, used in strict mode
 SEQEVAL_SCHEMES = {"iob1": seqeval_scheme.IOB1, "iob2": seqeval_scheme.IOB2, "bioes": seqeval_scheme.IOBES}
+INPUT_FORMATS = ("auto", "lines", "conll")
 
 
 class NerTask:
   name = "ner"
+  kind = records.NER
+  labels_from_data = True
 
   def __init__(self, config):
     self.eval_splits, self.test_split = fine_tuning_splits(config)
-    self.model_cfg = EncoderConfig.from_config(config.model)
+    self.model_cfg, self.hf_path = encoder_config(config)
     self.head = check_head(self.name, config.task.head, HEADS)
     self.labels = resolved_labels(config)
     self.scheme = config.data.tag_scheme.lower()
     if self.scheme not in SEQEVAL_SCHEMES:
       raise ValueError(f"data.tag_scheme='{config.data.tag_scheme}': expected one of {', '.join(SEQEVAL_SCHEMES)}")
     self.strict = config.task.seqeval_strict
-    self.hf_path = config.init.hf_path
-    if self.hf_path:
-      convert.check_compatible(self.model_cfg, self.hf_path)
     allowed = (None, None)
     if self.head == "crf" and config.task.crf_constrained:
       if self.scheme != "iob2":
@@ -46,25 +58,21 @@ class NerTask:
                          f"'{config.data.tag_scheme}': set task.crf_constrained=False")
       transitions, start = crf.iob2_constraints(self.labels)
       allowed = (tuple(map(tuple, transitions.tolist())), tuple(start.tolist()))
-    self.model = heads.TokenClassifier(self.model_cfg, len(self.labels), config.task.head_dropout,
-                                       crf=self.head == "crf", allowed_transitions=allowed[0], allowed_start=allowed[1])
-    self.predict_fn = jax.jit(self._predict)
+    self.model = TokenClassifier(self.model_cfg, len(self.labels), config.task.head_dropout,
+                                 crf=self.head == "crf", allowed_transitions=allowed[0], allowed_start=allowed[1])
 
   def dummy_batch(self, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
     ints = np.zeros((batch_size, seq_len), np.int32)
     return {**dummy_inputs(batch_size, seq_len), "labels": ints, "label_weights": np.ones_like(ints, np.float32),
             "word_index": np.broadcast_to(np.arange(seq_len, dtype=np.int32), ints.shape).copy(),
-            "example_ids": np.arange(batch_size, dtype=np.int32)}
+            "example_ids": np.arange(batch_size, dtype=np.int32), "num_words": np.full((batch_size,), seq_len, np.int32)}
 
   def init_params(self, rng, batch):
     return self.model.init({"params": rng}, *(batch[k] for k in INPUT_NAMES))["params"]
 
-  def pretrained_source(self) -> tuple[str, dict] | None:
-    """(name, params tree) to start from (init.hf_path's encoder; the head stays fresh), or None."""
-    return (self.hf_path, convert.source_tree(self.hf_path)) if self.hf_path else None
-
-  def check_batch(self, batch: dict[str, np.ndarray]) -> None:
-    check_label_ids(batch["labels"], batch["label_weights"], self.labels, "batch 'labels'")
+  def pretrained_source(self):
+    """init.hf_path's encoder (the head stays fresh), or None."""
+    return bert_source(self.hf_path)
 
   def loss_fn(self, params, batch, rng, train: bool):
     logits, scores = self.model.apply({"params": params}, *(batch[k] for k in INPUT_NAMES), deterministic=not train,
@@ -72,8 +80,8 @@ class NerTask:
     w = batch["label_weights"]
     words = jnp.sum(w)
     if scores is None:
-      total, correct = cross_entropy(logits, batch["labels"], w)
-      return total / jnp.maximum(words, 1.0), {"loss": (total, words), "accuracy": (correct, words)}
+      ce = cross_entropy(logits, batch["labels"], w)
+      return ce.loss / jnp.maximum(words, 1.0), {"loss": (ce.loss, words), "accuracy": (ce.correct, words)}
     # the chain runs over words: every first sub-word takes part, weighted per sentence; the loss is per word
     emissions, mask, order, _ = crf.compact_emissions(logits, batch["word_index"] >= 0)
     tags = crf.gather(batch["labels"], order)
@@ -81,7 +89,7 @@ class NerTask:
     total = -jnp.sum(ll * (batch["example_ids"] >= 0))
     return total / jnp.maximum(words, 1.0), {"loss": (total, words)}
 
-  def _predict(self, params, batch):
+  def predict(self, params, batch):
     """tags [B, L]: a tag id at each first sub-word (word_index >= 0), -1 elsewhere."""
     logits, scores = self.model.apply({"params": params}, *(batch[k] for k in INPUT_NAMES))
     first = batch["word_index"] >= 0
@@ -91,9 +99,8 @@ class NerTask:
     tags, _ = crf.viterbi(emissions, mask, scores["transitions"], scores["start"], scores["end"])
     return {"tags": crf.scatter_back(tags, order, count, -1)}
 
-  def sentences(self, pairs) -> tuple[list[list[str]], list[list[str]]]:
-    """Gold and predicted tag names per sentence, words in order; a sentence split over rows (windows) is joined by
-    example id and word index."""
+  def words(self, pairs) -> dict[int, dict[int, tuple[int, int]]]:
+    """example id -> word index -> (gold tag id, predicted tag id), over the rows (windows) of an eval pass."""
     words: dict[int, dict[int, tuple[int, int]]] = {}
     for batch, out in pairs:
       ids, word_index = np.asarray(batch["example_ids"]), np.asarray(batch["word_index"])
@@ -102,6 +109,12 @@ class NerTask:
         sentence = words.setdefault(int(ids[row]), {})
         for pos in np.flatnonzero(word_index[row] >= 0):
           sentence.setdefault(int(word_index[row, pos]), (int(gold[row, pos]), int(pred[row, pos])))
+    return words
+
+  def sentences(self, pairs) -> tuple[list[list[str]], list[list[str]]]:
+    """Gold and predicted tag names per sentence, words in order; a sentence split over rows (windows) is joined by
+    example id and word index."""
+    words = self.words(pairs)
     y_true, y_pred = [], []
     for example in sorted(words):
       sentence = [words[example][i] for i in sorted(words[example])]
@@ -118,7 +131,7 @@ class NerTask:
       return [(e.tag, e.start, e.end - 1) for e in spans]
     return [tuple(e) for e in get_entities(tags)]
 
-  def host_metrics(self, pairs) -> dict:
+  def host_metrics(self, pairs, records_) -> dict:
     """Entity-level precision / recall / f1 (micro over entity types), word accuracy, and seqeval's
     classification_report text under "report"."""
     y_true, y_pred = self.sentences(pairs)
@@ -134,3 +147,63 @@ class NerTask:
         "accuracy": float(np.mean([a == b for a, b in zip(flat_true, flat_pred)])),
         "report": seqeval_metrics.classification_report(y_true, y_pred, digits=4, zero_division=0, **kw),
     }
+
+  def row_steps(self, ctx):
+    tokenizer_lib.require_ids(ctx.tokenizer, ("cls", "sep"), self.name)
+    label_ids = {label: i for i, label in enumerate(self.labels)}
+    return [rows.Map(ner.AlignTags(ctx.tokenizer, ctx.data_cfg.seq_len, label_ids))]
+
+  def pad_values(self, tokenizer):
+    return {"input_ids": tokenizer.pad_id, **ner.PAD_VALUES}
+
+  def bucketed(self) -> bool:
+    return True
+
+  def read_predict_input(self, path, input_format):
+    """Whitespace-tokenised sentences one per line (blank lines skipped), or CoNLL (a token per line, tag columns
+    after it, blank lines between sentences). 'auto' takes CoNLL only when the file has -DOCSTART- or every
+    non-blank line is a token followed by one of the model's tags."""
+    if input_format not in INPUT_FORMATS:
+      raise sources.DataError(f"--input-format={input_format!r} does not fit task.name='ner': expected one of "
+                              f"{', '.join(INPUT_FORMATS)}")
+    lines = sources.read_lines(path)
+    known = set(self.labels)
+    if input_format == "auto":
+      conll = any(t.startswith("-DOCSTART-") for _, t in lines) or (bool(lines) and all(
+          len(t.split()) >= 2 and t.split()[-1] in known for _, t in lines))
+      input_format = "conll" if conll else "lines"
+    if input_format == "lines":
+      return [{"tokens": t.split(), "tags": [self.labels[0]] * len(t.split()), "where": f"{path}:{n}"}
+              for n, t in lines]
+    sentences, words, start, last = [], [], 0, 0
+    for n, t in lines:
+      if t.startswith("-DOCSTART-"):
+        continue
+      if words and n != last + 1:  # a blank line (skipped by read_lines) ended the sentence
+        sentences.append((start, words))
+        words = []
+      if not words:
+        start = n
+      words.append(t.split()[0])  # the word; tag columns, if any, are ignored
+      last = n
+    if words:
+      sentences.append((start, words))
+    return [{"tokens": w, "tags": [self.labels[0]] * len(w), "where": f"{path}:{n}"} for n, w in sentences]
+
+  def write_predictions(self, records_, pairs, out, jsonl: bool) -> int:
+    """CoNLL (word<TAB>tag, a blank line after each sentence) or JSON lines with tags and typed entity spans."""
+    words = self.words(pairs)
+    for i, record in enumerate(records_):
+      predicted = words.get(i, {})
+      tags = [self.labels[predicted[w][1]] if w in predicted else "O" for w in range(len(record["tokens"]))]
+      if jsonl:
+        spans = [{"type": t, "start": s, "end": e + 1, "text": " ".join(record["tokens"][s:e + 1])}
+                 for t, s, e in self.entities(tags)]
+        out.write(json.dumps({"tokens": record["tokens"], "tags": tags, "entities": spans}) + "\n")
+      else:
+        out.writelines(f"{w}\t{t}\n" for w, t in zip(record["tokens"], tags))
+        out.write("\n")
+    return len(records_)
+
+
+TASK = NerTask

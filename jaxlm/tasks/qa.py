@@ -3,13 +3,14 @@ tokens inside the context, chosen per example over its document-stride windows, 
 
 Batches: encoder inputs, `start_positions` / `end_positions` [B] (token indices of the answer in the window, 0 = the
 [CLS] token when the window does not hold it), `offsets` [B, L, 2] (each context token's character span in the
-context, -1 elsewhere), `example_ids` [B] and `example_weights` [B]. The host-side metrics need each example's
-context and gold answers: `set_examples(records)` with records indexed by example id (the pipeline's QA records).
+context, -1 elsewhere), `example_ids` [B] and `example_weights` [B]. The host-side metrics cut answers from each
+example's context: the split's records, indexed by example id.
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import re
 import string
 
@@ -17,10 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import convert, heads
-from jaxlm.models.encoder import INPUT_NAMES, EncoderConfig, dummy_inputs
-from jaxlm.tasks import fine_tuning_splits
-from jaxlm.tasks.classification import check_head
+from jaxlm.data import qa, records, rows, sources
+from jaxlm.data import tokenizer as tokenizer_lib
+from jaxlm.models.encoder import INPUT_NAMES, dummy_inputs
+from jaxlm.models.heads import SpanExtractor
+from jaxlm.tasks.common import bert_source, check_head, encoder_config, fine_tuning_splits
 
 HEADS = ("span",)
 
@@ -63,20 +65,18 @@ def best_spans(start_logits, end_logits, in_context, max_answer_len: int):
 
 class QATask:
   name = "qa"
+  kind = records.QA
+  labels_from_data = False
+  labels = ()
 
   def __init__(self, config):
     self.eval_splits, self.test_split = fine_tuning_splits(config)
-    self.model_cfg = EncoderConfig.from_config(config.model)
+    self.model_cfg, self.hf_path = encoder_config(config)
     self.head = check_head(self.name, config.task.head, HEADS)
     self.max_answer_len = config.task.max_answer_len
     if self.max_answer_len < 1:
       raise ValueError(f"task.max_answer_len must be at least 1, got {self.max_answer_len}")
-    self.hf_path = config.init.hf_path
-    if self.hf_path:
-      convert.check_compatible(self.model_cfg, self.hf_path)
-    self.model = heads.SpanExtractor(self.model_cfg)
-    self.examples = None
-    self.predict_fn = jax.jit(self._predict)
+    self.model = SpanExtractor(self.model_cfg)
 
   def dummy_batch(self, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
     ints = np.zeros((batch_size,), np.int32)
@@ -87,20 +87,9 @@ class QATask:
   def init_params(self, rng, batch):
     return self.model.init({"params": rng}, *(batch[k] for k in INPUT_NAMES))["params"]
 
-  def pretrained_source(self) -> tuple[str, dict] | None:
-    """(name, params tree) to start from (init.hf_path's encoder; the head stays fresh), or None."""
-    return (self.hf_path, convert.source_tree(self.hf_path)) if self.hf_path else None
-
-  def check_batch(self, batch: dict[str, np.ndarray]) -> None:
-    length = batch["input_ids"].shape[1]
-    for key in ("start_positions", "end_positions"):
-      bad = batch[key][(batch["example_weights"] > 0) & ((batch[key] < 0) | (batch[key] >= length))]
-      if bad.size:
-        raise ValueError(f"batch '{key}': position {int(bad[0])} is outside the row of {length} tokens")
-
-  def set_examples(self, records) -> None:
-    """Records with 'context' and 'answers' (a list of gold texts), indexed by the batches' example_ids."""
-    self.examples = records
+  def pretrained_source(self):
+    """init.hf_path's encoder (the head stays fresh), or None."""
+    return bert_source(self.hf_path)
 
   def loss_fn(self, params, batch, rng, train: bool):
     start, end = self.model.apply({"params": params}, *(batch[k] for k in INPUT_NAMES), deterministic=not train,
@@ -116,17 +105,15 @@ class QATask:
     n = jnp.sum(w)
     return total / jnp.maximum(n, 1.0), {"loss": (total, n)}
 
-  def _predict(self, params, batch):
+  def predict(self, params, batch):
     start_logits, end_logits = self.model.apply({"params": params}, *(batch[k] for k in INPUT_NAMES))
     in_context = batch["offsets"][..., 0] >= 0
     start, end, score = best_spans(start_logits, end_logits, in_context, self.max_answer_len)
     return {"start": start, "end": end, "score": score}
 
-  def answers(self, pairs) -> dict[int, str]:
-    """example id -> predicted answer text, from the best-scoring span over the example's windows."""
-    if self.examples is None:
-      raise ValueError("QATask.set_examples(records) must be called before host_metrics: the answer texts are "
-                       "cut from each example's context")
+  def answers(self, pairs, records_) -> dict[int, str]:
+    """example id -> predicted answer text, from the best-scoring span over the example's windows; `records_` are the
+    split's records, indexed by example id."""
     best: dict[int, tuple[float, int, int]] = {}
     for batch, out in pairs:
       ids, offsets = np.asarray(batch["example_ids"]), np.asarray(batch["offsets"])
@@ -135,16 +122,44 @@ class QATask:
         if np.isfinite(score) and (int(ids[row]) not in best or score > best[int(ids[row])][0]):
           best[int(ids[row])] = (score, int(offsets[row, out["start"][row], 0]), int(offsets[row, out["end"][row], 1]))
     seen = {int(i) for batch, _ in pairs for i in np.asarray(batch["example_ids"]) if i >= 0}
-    return {i: self.examples[i]["context"][best[i][1]:best[i][2]] if i in best else "" for i in sorted(seen)}
+    return {i: records_[i]["context"][best[i][1]:best[i][2]] if i in best else "" for i in sorted(seen)}
 
-  def host_metrics(self, pairs) -> dict[str, float]:
+  def host_metrics(self, pairs, records_) -> dict[str, float]:
     """SQuAD exact_match and f1 (in [0, 1]), each the best over an example's gold answers, averaged over examples."""
-    predicted = self.answers(pairs)
+    predicted = self.answers(pairs, records_)
     if not predicted:
       return {}
     em, f = [], []
     for i, text in predicted.items():
-      golds = list(self.examples[i]["answers"]) or [""]
+      golds = list(records_[i]["answers"]) or [""]
       em.append(max(exact_match(text, g) for g in golds))
       f.append(max(f1(text, g) for g in golds))
     return {"exact_match": float(np.mean(em)), "f1": float(np.mean(f))}
+
+  def row_steps(self, ctx):
+    tokenizer_lib.require_ids(ctx.tokenizer, ("cls", "sep"), self.name)
+    d = ctx.data_cfg
+    return [rows.FlatMap(qa.QAWindows(ctx.tokenizer, d.seq_len, d.doc_stride, d.max_query_length))]
+
+  def pad_values(self, tokenizer):
+    return {"input_ids": tokenizer.pad_id, **qa.PAD_VALUES}
+
+  def bucketed(self) -> bool:
+    return True
+
+  def read_predict_input(self, path, input_format):
+    """SQuAD JSON (v1.1 or v2.0 layout; answers, if any, are not read)."""
+    if input_format not in ("auto", "squad"):
+      raise sources.DataError(f"--input-format={input_format!r} does not fit task.name='qa': its input is SQuAD "
+                              "JSON (--input-format squad)")
+    return sources.read_squad(path)
+
+  def write_predictions(self, records_, pairs, out, jsonl: bool) -> int:
+    """JSON lines {id, question, answer} whatever the output's name."""
+    answers = self.answers(pairs, records_)
+    for i, record in enumerate(records_):
+      out.write(json.dumps({"id": record["id"], "question": record["question"], "answer": answers.get(i, "")}) + "\n")
+    return len(records_)
+
+
+TASK = QATask

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.models import layers
+from jaxlm.models.layers import compact, gather
 
 # A forbidden transition's score: finite, so a gold path that breaks a constraint gives a large loss, not NaN.
 FORBIDDEN = -1e4
@@ -60,19 +61,6 @@ class CrfScores(nn.Module):
     if self.allowed_start is not None:
       start = jnp.where(np.asarray(self.allowed_start), start, FORBIDDEN)
     return {"transitions": transitions, "start": start, "end": end}
-
-
-def compact(selected):
-  """selected [B, L] bool -> (order [B, L], count [B]): order lists the selected positions first, each group in its
-  original order, so x[b, order[b]] is the row's selected entries followed by the rest."""
-  order = jnp.argsort(~selected.astype(bool), axis=-1, stable=True).astype(jnp.int32)
-  return order, jnp.sum(selected.astype(jnp.int32), axis=-1)
-
-
-def gather(x, order):
-  """x [B, L, ...] reordered along L by order [B, L]."""
-  idx = order.reshape(order.shape + (1,) * (x.ndim - 2))
-  return jnp.take_along_axis(x, idx, axis=1)
 
 
 def scatter_back(values, order, count, fill):

@@ -9,8 +9,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxlm import crf
-from jaxlm.models import layers
+from jaxlm.models import crf, layers
 from jaxlm.models.encoder import Encoder, EncoderConfig
 
 

@@ -1,0 +1,429 @@
+"""The run: `jaxlm train` (fresh, resumed, or started from pretrained weights), evaluation during training, the test
+split with the best checkpoint at the end, and `jaxlm eval`. A thin loop around the step library (jaxlm/train.py):
+everything that touches files, data and checkpoints for a run lives here."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+
+import jax
+
+from jaxlm import __version__, sharding, train
+from jaxlm import config as config_lib
+from jaxlm.checkpoint import Checkpointer, init_from_checkpoint, init_from_tree
+from jaxlm.data import builders, pipeline
+from jaxlm.data.tokenizer import load_tokenizer, tokenizer_path, train_tokenizer
+from jaxlm.metric_writer import MetricWriter
+from jaxlm.preemption import StopRequest
+from jaxlm.tasks import task_class
+
+
+class SetupError(ValueError):
+  """Input that cannot be trained on (labels, vocabulary, head, data), found before the first step."""
+
+
+# ---- the pieces of a run ------------------------------------------------------------------------------------------
+
+
+def open_data(config) -> builders.Source:
+  """The data of the config's task (its record kind), prepared or opened once for the whole run."""
+  return builders.open_source(task_class(config.task.name).kind, config.data, f"task.name='{config.task.name}'")
+
+
+def resolve_labels(config, source: builders.Source | None = None) -> None:
+  """Fills data.labels from the train split when the task sizes its head by them and they are not set. The config
+  written to the workdir then carries them, so eval and predict build the same head with the same ids."""
+  if task_class(config.task.name).labels_from_data and not config.data.labels:
+    config.data.labels = tuple((source or open_data(config)).labels)
+
+
+def split_batches(setup: train.Setup, source: builders.Source, tokenizer, split: str):
+  """This process's batches of one split (a resumable grain iterator)."""
+  c = setup.config
+  return pipeline.batches(setup.task, source.split(split).records, tokenizer, split, data_cfg=c.data,
+                          batch_size=c.train.batch_size, seed=c.train.seed, process_index=jax.process_index(),
+                          process_count=jax.process_count())
+
+
+def check_vocab(config, tokenizer) -> None:
+  if tokenizer.vocab_size != config.model.vocab_size:
+    raise ValueError(
+        f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={config.model.vocab_size}; "
+        f"set --config.model.vocab_size={tokenizer.vocab_size} (or retrain the tokenizer)")
+
+
+def write_config(config, workdir: str) -> None:
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(config_lib.to_json(config))
+  os.replace(tmp, path)
+
+
+def read_config(workdir: str):
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} not found: is {workdir} a jaxlm workdir (made by `jaxlm train`)?")
+  with open(path) as f:
+    return config_lib.from_json(f.read())
+
+
+def metadata(config, setup: train.Setup, tokenizer_fingerprint: str = "") -> dict:
+  """What a checkpoint records besides the state: version, mesh, processes and the tokenizer it was trained with."""
+  return {"jaxlm_version": __version__, "mesh": dict(setup.mesh.shape), "name": config.name,
+          "process_count": jax.process_count(), "tokenizer_fingerprint": tokenizer_fingerprint}
+
+
+# ---- evaluation ---------------------------------------------------------------------------------------------------
+
+
+def evaluate(setup: train.Setup, params, batches, eval_fn, predict_fn, records, max_batches: int = 0) -> dict:
+  """One eval pass: the task's stats averaged exactly (they are sums), perplexity from the loss, and the task's
+  host-side metrics from its predictions and the split's records."""
+  totals, pairs = None, []
+  for i, local in enumerate(batches):
+    if max_batches and i >= max_batches:
+      break
+    batch = train.global_batch(local, setup.batch_shardings)
+    stats = jax.device_get(eval_fn(params, batch))
+    totals = stats if totals is None else jax.tree.map(lambda a, b: a + b, totals, stats)
+    predicted = predict_fn(params, batch)
+    if predicted is not None:
+      pairs.append((local, jax.device_get(predicted)))
+  if totals is None:
+    raise ValueError("the eval split produced no batches")
+  out = {k: float(s) / max(float(n), 1.0) for k, (s, n) in totals.items()}
+  if "loss" in out:
+    out["perplexity"] = float(math.exp(min(out["loss"], 80.0)))
+  out.update(setup.task.host_metrics(pairs, records))
+  return out
+
+
+@dataclasses.dataclass
+class Evaluator:
+  """Evaluates a split of one run: compiled steps, data and tokenizer, built once."""
+  setup: train.Setup
+  source: builders.Source
+  tokenizer: object
+
+  def __post_init__(self):
+    self.eval_fn = train.compile_eval_step(self.setup)
+    self.predict_fn = jax.jit(self.setup.task.predict)
+
+  def __call__(self, params, split: str, max_batches: int = 0) -> dict:
+    batches = split_batches(self.setup, self.source, self.tokenizer, split)
+    records = self.source.split(split).records
+    return evaluate(self.setup, params, batches, self.eval_fn, self.predict_fn, records, max_batches)
+
+
+def write_eval(writer: MetricWriter, workdir: str, step: int, split: str, result: dict, write_report: bool) -> dict:
+  """An eval result -> a metrics.jsonl row and a log line; a text report (seqeval's) is printed and written to
+  WORKDIR/report_{split}_step{step}.txt. Returns the numeric metrics."""
+  result = dict(result)
+  report = result.pop("report", None)
+  writer.write(step, split, result)
+  writer.log(f"step {step} {split}: " + " ".join(f"{k}={v:.4f}" for k, v in result.items()))
+  if report and write_report:
+    writer.log(report)
+    with open(os.path.join(workdir, f"report_{split}_step{step}.txt"), "w") as f:
+      f.write(report)
+  return result
+
+
+def best_or_latest_step(ckpt: Checkpointer, config) -> int | None:
+  """The checkpoint predictions and the test split use: the best by checkpoint.best_metric, else the latest."""
+  ckpt.wait()
+  step = ckpt.best_step() if config.checkpoint.best_metric else None
+  return step if step is not None else ckpt.latest_step()
+
+
+def restore_params(setup: train.Setup, ckpt: Checkpointer, *, log=None) -> tuple[int, object]:
+  """(step, parameters) of the best (by checkpoint.best_metric) else latest checkpoint, restored onto this run's
+  mesh; a damaged step is named and skipped for the newest intact one before it. For eval, test, predict and
+  generate alike."""
+  step = best_or_latest_step(ckpt, setup.config)
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: run `jaxlm train` first")
+  kwargs = {"log": log} if log is not None else {}
+  return ckpt.restore_params_falling_back(step, train.abstract_state(setup).params, **kwargs)
+
+
+# ---- training -----------------------------------------------------------------------------------------------------
+
+
+def run(config, workdir: str, *, stop_requested=None) -> train.TrainState:
+  """Trains config.train.steps steps in `workdir`, resuming from its latest checkpoint if there is one.
+
+  SIGTERM or SIGINT (or `stop_requested(step)` returning True) ends the run after the current step, with a
+  checkpoint saved and written; with several processes they all stop at the same step.
+  """
+  with StopRequest() as signals:
+    # the signals are asked first, at every step: the multi-process sync point needs every call
+    stop = signals if stop_requested is None else lambda step: signals(step) | bool(stop_requested(step))
+    try:
+      loop = _Loop.set_up(config, workdir)
+    except ValueError as e:
+      # a head or vocabulary that does not fit, a label the data lacks: a clean message before any step. The named
+      # kinds (DataError, ConvertError, MeshError, ...) keep their type; `jaxlm` prints every one without a traceback.
+      if type(e) is ValueError:
+        raise SetupError(str(e)) from e
+      raise
+    return loop.train(stop, signals)
+
+
+class _Clock:
+  """Training seconds: wall time of this run's loop without evaluation, plus the earlier runs' (from checkpoints)."""
+
+  def __init__(self, prior: float):
+    self.prior, self.start, self.eval_seconds = prior, time.time(), 0.0
+
+  def train_seconds(self) -> float:
+    return self.prior + time.time() - self.start - self.eval_seconds
+
+
+class _Throughput:
+  """Token counts since the last train row: slots run (bucketed batches vary) and, for fine-tuning batches that carry
+  attention_mask, non-padding tokens."""
+
+  def __init__(self, tokens_per_step: int):
+    self.tokens_per_step = tokens_per_step
+    self.since = time.time()
+    self.real = self.slots = 0
+
+  def count(self, local: dict) -> None:
+    if "attention_mask" in local:
+      self.real += int(local["attention_mask"].sum())
+      self.slots += local["attention_mask"].size
+    else:
+      self.slots += self.tokens_per_step // jax.process_count()
+
+  def row(self) -> tuple[float, dict]:
+    """(tokens/s, extra row values) since the last row; starts the next interval."""
+    now = time.time()
+    elapsed = max(now - self.since, 1e-9)
+    extra = {"nonpad_tokens_per_s": self.real * jax.process_count() / elapsed} if self.real else {}
+    rate = self.slots * jax.process_count() / elapsed
+    self.since, self.real, self.slots = now, 0, 0
+    return rate, extra
+
+
+@dataclasses.dataclass
+class _Loop:
+  config: object
+  workdir: str
+  setup: train.Setup
+  source: builders.Source
+  tokenizer: object
+  writer: MetricWriter
+  ckpt: Checkpointer
+  train_iter: object
+  state: train.TrainState
+  clock: _Clock
+
+  @classmethod
+  def set_up(cls, c, workdir: str) -> _Loop:
+    """Data, labels, mesh, tokenizer, checkpoints and the first state (restored, pretrained or new). Everything is
+    checked before the workdir's config.json and metrics are written."""
+    source = open_data(c)
+    resolve_labels(c, source)  # before the task is built: the head's size comes from them
+    setup = train.build(c)  # mesh and batch checks come first: a bad mesh stops before any work
+    tokenizer = _tokenizer(c, workdir, source)
+    check_vocab(c, tokenizer)
+    ckpt = Checkpointer(workdir, c.checkpoint)
+    train_iter = split_batches(setup, source, tokenizer, "train")
+    restored = ckpt.restore_latest(train.abstract_state(setup), train_iter)  # skips damaged steps, with a warning
+    is_main = jax.process_index() == 0
+    if restored is not None:
+      _check_resume(restored, tokenizer, setup)
+    if is_main:
+      write_config(c, workdir)
+    writer = MetricWriter(workdir, enabled=is_main, total_steps=c.train.steps, progress=c.train.progress_bar)
+    if restored is not None:
+      state, prior = restored.state, float(restored.metadata.get("train_seconds", 0.0))
+      if restored.metadata.get("mesh") not in (None, dict(setup.mesh.shape)):
+        writer.log(f"resharding {restored.path} from mesh {restored.metadata['mesh']} onto {dict(setup.mesh.shape)}")
+      writer.log(f"resumed from {restored.path} (step {int(state.step)})")
+    else:
+      state, prior = init_from_pretrained(train.init_state(setup, c.train.seed), setup.task, c, writer.log), 0.0
+    writer.log(f"jaxlm: {train.count_params(state.params):,} parameters, mesh {sharding.describe(setup.mesh)}, "
+               f"{jax.device_count()} devices, {jax.process_count()} processes")
+    return cls(c, workdir, setup, source, tokenizer, writer, ckpt, train_iter, state, _Clock(prior))
+
+  def train(self, stop_requested, signals) -> train.TrainState:
+    c, setup, writer, ckpt = self.config, self.setup, self.writer, self.ckpt
+    step_fn = train.compile_train_step(setup)
+    evaluator = Evaluator(setup, self.source, self.tokenizer)
+    meta = metadata(c, setup, self.tokenizer.fingerprint())
+    is_main = jax.process_index() == 0
+    nonfinite_seen = int(self.state.nonfinite_skips)  # with train.nonfinite='stop', any increase stops the run unsaved
+    eval_every = c.train.eval_every
+    if c.train.eval_each_epoch:
+      eval_every = max(1, len(self.source.split("train").records) // c.train.batch_size)
+    throughput = _Throughput(c.train.batch_size * c.data.seq_len)
+    pending = None  # (step, metrics on device, tokens/s, extra) of the last logged step, pulled after the next dispatch
+    step, stopping, last_eval = int(self.state.step), False, None
+
+    while step < c.train.steps:
+      local = next(self.train_iter)
+      throughput.count(local)
+      self.state, metrics = step_fn(self.state, train.global_batch(local, setup.batch_shardings))
+      step += 1
+      # Pull the previous log step's metrics only now that this step is dispatched: the host never idles the device.
+      nonfinite = False
+      if pending is not None:
+        nonfinite = self._emit(pending)["nonfinite_skips"] > nonfinite_seen
+        pending = None
+      if step % c.train.log_every == 0 or step == c.train.steps:
+        if step == c.train.steps:
+          jax.block_until_ready(metrics)  # the last row's train_seconds counts the last step's work
+        rate, extra = throughput.row()
+        pending = (step, metrics, rate, {"train_seconds": self.clock.train_seconds(), **extra})
+      stopping = stop_requested(step)  # every process asks at every step: the multi-process sync point needs it
+      saving = stopping or step % c.checkpoint.every_steps == 0 or step == c.train.steps
+      # With 'stop', the non-finite counter in the state is read at every log row and before every save (which waits
+      # for the state anyway): a poisoned state is never written.
+      if saving and c.train.nonfinite == "stop":
+        nonfinite = nonfinite or int(self.state.nonfinite_skips) > nonfinite_seen
+      if nonfinite and c.train.nonfinite == "stop":
+        self._stop_nonfinite(step, pending)
+      ranked = None  # the dev metrics a best-by-metric checkpoint is ranked by
+      if not stopping and (step == c.train.steps or (eval_every and step % eval_every == 0)):
+        if pending is not None and step == c.train.steps:  # the last train row comes before the last eval rows
+          self._emit(pending)
+          pending = None
+        results = self._evaluate(evaluator, step, throughput, is_main)
+        last_eval = step
+        ranked = results[setup.task.eval_splits[0]] if c.checkpoint.best_metric else None
+      if saving or ranked is not None:
+        # the final save follows the final eval, so that the last step is ranked too
+        ckpt.save(step, self.state, self.train_iter, c, dict(meta, train_seconds=self.clock.train_seconds()),
+                  metrics=ranked)
+      if stopping:
+        break
+    if pending is not None:
+      self._emit(pending)
+    finished = step >= c.train.steps and not stopping
+    if finished and last_eval != step:
+      self._evaluate(evaluator, step, throughput, is_main)
+    if finished:
+      writer.log(f"trained {step} steps in {self.clock.train_seconds():.1f} s (evaluation excluded)")
+      if setup.task.test_split:
+        self._test_best(evaluator, is_main)
+    ckpt.close()  # waits for the async write: a checkpoint is never left half-written at exit
+    if stopping:
+      writer.log(f"stopped by {signals.reason()} at step {step}; checkpoint saved in {ckpt.step_path(step)}")
+    writer.close()
+    return self.state
+
+  def _evaluate(self, evaluator: Evaluator, step: int, throughput: _Throughput, is_main: bool) -> dict:
+    # The host runs up to a log interval ahead of the device: the train steps still queued are training time, so
+    # they finish before the evaluation clock starts.
+    jax.block_until_ready(self.state)
+    t_eval = time.time()
+    results = {}
+    for split in self.setup.task.eval_splits:
+      result = evaluator(self.state.params, split, self.config.train.eval_batches)
+      results[split] = write_eval(self.writer, self.workdir, step, split, result, is_main)
+    spent = time.time() - t_eval
+    self.clock.eval_seconds += spent
+    throughput.since += spent  # the next row's throughput counts training time only
+    return results
+
+  def _emit(self, pending) -> dict:
+    step, metrics, tokens_per_s, extra = pending
+    m = jax.device_get(metrics)
+    row = {"loss": m["loss"], "learning_rate": m["learning_rate"], "grad_norm": m["grad_norm"],
+           "tokens_per_s": tokens_per_s, "nonfinite_skips": m["nonfinite_skips"], **extra}
+    row.update({k: v for k, v in m.items() if k.endswith("_mean")})
+    self.writer.write(step, "train", row)
+    self.writer.progress_bar(step, float(m["loss"]), tokens_per_s)
+    if not self.config.train.progress_bar:
+      self.writer.log(f"step {step} loss={float(m['loss']):.4f} lr={float(m['learning_rate']):.2e} "
+                      f"{tokens_per_s:,.0f} tok/s")
+    return m
+
+  def _stop_nonfinite(self, step: int, pending) -> None:
+    if pending is not None:
+      self._emit(pending)
+    self.writer.close()
+    self.ckpt.close()
+    last = self.ckpt.latest_step()
+    kept = f"the last good checkpoint is {self.ckpt.step_path(last)}" if last is not None else "no checkpoint was saved"
+    raise FloatingPointError(
+        f"non-finite loss or gradient norm by step {step} (train.nonfinite='stop'); {kept}, nothing after it")
+
+  def _test_best(self, evaluator: Evaluator, is_main: bool) -> dict:
+    """Evaluates the best checkpoint (by checkpoint.best_metric; else the latest) on the test split, once."""
+    c = self.config
+    chosen = f"best by dev {c.checkpoint.best_metric}" if c.checkpoint.best_metric else "latest"
+    step, params = restore_params(self.setup, self.ckpt, log=self.writer.log)
+    self.writer.log(f"test split: the checkpoint of step {step} ({chosen})")
+    split = self.setup.task.test_split
+    return write_eval(self.writer, self.workdir, step, split, evaluator(params, split), is_main)
+
+
+def _tokenizer(c, workdir: str, source: builders.Source):
+  """The run's tokenizer; a workdir-owned sentencepiece model that does not exist yet is trained first, as
+  `jaxlm tokenizer` would."""
+  if not c.tokenizer.path and c.tokenizer.kind == "sentencepiece" and not os.path.isfile(tokenizer_path(c, workdir)):
+    if jax.process_count() > 1:
+      raise FileNotFoundError(f"{tokenizer_path(c, workdir)} is missing: run `jaxlm tokenizer` before a "
+                              "multi-process run")
+    print(f"training the tokenizer first: {train_tokenizer(c, workdir, source.texts())}", flush=True)
+  return load_tokenizer(c, workdir)
+
+
+def _check_resume(restored, tokenizer, setup: train.Setup) -> None:
+  saved = restored.metadata.get("tokenizer_fingerprint", "")
+  if saved and saved != tokenizer.fingerprint():
+    raise ValueError(f"{restored.path} was trained with tokenizer {saved} but the tokenizer now loaded is "
+                     f"{tokenizer.fingerprint()}: resuming would change what every token id means")
+
+
+def init_from_pretrained(state: train.TrainState, task, config, log) -> train.TrainState:
+  """A fresh run starts from pretrained parameters where they match: a jaxlm checkpoint's (init.checkpoint_dir) or
+  a converted one's (the task's pretrained_source(), e.g. from init.hf_path). Optimiser state and step stay fresh."""
+  source = task.pretrained_source()
+  if source is not None and config.init.checkpoint_dir:
+    raise ValueError(f"init.checkpoint_dir={config.init.checkpoint_dir} and {source[0]} both name the parameters "
+                     "to start from: set one")
+  if config.init.checkpoint_dir:
+    params, report = init_from_checkpoint(state.params, config.init.checkpoint_dir)
+  elif source is not None:
+    params, report = init_from_tree(state.params, source[1], source_name=source[0], key="init.hf_path")
+  else:
+    return state
+  log(report.describe())
+  return state.replace(params=params)
+
+
+# ---- jaxlm eval ---------------------------------------------------------------------------------------------------
+
+
+def run_eval_only(config, workdir: str) -> dict:
+  """`jaxlm eval`: evaluates the best (by checkpoint.best_metric) else the latest checkpoint in workdir on the task's
+  eval splits and its test split."""
+  source = open_data(config)
+  resolve_labels(config, source)
+  setup = train.build(config)
+  tokenizer = load_tokenizer(config, workdir)
+  check_vocab(config, tokenizer)
+  ckpt = Checkpointer(workdir, config.checkpoint, read_only=True)
+  step, params = restore_params(setup, ckpt)
+  ckpt.close()
+  evaluator = Evaluator(setup, source, tokenizer)
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0, progress=False)
+  results = {}
+  test_split = setup.task.test_split
+  for split in setup.task.eval_splits + ((test_split,) if test_split else ()):
+    result = evaluator(params, split)
+    result.pop("report", None)
+    writer.write(step, split, result)
+    results[split] = result
+  writer.close()
+  return {"step": step, **results}
+
