@@ -58,6 +58,8 @@ def encoder_param_counts(config) -> tuple[int, int]:
       vectors += n * n + 2 * n  # transitions, start and end scores: small, replicated
   elif task == "qa":
     matrices, vectors = matrices + d * 2, vectors + 2
+  elif task == "relation":
+    matrices, vectors = matrices + 2 * d * n, vectors + n  # the classifier over the [E1] and [E2] states, concatenated
   else:
     raise AssertionError(f"add the task.name={task} head to this test's formula")
   return matrices, vectors
@@ -74,7 +76,7 @@ def param_counts(config) -> tuple[int, int]:
 @pytest.mark.parametrize("name", CONFIGS)
 def test_parameter_bytes_follow_the_parameter_count(name):
   config = load(name)
-  if config.task.name in ("classification", "ner") and not config.data.labels:
+  if config.task.name in ("classification", "ner", "relation") and not config.data.labels:
     # these recipes read their label set from the train split; any label set sizes the head the same way
     config = config_lib.apply_overrides(config, ["data.labels=('O','B-X','I-X','B-Y','I-Y')"])
   check_parameter_bytes(config)

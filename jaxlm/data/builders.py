@@ -293,9 +293,11 @@ class Source:
     else:
       if split in builder.info.splits and (split != "train" or {"eval", "dev"} & set(builder.info.splits)):
         records = Records((str(builder.data_dir), split), kind.decode)
-      else:  # no eval (dev) files: a fixed held-out part of the train files
+      else:  # no eval (dev) files: a fixed held-out part of the train files (the kind's own, else a random share)
         n = builder.info.splits["train"].num_examples
-        records = Records((str(builder.data_dir), "train"), kind.decode, _holdout(n, d.eval_fraction, split))
+        location = (str(builder.data_dir), "train")
+        indices = kind.holdout(Records(location, kind.decode), d.eval_fraction, split)
+        records = Records(location, kind.decode, _holdout(n, d.eval_fraction, split) if indices is None else indices)
     if len(records) == 0:
       raise DataError(f"the {split} split of data.source={d.source!r} is empty")
     if kind.has_labels:

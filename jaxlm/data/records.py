@@ -77,6 +77,11 @@ class RecordKind:
     """The label names one record carries (empty for unlabelled kinds)."""
     return ()
 
+  def holdout(self, records: Sequence[dict], fraction: float, split: str) -> np.ndarray | None:
+    """Indices into the train records of `split` when local data has no eval (dev) files: the held-out part for
+    'eval', the rest for 'train'. None: the generic fixed random share of data.eval_fraction."""
+    return None
+
   def texts_of(self, records: Iterable[dict]) -> Iterator[str]:
     """Text a tokenizer learns from."""
     raise NotImplementedError
