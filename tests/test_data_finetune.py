@@ -211,8 +211,11 @@ def test_length_buckets_cut_only_padding(tmp_path, shared_data):
       if x[k].ndim == 2:
         assert not x["attention_mask"][:, length:].any()
   assert len(lengths) >= 2
-  parts = [list(task_batches(bucketed, tok, "eval", process_index=p, process_count=2)) for p in range(2)]
-  assert [x["input_ids"].shape for x in parts[0]] == [x["input_ids"].shape for x in parts[1]]
+  # each process's share of a global batch is cut to the length the whole batch needs
+  whole = list(task_batches(bucketed, tok, "eval"))
+  parts = [list(task_batches(bucketed, tok, "eval", local_rows=rows)) for rows in (range(4), range(4, 8))]
+  assert [x["input_ids"].shape[1] for x in parts[0]] == [x["input_ids"].shape[1] for x in parts[1]] == [
+      x["input_ids"].shape[1] for x in whole]
   assert {x["input_ids"].shape[1] for x in parts[0]} >= {32, 64}
 
 

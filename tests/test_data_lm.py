@@ -156,32 +156,30 @@ def test_deterministic_given_seed(tmp_path, corpus):
   assert any(not np.array_equal(x["inputs"], y["inputs"]) for x, y in zip(a, other))
 
 
-def test_processes_read_disjoint_covering_parts(tmp_path, corpus):
-  path, docs = corpus
-  tok = CharTokenizer()
-  c = base_config(tmp_path, data__train_files=path, data__eval_fraction=0.1, data__num_epochs=1, train__batch_size=2)
-  train_docs = documents(c, "train")
-  seen = []
-  for p in range(2):
-    part = [s for b in task_batches(c, tok, "train", process_index=p, process_count=2) for s in segments(b)]
-    assert part
-    seen.append(collections.Counter(part))
-  assert not set(seen[0]) & set(seen[1]), "the two processes saw a document in common"
-  assert seen[0] + seen[1] == collections.Counter(doc_chunks(train_docs, tok, SEQ))
-
-
-def test_eval_processes_get_equal_batches_that_tile_the_single_process_pass(tmp_path, corpus):
+def test_an_epoch_is_every_packed_pair_once(tmp_path, corpus):
   path, _ = corpus
   tok = CharTokenizer()
-  c = base_config(tmp_path, data__train_files=path, data__eval_files=path)
-  whole = list(task_batches(c, tok, "eval"))
-  parts = [list(task_batches(c, tok, "eval", process_index=p, process_count=2)) for p in range(2)]
-  assert len(parts[0]) == len(parts[1])
-  assert all(b["inputs"].shape == (2, SEQ) for part in parts for b in part)
-  rows = np.concatenate([np.concatenate([parts[0][i]["inputs"], parts[1][i]["inputs"]]) for i in range(len(parts[0]))])
-  flat = np.concatenate([b["inputs"] for b in whole])
-  np.testing.assert_array_equal(rows[:len(flat)], flat)  # each global batch is the two processes' blocks in order
-  assert not rows[len(flat):].any()
+  c = base_config(tmp_path, data__train_files=path, data__eval_fraction=0.1, data__num_epochs=1, train__batch_size=1)
+  train_docs = documents(c, "train")
+  seen = collections.Counter(s for b in task_batches(c, tok, "train") for s in segments(b))
+  assert seen == collections.Counter(doc_chunks(train_docs, tok, SEQ))
+
+
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_processes_hold_their_rows_of_the_same_global_batches(tmp_path, corpus, split):
+  path, _ = corpus
+  tok = CharTokenizer()
+  c = base_config(tmp_path, data__train_files=path, data__eval_files=path, data__num_epochs=2, train__batch_size=4)
+  whole = list(task_batches(c, tok, split))
+  for layout in ([[0, 1], [2, 3]], [[0], [1], [2], [3]], [[1, 3], [0, 2]]):
+    parts = [list(task_batches(c, tok, split, local_rows=rows)) for rows in layout]
+    assert all(len(part) == len(whole) for part in parts)
+    for k, batch in enumerate(whole):
+      for rows, part in zip(layout, parts):
+        for key in batch:
+          np.testing.assert_array_equal(part[k][key], batch[key][rows])
+  if split == "eval":  # only the last batch may be completed with empty rows
+    assert all(b["weights"].sum(axis=1).min() > 0 for b in whole[:-1])
 
 
 @pytest.mark.parametrize("packing", ["first_fit", "concat"])

@@ -4,14 +4,15 @@ training seconds in train rows, and clean errors for input that cannot be traine
 
 import json
 
-import grain
 import numpy as np
 import pytest
 from seqeval import metrics as seqeval_metrics
 
 from jaxlm import cli
 from jaxlm import config as config_lib
-from jaxlm.data import pipeline
+from jaxlm.data import pipeline, sources
+from jaxlm.data.tokenizer import load_tokenizer
+from jaxlm.tasks import make_task
 from tests.conftest import REPO
 
 CONFIGS = REPO / "configs"
@@ -201,34 +202,48 @@ def test_bad_input_stops_with_a_clean_message(shared_data, tmp_path):
   assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
 
 
-def _rows_of_lengths(lengths, seq_len=16):
-  rows = []
-  for i, n in enumerate(lengths):
-    mask = np.zeros(seq_len, np.int32)
-    mask[:n] = 1
-    rows.append({"attention_mask": mask, "example_ids": np.int32(i)})
-  return rows
-
-
-def test_length_grouping_pads_less_and_resumes_exactly():
+def test_length_grouping_pads_less_and_takes_every_row_once():
   lengths = np.random.default_rng(0).integers(1, 17, size=96)
-  source = grain.MapDataset.source(_rows_of_lengths(lengths)).to_iter_dataset()
-  grouped = pipeline.LengthGroupedDataset(source, 32, 4, seed=0, drop_remainder=True).batch(4)
+  grouped = pipeline.Order(lengths, 4, seed=0, train=True, group=8)
+  plain = pipeline.Order(lengths, 4, seed=0, train=True)
 
-  def padded(batches):
-    return sum(b["attention_mask"].shape[0] * b["attention_mask"].sum(1).max() for b in batches)
+  def padded(order, epoch):
+    rows = order.epoch(epoch)
+    return sum(4 * lengths[rows[i:i + 4]].max() for i in range(0, len(rows), 4))
 
-  batches = list(grouped)
-  plain = list(source.batch(4))
-  # every row comes once, and the max-length padding of the grouped batches is smaller
-  assert sorted(np.concatenate([b["example_ids"] for b in batches]).tolist()) == list(range(96))
-  assert padded(batches) < 0.8 * padded(plain)
-  # a resume from the middle of a pool gives the same batches
-  it = iter(grouped)
-  for _ in range(3):
-    next(it)
-  state = it.get_state()
-  expected = [next(it)["example_ids"].tolist() for _ in range(6)]
-  again = iter(grouped)
-  again.set_state(state)
-  assert [next(again)["example_ids"].tolist() for _ in range(6)] == expected
+  for epoch in range(3):  # every row once per epoch, and less padding to the longest row of each batch
+    assert sorted(grouped.epoch(epoch).tolist()) == list(range(96))
+    assert padded(grouped, epoch) < 0.8 * padded(plain, epoch)
+  assert grouped.epoch(0).tolist() != grouped.epoch(1).tolist()  # a new order each epoch
+  again = pipeline.Order(lengths, 4, seed=0, train=True, group=8)
+  rows, epochs = again.rows_at(np.arange(90, 110))  # across an epoch boundary: the same as reading the epochs
+  np.testing.assert_array_equal(rows, np.concatenate([grouped.epoch(0), grouped.epoch(1)])[90:110])
+  np.testing.assert_array_equal(epochs, (np.arange(90, 110) >= 96).astype(int))
+
+
+@pytest.mark.slow
+def test_an_epoch_is_a_pass_over_the_windows_made(tmp_path, shared_data):
+  """QA contexts longer than a row make several windows per question: eval_each_epoch counts windows, not questions."""
+  raw = (shared_data / "text" / "wikitext-2" / "wiki.test.raw.nonblank-crlf.txt").read_bytes().decode("utf-8")
+  paragraphs = [p.strip() for p in raw.split("\r\n") if 60 < len(p.split()) < 90][:12]
+  data = [{"title": str(i), "paragraphs": [{"context": p, "qas": [{"id": str(i), "question": "what is it ?",
+                                                                    "answers": [{"text": p.split()[3],
+                                                                                 "answer_start": p.index(p.split()[3])}]}]}]}
+          for i, p in enumerate(paragraphs)]
+  path = tmp_path / "squad.json"
+  path.write_text(json.dumps({"data": data}))
+  workdir = tmp_path / "run"
+  train_cli("bert_tiny_qa.py", workdir, f"data.train_files={path}", f"data.dev_files={path}", "data.test_files=",
+            "train.eval_each_epoch=true", "train.batch_size=8", "train.steps=12", "checkpoint.every_steps=100")
+  config = config_lib.from_json((workdir / "config.json").read_text())
+  task = make_task(config)
+  tokenizer = load_tokenizer(config, str(workdir))
+  windows = len(pipeline.prepare_rows(task, json_records(path), tokenizer, "train", config.data)[0])
+  assert windows >= 2 * len(paragraphs)
+  dev_steps = [r["step"] for r in rows_of(workdir) if r["split"] == "dev"]
+  epoch = windows // 8
+  assert dev_steps == sorted({k * epoch for k in range(1, 12 // epoch + 1)} | {12}), (dev_steps, windows)
+
+
+def json_records(path):
+  return sources.read_squad(str(path))

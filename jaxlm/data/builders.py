@@ -59,7 +59,8 @@ class LocalFiles(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _split_generators(self, dl_manager):
     # Every file is read and validated before anything is written: bad input stops preparation early.
-    records = {split: [r for path in paths for r in self._kind.read(path, self._options)]
+    # A reader also gets the split: an archive that holds every split (SAMSum's zip) is read for its split's part.
+    records = {split: [r for path in paths for r in self._kind.read(path, {**self._options, "split": split})]
                for split, paths in self._files.items()}
     for split, rows in records.items():
       if not rows:
@@ -257,6 +258,23 @@ class Source:
     if split not in self._splits:
       self._splits[split] = self._open(split)
     return self._splits[split]
+
+  @property
+  def rows_dir(self) -> str:
+    """Where tasks' prepared rows of this data are stored (beside the prepared records)."""
+    return os.path.join(_data_dir(self.data_cfg), "jaxlm_rows")
+
+  def fingerprint(self, split: str) -> str:
+    """Names the records of a split: the prepared dataset (its name hashes the files and reader options) and the
+    split it reads, so prepared rows are rebuilt when the records change."""
+    split = split_name(self.data_cfg, split)
+    if self._builder is None:
+      records = self.split(split).records
+      return f"{self.data_cfg.source}:{split}:{len(records)}:" + hashlib.sha256(
+          json.dumps([records[0], records[len(records) - 1]], sort_keys=True).encode()).hexdigest()[:16]
+    d = self.data_cfg
+    return json.dumps([str(self._builder.data_dir), split, d.eval_fraction, d.tfds_train_split, d.tfds_eval_split,
+                       d.tfds_test_split])
 
   @property
   def labels(self) -> tuple[str, ...]:

@@ -68,7 +68,11 @@ def trim_to_bucket(batch: dict[str, np.ndarray], buckets: tuple[int, ...], seq_l
     return batch
   mask = batch["attention_mask"]
   used = int(np.max(np.flatnonzero(mask.any(axis=0)), initial=-1)) + 1
-  length = bucket_length(used, buckets, seq_len)
+  return trim_to_length(batch, bucket_length(used, buckets, seq_len), seq_len)
+
+
+def trim_to_length(batch: dict[str, np.ndarray], length: int, seq_len: int) -> dict[str, np.ndarray]:
+  """Cuts the length axis of every [b, seq_len, ...] array of a batch to `length`."""
   if length == seq_len:
     return batch
   return {k: v[:, :length] if v.ndim >= 2 and v.shape[1] == seq_len else v for k, v in batch.items()}

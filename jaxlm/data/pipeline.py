@@ -1,10 +1,23 @@
-"""The generic input pipeline on grain: a split's records -> the task's rows (its own transformations) -> per-process
-batches, shuffled and repeated for training, one padded deterministic pass for evaluation, resumable through the
-iterator state saved with each checkpoint. It knows tasks only through the rows they describe."""
+"""The generic input pipeline: one global stream of rows, the same whatever the number of processes, devices or grain
+workers.
+
+A split's records go through the task's row steps once, in record order, and the rows are stored (`prepare_rows`:
+on disk beside the prepared records, or in memory). Global batch k is then a pure function of k: positions
+[k*B, (k+1)*B) of the epoch-by-epoch order of the rows (a seeded permutation per epoch, optionally grouped by length),
+so a process reads only the rows its devices hold, a resume on any process count continues the exact stream from the
+step number, and an epoch is one pass over the rows actually produced (windows included). Random row steps at the end
+of a task's list (masking, noise) run per row at read time, seeded by (seed, epoch, row).
+"""
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Sequence
 
 import grain
 import numpy as np
@@ -12,179 +25,70 @@ from absl import flags
 
 from jaxlm.data import encoder_inputs
 from jaxlm.data.rows import FlatMap, Map, RandomMap, RowContext, Stream
-from jaxlm.data.sources import DataError
 
-# Eval masks and spans do not move with train.seed, so eval losses of different runs compare.
-EVAL_SEED = 1234
-
-
-def _read_options(data_cfg, batch_size: int) -> grain.ReadOptions:
-  """Threads that read and transform records ahead, in the main process or in each worker. The transforms are
-  Python (the GIL), so threads beyond a few only contend; more help only when reads wait on remote storage."""
-  return grain.ReadOptions(num_threads=data_cfg.read_threads, prefetch_buffer_size=4 * batch_size
-                           if data_cfg.read_threads else 0)
+# Seeds of the row steps while rows are prepared: fixed, so the prepared rows do not depend on train.seed (eval rows of
+# different runs compare; a train split is prepared once for all seeds).
+PREPARE_SEED = 1234
+_ROWS_VERSION = "1"  # bumped when the stored layout changes
+_CHUNK_ROWS = 8192  # rows per stored file
 
 
-def local_batch_size(batch_size: int, process_count: int) -> int:
-  b = batch_size
-  if b % process_count:
-    raise ValueError(f"train.batch_size={b} is not divisible by the {process_count} processes")
-  return b // process_count
+# ---- prepared rows ------------------------------------------------------------------------------------------------
 
 
-def _identity(x):
-  return x
+class Rows:
+  """Random-access rows of one split: `take(indices)` stacks them; `lengths` are their used lengths (tokens that are
+  not padding), which length grouping and bucketing read without touching the rows."""
+
+  def __init__(self, chunks: list[dict[str, np.ndarray]], lengths: np.ndarray, directory: str | None = None):
+    self._chunks = chunks
+    self._starts = np.cumsum([0] + [len(next(iter(c.values()))) for c in chunks])
+    self.lengths = lengths
+    self._directory = directory  # stored rows: pickled (for grain workers) as their location, not their contents
+
+  def __getstate__(self):
+    if self._directory is not None:
+      return {"directory": self._directory}
+    return {"chunks": self._chunks, "lengths": self.lengths}
+
+  def __setstate__(self, state):
+    if "directory" in state:
+      self.__dict__.update(_load(state["directory"]).__dict__)
+    else:
+      self.__init__(state["chunks"], state["lengths"])
+
+  def __len__(self) -> int:
+    return int(self._starts[-1])
+
+  def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    indices = np.asarray(indices, np.int64)
+    which = np.searchsorted(self._starts, indices, side="right") - 1
+    keys = self._chunks[0].keys()
+    out = {k: np.empty((len(indices),) + self._chunks[0][k].shape[1:], self._chunks[0][k].dtype) for k in keys}
+    for c in np.unique(which):
+      sel = np.flatnonzero(which == c)
+      local = indices[sel] - self._starts[c]
+      for k in keys:
+        out[k][sel] = self._chunks[c][k][local]
+    return out
 
 
-class _ShardedBatchIterator(grain.DatasetIterator):
-  """Takes rows `process_count * batch_size` at a time and keeps this process's block of `batch_size`; a short
-  final group is padded with `pad_values` rows, so every process yields the same number of batches."""
-
-  def __init__(self, parent, batch_size: int, process_index: int, process_count: int, pad_values: dict, finish):
-    super().__init__(parent)
-    self._b, self._p, self._n = batch_size, process_index, process_count
-    self._pad_values = pad_values
-    self._finish = finish
-
-  def __next__(self):
-    rows = []
-    for _ in range(self._b * self._n):
-      try:
-        rows.append(next(self._parent))
-      except StopIteration:
-        break
-    if not rows:
-      raise StopIteration
-    template = rows[0]
-    while len(rows) < self._b * self._n:
-      rows.append({k: np.full_like(v, self._pad_values.get(k, 0)) for k, v in template.items()})
-    # The whole global batch is finished (e.g. bucketed) before the split, so every process agrees on its shape.
-    group = self._finish({k: np.stack([r[k] for r in rows]) for k in template})
-    return {k: v[self._p * self._b:(self._p + 1) * self._b] for k, v in group.items()}
-
-  # Each batch consumes whole groups of rows, so the parent's state between batches is the whole state.
-  def get_state(self):
-    return self._parent.get_state()
-
-  def set_state(self, state):
-    self._parent.set_state(state)
+def row_length(row: dict[str, np.ndarray]) -> int:
+  """Positions of a row up to its last token that is not padding (by attention_mask, else segment ids); the whole
+  row when it has neither."""
+  for key in ("attention_mask", "segment_ids", "encoder_segment_ids"):
+    if key in row:
+      return int(np.max(np.flatnonzero(row[key]), initial=-1)) + 1
+  first = next((v for v in row.values() if np.ndim(v) >= 1), None)
+  return int(np.shape(first)[0]) if first is not None else 1
 
 
-class ShardedBatchDataset(grain.IterDataset):
-  """One deterministic pass cut into equal per-process batches (see _ShardedBatchIterator)."""
-
-  def __init__(self, parent: grain.IterDataset, batch_size: int, process_index: int, process_count: int,
-               pad_values: dict | None = None, finish=None):
-    super().__init__(parent)
-    self._args = (batch_size, process_index, process_count, dict(pad_values or {}), finish or _identity)
-
-  def __iter__(self):
-    return _ShardedBatchIterator(self._parent.__iter__(), *self._args)
-
-
-class _LengthGroupedIterator(grain.DatasetIterator):
-  """Reads a pool of rows, sorts it by length (attention_mask), cuts it into batch-sized runs and yields the runs'
-  rows, the runs in a random order (train) or shortest first (eval, seed None). Each batch then holds rows of similar
-  length, so a bucketed batch is mostly real tokens, while which lengths come when stays random."""
-
-  def __init__(self, parent, pool_rows: int, batch_rows: int, seed, drop_remainder: bool):
-    super().__init__(parent)
-    self._pool_rows, self._batch_rows, self._seed, self._drop = pool_rows, batch_rows, seed, drop_remainder
-    self._pool_state = parent.get_state()  # the parent's state before the current pool: where a resume refills from
-    self._pools = 0  # pools read so far (with the seed, they fix each pool's order of runs)
-    self._rows, self._taken = [], 0
-
-  def _fill(self):
-    self._pool_state = self._parent.get_state()
-    rows = []
-    for _ in range(self._pool_rows):
-      try:
-        rows.append(next(self._parent))
-      except StopIteration:
-        break
-    if self._drop:  # whole batches only: a train batch never mixes two pools
-      rows = rows[:len(rows) // self._batch_rows * self._batch_rows]
-    if not rows:
-      raise StopIteration
-    order = np.argsort([int(r["attention_mask"].sum()) for r in rows], kind="stable")
-    runs = [order[i:i + self._batch_rows] for i in range(0, len(order), self._batch_rows)]
-    if self._seed is not None:
-      perm = np.random.default_rng([self._seed, self._pools]).permutation(len(runs))
-      runs = [runs[i] for i in perm]
-    self._rows = [rows[i] for run in runs for i in run]
-    self._pools += 1
-    self._taken = 0
-
-  def __next__(self):
-    if self._taken >= len(self._rows):
-      self._fill()
-    self._taken += 1
-    return self._rows[self._taken - 1]
-
-  def get_state(self):
-    return {"parent": self._pool_state, "pools": self._pools - (1 if self._rows else 0), "taken": self._taken}
-
-  def set_state(self, state):
-    self._parent.set_state(state["parent"])
-    self._pools, self._rows, self._taken = state["pools"], [], 0
-    if state["taken"]:
-      self._fill()
-      self._taken = state["taken"]
-
-
-class LengthGroupedDataset(grain.IterDataset):
-  """Rows grouped by length within pools of `pool_rows` (see _LengthGroupedIterator)."""
-
-  def __init__(self, parent: grain.IterDataset, pool_rows: int, batch_rows: int, seed, drop_remainder: bool):
-    super().__init__(parent)
-    self._args = (pool_rows, batch_rows, seed, drop_remainder)
-
-  def __iter__(self):
-    return _LengthGroupedIterator(self._parent.__iter__(), *self._args)
-
-
-def _finish_train(ds: grain.IterDataset, data_cfg, batch_size: int, seed: int, finish=None,
-                  group_lengths: bool = False) -> grain.IterDataset:
-  """Batches (full batches only) and runs the pipeline in worker processes or a prefetch thread."""
-  groups = data_cfg.length_group_batches
-  if group_lengths and groups > 0:
-    ds = LengthGroupedDataset(ds, groups * batch_size, batch_size, seed, drop_remainder=True)
-  ds = ds.batch(batch_size, drop_remainder=True)
-  if finish is not None:
-    ds = ds.map(finish)
-  d = data_cfg
-  if d.worker_count > 0:
-    # grain's worker start-up reads absl flags directly; jaxlm parses its own arguments, so absl's flags are
-    # declared parsed here (they keep their defaults) instead of failing with UnparsedFlagAccessError.
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
-    # Each worker runs the whole per-element pipeline (tokenise, pack, batch) on its slice of the documents.
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.worker_count,
-                                                     per_worker_buffer_size=d.worker_buffer_size))
-  elif d.prefetch > 0:
-    ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=d.prefetch)
-  return ds
-
-
-def _items(records, data_cfg, split: str, seed: int, process_index: int, process_count: int):
-  """A split's records -> (this process's records, the (index, record) items to transform: shuffled and repeated
-  for train). Train records are split between processes before anything is read from them; eval passes are whole
-  on every process."""
-  ds = grain.MapDataset.source(records)
-  if split == "train":
-    ds = ds[process_index::process_count]  # each process reads only its own part
-    if len(ds) == 0:
-      raise DataError(f"process {process_index} of {process_count} has no training records ({len(records)} in all)")
-  items = ds.map_with_index(_with_index)
-  if split == "train":
-    if data_cfg.shuffle:
-      items = items.shuffle(seed=seed)
-    items = items.repeat(data_cfg.num_epochs if data_cfg.num_epochs > 0 else None)
-  return ds, items
-
-
-def _with_index(index: int, rec):
-  return index, rec
+def _split_steps(steps: list) -> tuple[list, list]:
+  """(steps run while preparing, trailing random steps run per row at read time)."""
+  cut = len(steps)
+  while cut > 0 and isinstance(steps[cut - 1], RandomMap):
+    cut -= 1
+  return steps[:cut], steps[cut:]
 
 
 def _apply(ds, step, read: grain.ReadOptions, seed: int):
@@ -202,41 +106,309 @@ def _apply(ds, step, read: grain.ReadOptions, seed: int):
   raise TypeError(f"a row step must be Map, RandomMap, FlatMap or Stream, not {type(step).__name__}")
 
 
-def batches(task, records, tokenizer, split: str, *, data_cfg, batch_size: int, seed: int, process_index: int = 0,
-            process_count: int = 1):
-  """Per-process batches of `task`'s rows for one split, as a grain DatasetIterator (has get_state()/set_state()),
-  each a dict of numpy arrays with a leading batch axis of batch_size // process_count.
+def _with_index(index: int, rec):
+  return index, rec
 
-  split 'train': records shuffled with `seed`, repeated for data.num_epochs (0 = forever), full batches only.
-  Other splits: one deterministic pass; rows that complete the last batch carry the task's pad values (weight 0).
-  Every process runs the whole eval pass and keeps its block of each global batch: eval splits are small, and this
-  gives every process the same number of batches (a process that ran out early would leave the others waiting).
 
-  A bucketed task's batches are cut to the smallest of data.bucket_lengths that fits: for eval on any number of
-  processes (each sees the whole global batch), for train with one process (several could not agree on a length
-  without exchanging it).
+def _stream(steps: list, records, data_cfg):
+  """The rows of `steps` over every record in order, one deterministic stream."""
+  read = grain.ReadOptions(num_threads=data_cfg.read_threads, prefetch_buffer_size=256 if data_cfg.read_threads else 0)
+  ds = grain.MapDataset.source(records).map_with_index(_with_index)
+  for step in steps:
+    ds = _apply(ds, step, read, PREPARE_SEED)
+  if isinstance(ds, grain.MapDataset):
+    ds = ds.to_iter_dataset(read)
+  if data_cfg.worker_count > 0:
+    _allow_grain_workers()
+    # Workers split the per-record work; grain hands their outputs back in order, so the rows stay the same.
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.worker_count,
+                                                     per_worker_buffer_size=data_cfg.worker_buffer_size))
+  return ds
+
+
+def _allow_grain_workers() -> None:
+  # grain's worker start-up reads absl flags directly; jaxlm parses its own arguments, so absl's flags are declared
+  # parsed here (they keep their defaults) instead of failing with UnparsedFlagAccessError.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def _collect(rows, write_chunk) -> np.ndarray:
+  """Groups the row stream into chunks of stacked arrays for `write_chunk`; returns the rows' lengths."""
+  lengths, pending, shapes = [], [], None
+  for i, row in enumerate(rows):
+    row = {k: np.array(v) for k, v in row.items()}  # a copy: worker outputs live in shared memory until released
+    if shapes is None:
+      shapes = {k: v.shape for k, v in row.items()}
+    elif {k: v.shape for k, v in row.items()} != shapes:
+      raise ValueError(f"row {i} has arrays {_shapes(row)} but the first row has {shapes}: a task's rows must have "
+                       "fixed shapes")
+    lengths.append(row_length(row))
+    pending.append(row)
+    if len(pending) == _CHUNK_ROWS:
+      write_chunk({k: np.stack([r[k] for r in pending]) for k in shapes})
+      pending = []
+  if pending:
+    write_chunk({k: np.stack([r[k] for r in pending]) for k in shapes})
+  return np.asarray(lengths, np.int32)
+
+
+def _shapes(row) -> dict:
+  return {k: v.shape for k, v in row.items()}
+
+
+def _in_memory(steps: list, records, data_cfg) -> Rows:
+  chunks = []
+  lengths = _collect(_stream(steps, records, data_cfg), chunks.append)
+  if not chunks:
+    raise ValueError("the split produced no rows")
+  return Rows(chunks, lengths)
+
+
+@contextlib.contextmanager
+def _lock(path: str):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _on_disk(steps: list, records, data_cfg, directory: str) -> Rows:
+  """Rows stored as chunked .npy files in `directory` (memory-mapped when read); built once, under a file lock, by
+  whichever process on this file system gets there first."""
+  done = os.path.join(directory, "rows.json")
+  with _lock(directory.rstrip("/") + ".lock"):
+    if not os.path.isfile(done):
+      tmp = directory + f".tmp{os.getpid()}"
+      os.makedirs(tmp, exist_ok=True)
+      counter = [0]
+
+      def write_chunk(chunk):
+        for k, v in chunk.items():
+          np.save(os.path.join(tmp, f"{counter[0]:05d}.{k}.npy"), v)
+        counter[0] += 1
+
+      lengths = _collect(_stream(steps, records, data_cfg), write_chunk)
+      if not counter[0]:
+        raise ValueError("the split produced no rows")
+      np.save(os.path.join(tmp, "lengths.npy"), lengths)
+      with open(os.path.join(tmp, "rows.json"), "w") as f:
+        json.dump({"chunks": counter[0], "rows": int(len(lengths))}, f)
+      if os.path.isdir(directory):  # an unfinished build from an earlier, interrupted run
+        os.rename(directory, tmp + ".old")
+      os.rename(tmp, directory)
+  return _load(directory)
+
+
+def _load(directory: str) -> Rows:
+  with open(os.path.join(directory, "rows.json")) as f:
+    chunks = json.load(f)["chunks"]
+  names = sorted(os.listdir(directory))
+  loaded = []
+  for c in range(chunks):
+    prefix = f"{c:05d}."
+    loaded.append({n[len(prefix):-len(".npy")]: np.load(os.path.join(directory, n), mmap_mode="r")
+                   for n in names if n.startswith(prefix)})
+  return Rows(loaded, np.load(os.path.join(directory, "lengths.npy")), directory)
+
+
+def prepare_rows(task, records, tokenizer, split: str, data_cfg, cache_dir: str | None = None,
+                 fingerprint: str = "") -> tuple[Rows, list]:
+  """The task's rows of a split, prepared once (stored under cache_dir when given, named by a hash of everything they
+  depend on), and the random steps still to run per row at read time."""
+  ctx = RowContext(tokenizer, data_cfg, split, PREPARE_SEED, records)
+  steps, random_steps = _split_steps(task.row_steps(ctx))
+  if cache_dir is None:
+    return _in_memory(steps, records, data_cfg), random_steps
+  key = json.dumps([_ROWS_VERSION, task.name, split, fingerprint, tokenizer.fingerprint(), data_cfg.to_dict(),
+                    list(task.labels)], sort_keys=True, default=str)
+  name = f"{task.name}_{split}_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+  return _on_disk(steps, records, data_cfg, os.path.join(cache_dir, name)), random_steps
+
+
+# ---- the global order ---------------------------------------------------------------------------------------------
+
+
+class Order:
+  """Which row sits at each position of the stream. Train: epoch after epoch, each a permutation of the rows (seeded
+  by (seed, epoch)), optionally grouped by length within pools of `group` batches (rows of a batch have similar
+  lengths; the batches' order stays random; a pool's incomplete batch is left out). Eval: the rows once, in order (or
+  shortest first when grouped), padded to whole batches."""
+
+  def __init__(self, lengths: np.ndarray, batch_size: int, seed: int, train: bool, shuffle: bool = True,
+               group: int = 0, num_epochs: int = 0):
+    self.lengths, self.batch_size, self.seed, self.train = np.asarray(lengths), batch_size, seed, train
+    self.shuffle, self.group, self.num_epochs = shuffle, group, num_epochs
+    self._epochs: dict[int, np.ndarray] = {}  # the last epochs' orders: a batch meets at most two
+    self.epoch_length = len(self._epoch(0))
+
+  def epoch(self, e: int) -> np.ndarray:
+    """The rows of epoch `e` in stream order."""
+    n = len(self.lengths)
+    if not self.train:
+      return np.argsort(self.lengths, kind="stable") if self.group else np.arange(n)
+    order = np.random.default_rng([self.seed, e]).permutation(n) if self.shuffle else np.arange(n)
+    if not self.group:
+      return order
+    pool = self.group * self.batch_size
+    runs = []
+    for p, start in enumerate(range(0, n, pool)):
+      members = order[start:start + pool]
+      members = members[np.argsort(self.lengths[members], kind="stable")]
+      pool_runs = [members[i:i + self.batch_size] for i in range(0, len(members) - self.batch_size + 1,
+                                                                 self.batch_size)]
+      rng = np.random.default_rng([self.seed, e, p])
+      runs.extend(pool_runs[i] for i in rng.permutation(len(pool_runs)))
+    return np.concatenate(runs) if runs else np.zeros((0,), np.int64)
+
+  def _epoch(self, e: int) -> np.ndarray:
+    if e not in self._epochs:
+      if len(self._epochs) >= 2:
+        self._epochs.pop(min(self._epochs))
+      self._epochs[e] = self.epoch(e)
+    return self._epochs[e]
+
+  def num_batches(self) -> int | None:
+    """Batches in the stream; None for an endless train stream."""
+    if not self.train:
+      return -(-len(self.lengths) // self.batch_size)
+    if self.num_epochs <= 0:
+      return None
+    return self.num_epochs * self.epoch_length // self.batch_size
+
+  def rows_at(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row index, epoch) at stream positions; row -1 past the end of an eval pass (padding)."""
+    positions = np.asarray(positions, np.int64)
+    if not self.train:
+      order = self._epoch(0)
+      rows = np.where(positions < len(order), order[np.minimum(positions, len(order) - 1)], -1)
+      return rows, np.zeros_like(positions)
+    length = self.epoch_length
+    if length == 0:
+      raise ValueError(f"the train split has {len(self.lengths)} rows: not one batch of {self.batch_size}")
+    epochs = positions // length
+    rows = np.empty_like(positions)
+    for e in np.unique(epochs):
+      sel = epochs == e
+      rows[sel] = self._epoch(int(e))[positions[sel] - e * length]
+    return rows, epochs
+
+
+# ---- batches ------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _BatchAt:
+  """Global batch k -> this process's rows of it (a grain map: picklable, so workers can run it)."""
+  rows: Rows
+  order: Order
+  local_rows: tuple[int, ...]  # positions within a global batch that this process's devices hold
+  random_steps: tuple
+  seed: int
+  pad_values: dict
+  buckets: tuple[int, ...]
+  seq_len: int
+
+  def __call__(self, k: int) -> dict[str, np.ndarray]:
+    b = self.order.batch_size
+    positions = k * b + np.arange(b)
+    rows, epochs = self.order.rows_at(positions)
+    local = np.asarray(self.local_rows)
+    picked = rows[local]
+    real = picked >= 0
+    out = self.rows.take(np.where(real, picked, 0))
+    if self.random_steps:  # per row, seeded by (seed, epoch, row): the same noise on any number of processes
+      made = []
+      for i in range(len(local)):
+        row = {key: v[i] for key, v in out.items()}
+        for j, step in enumerate(self.random_steps):
+          row = step.fn(row, np.random.default_rng([self.seed, int(epochs[local[i]]), int(max(picked[i], 0)), j]))
+        made.append(row)
+      out = {key: np.stack([r[key] for r in made]) for key in made[0]}
+    if not real.all():  # eval padding: the task's fill values, weight 0
+      for key, v in out.items():
+        v[~real] = self.pad_values.get(key, 0)
+    if self.buckets:
+      # every process cuts to the same length: the longest row of the whole global batch decides
+      used = int(max(self.rows.lengths[rows[rows >= 0]], default=1))
+      out = encoder_inputs.trim_to_length(out, encoder_inputs.bucket_length(used, self.buckets, self.seq_len),
+                                          self.seq_len)
+    return out
+
+
+class BatchIterator:
+  """This process's batches, from global batch `start` on; get_state()/set_state() hold the next batch number, which
+  means the same on any number of processes."""
+
+  def __init__(self, make, num_batches: int | None, data_cfg, start: int = 0):
+    self._make, self._num, self._cfg = make, num_batches, data_cfg
+    self._next = start
+    self._it = None
+
+  @property
+  def batches_per_epoch(self) -> int:
+    """Whole batches in one pass over the rows actually produced (windows, packed rows), at least 1."""
+    order = self._make.order
+    return max(1, order.epoch_length // order.batch_size)
+
+  def _open(self):
+    stop = self._num if self._num is not None else 1 << 40
+    ds = grain.MapDataset.range(self._next, max(stop, self._next)).map(self._make).to_iter_dataset()
+    if self._cfg.worker_count > 0:
+      _allow_grain_workers()
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._cfg.worker_count,
+                                                       per_worker_buffer_size=self._cfg.worker_buffer_size))
+    elif self._cfg.prefetch > 0:
+      ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=self._cfg.prefetch)
+    self._it = iter(ds)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._it is None:
+      self._open()
+    batch = next(self._it)
+    self._next += 1
+    return batch
+
+  def get_state(self) -> dict:
+    return {"next_batch": self._next}
+
+  def set_state(self, state: dict) -> None:
+    self.close()
+    self._next = int(state["next_batch"])
+
+  def close(self) -> None:
+    if self._it is not None and hasattr(self._it, "close"):
+      self._it.close()
+    self._it = None
+
+
+def batches(task, records, tokenizer, split: str, *, data_cfg, batch_size: int, seed: int,
+            local_rows: Sequence[int] | None = None, start: int = 0, cache_dir: str | None = None,
+            fingerprint: str = "", rows: tuple[Rows, list] | None = None) -> BatchIterator:
+  """This process's batches of `task`'s rows of one split: dicts of numpy arrays holding the `local_rows` positions
+  (default: all) of each global batch of `batch_size` rows, from global batch `start` on.
+
+  split 'train': epochs of the rows shuffled with `seed`, data.num_epochs of them (0 = forever), whole batches; a
+  bucketed task's train batches are grouped by length (data.length_group_batches). Other splits: one pass in order
+  (shortest first when grouped); positions past the last row carry the task's pad values (weight 0). A bucketed
+  task's batches are cut to the smallest of data.bucket_lengths that fits the whole global batch.
   """
   d = data_cfg
-  b = local_batch_size(batch_size, process_count)
   train = split == "train"
-  row_seed = seed if train else EVAL_SEED
-  read = _read_options(d, batch_size)
-  documents, items = _items(records, d, split, seed, process_index, process_count)
-  ctx = RowContext(tokenizer, d, split, row_seed, documents)
-  rows = items
-  for step in task.row_steps(ctx):
-    rows = _apply(rows, step, read, row_seed)
-  if isinstance(rows, grain.MapDataset):
-    rows = rows.to_iter_dataset(read)
+  prepared, random_steps = rows if rows is not None else prepare_rows(task, records, tokenizer, split, d, cache_dir,
+                                                                       fingerprint)
   bucketed = task.bucketed()
   buckets = tuple(int(x) for x in d.bucket_lengths) if bucketed else ()
   if any(x <= 0 or x > d.seq_len for x in buckets):
     raise ValueError(f"data.bucket_lengths={d.bucket_lengths}: every bucket must be in 1..data.seq_len={d.seq_len}")
-  finish = functools.partial(encoder_inputs.trim_to_bucket, buckets=buckets, seq_len=d.seq_len) if buckets else None
-  if train:
-    return iter(_finish_train(rows, d, b, seed, finish if process_count == 1 else None, group_lengths=bucketed))
-  if bucketed and d.length_group_batches > 0:
-    # eval rows are matched to their examples by example id, so their order is free: shortest first pads least
-    rows = LengthGroupedDataset(rows, d.length_group_batches * b * process_count, b * process_count, None, False)
-  pad_values = task.pad_values(tokenizer)
-  return iter(ShardedBatchDataset(rows, b, process_index, process_count, pad_values, finish))
+  order = Order(prepared.lengths, batch_size, seed, train, shuffle=d.shuffle,
+                group=d.length_group_batches if bucketed else 0, num_epochs=d.num_epochs if train else 1)
+  local = tuple(range(batch_size)) if local_rows is None else tuple(int(r) for r in local_rows)
+  make = _BatchAt(prepared, order, local, tuple(random_steps), seed, task.pad_values(tokenizer), buckets, d.seq_len)
+  return BatchIterator(make, order.num_batches(), d, start)

@@ -11,6 +11,8 @@ from typing import Protocol
 import numpy as np
 import sentencepiece as spm
 
+from jaxlm.data.wordpiece import WordPieceTokenizer
+
 # Ids a sentencepiece model trained here reserves; imported models keep their own.
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -139,21 +141,33 @@ def tokenizer_path(config, workdir: str) -> str:
   return os.path.join(workdir, "tokenizer", "spm.model")
 
 
+# tokenizer.kind -> (how to load its file, what to do when the file is missing)
+_KINDS = {
+    "sentencepiece": (lambda path, cfg: SentencePieceTokenizer.from_file(path),
+                      "train one with `jaxlm tokenizer --config CONFIG --workdir {workdir}`, or set "
+                      "--config.tokenizer.path"),
+    "wordpiece": (lambda path, cfg: WordPieceTokenizer.from_file(path, lowercase=cfg.lowercase),
+                  "set --config.tokenizer.path to the checkpoint's vocab.txt"),
+}
+
+
+def trained_here(config) -> bool:
+  """Whether the run owns its tokenizer (a sentencepiece model at WORKDIR/tokenizer/spm.model, trained if missing)."""
+  return not config.tokenizer.path and config.tokenizer.kind in TRAINABLE
+
+
+TRAINABLE = ("sentencepiece",)  # tokenizer kinds `jaxlm tokenizer` trains
+
+
 def load_tokenizer(config, workdir: str) -> Tokenizer:
   path = tokenizer_path(config, workdir)
   kind = config.tokenizer.kind
-  if kind not in ("sentencepiece", "wordpiece"):
-    raise ValueError(f"tokenizer.kind={kind!r}: expected sentencepiece or wordpiece")
+  if kind not in _KINDS:
+    raise ValueError(f"tokenizer.kind={kind!r}: expected {' or '.join(_KINDS)}")
+  load, hint = _KINDS[kind]
   if not os.path.isfile(path):
-    if kind == "sentencepiece":
-      hint = f"train one with `jaxlm tokenizer --config CONFIG --workdir {workdir}`, or set --config.tokenizer.path"
-    else:
-      hint = "set --config.tokenizer.path to the checkpoint's vocab.txt"
-    raise FileNotFoundError(f"tokenizer file not found: {path} ({hint})")
-  if kind == "wordpiece":
-    from jaxlm.data.wordpiece import WordPieceTokenizer
-    return WordPieceTokenizer.from_file(path, lowercase=config.tokenizer.lowercase)
-  return SentencePieceTokenizer.from_file(path)
+    raise FileNotFoundError(f"tokenizer file not found: {path} ({hint.format(workdir=workdir)})")
+  return load(path, config.tokenizer)
 
 
 def _training_sentences(texts, max_sentences: int):
@@ -173,7 +187,7 @@ def train_tokenizer(config, workdir: str, texts) -> str:
   """Trains a sentencepiece model on `texts` (an iterable of documents, e.g. the train split's) and writes it to
   tokenizer_path(); returns the path."""
   t = config.tokenizer
-  if t.kind != "sentencepiece":
+  if t.kind not in TRAINABLE:
     raise ValueError(f"tokenizer.kind={t.kind!r}: only sentencepiece models are trained (WordPiece comes with its "
                      "checkpoint's vocab.txt)")
   if t.model_type not in ("unigram", "bpe"):
