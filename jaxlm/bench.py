@@ -66,6 +66,7 @@ def bench_train_step(config, *, steps: int = 10, warmup: int = 3, peak_gflops: f
   med = statistics.median(times)
   tokens_per_s = b * seq / med
   peak = peak_gflops if peak_gflops else measure_peak_gflops()
+  stats = jax.devices()[0].memory_stats() or {}  # accelerators report their allocator's peak; the CPU reports none
   return {
       "name": config.name,
       "tokens_per_s": round(tokens_per_s, 1),
@@ -76,9 +77,13 @@ def bench_train_step(config, *, steps: int = 10, warmup: int = 3, peak_gflops: f
       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
       "params": n_params,
       "params_6n": n_flops,
+      "peak_device_memory_gb": round(stats["peak_bytes_in_use"] / 2**30, 2) if "peak_bytes_in_use" in stats else None,
       "loss_first": round(losses[0], 4),
       "loss_last": round(losses[-1], 4),
+      "losses": [round(x, 5) for x in losses],
       "timed_steps": len(times),
       "dtype": config.model.dtype,
+      "attention": config.model.attention,
       "devices": jax.device_count(),
+      "platform": jax.devices()[0].platform,
   }

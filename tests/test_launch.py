@@ -1,6 +1,7 @@
 """The launch scripts: shell syntax, the variables each names at its top, and the exact command each runs, checked
 by running it with stand-ins for jaxlm / srun / gcloud on PATH that record their arguments and environment."""
 
+import json
 import os
 import re
 import shlex
@@ -266,3 +267,18 @@ def test_gke_jobset_command(fakes, accelerator):
   else:
     assert plan == distributed.Plan("explicit", f"jaxlm-workers-0-0.jaxlm:{data['COORDINATOR_PORT']}",
                                     int(data["NUM_PROCESSES"]), 2)
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_its_cpu_path(tmp_path):
+  """launch/gpu_check.sh on the CPU (a tiny config, XLA attention on both sides): two bench runs and a verdict."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1", XLA_FLAGS="", CONFIG="configs/llama_tiny.py",
+             ATTENTION="xla", PEAK_GFLOPS="200", STEPS="2", WARMUP="1", OUT=str(tmp_path),
+             JAXLM=f"{sys.executable} -m jaxlm")
+  result = subprocess.run(["bash", str(REPO / "launch" / "gpu_check.sh"), "--config.model.dtype=bfloat16"], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+  verdict = json.loads(result.stdout.strip().splitlines()[-1])
+  assert verdict["check"] == "ok" and verdict["max_rel_loss_diff"] == 0.0 and verdict["platform"] == "cpu"
+  fused = json.loads((tmp_path / "fused.json").read_text())
+  assert fused["dtype"] == "bfloat16" and len(fused["losses"]) == 3 and fused["tokens_per_s"] > 0
