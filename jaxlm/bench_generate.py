@@ -1,0 +1,64 @@
+"""`jaxlm bench --generate`: KV-cache decoding speed of a decoder, greedy and beam search at several batch sizes, with
+prefill and per-token latency apart, as one JSON line. The weights are random or a Hugging Face GPT-2/Llama directory
+(--hf), so the same model can be timed beside transformers' `generate` (tests/peer_hf_generate.py)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm import generation, hf
+from jaxlm.models.decoder import Decoder, DecoderConfig
+
+
+def _model(config, hf_dir: str | None):
+  """(Decoder, params): the config's decoder with random weights, or an HF directory's model and weights."""
+  if hf_dir:
+    cfg, params = hf.family_module(hf.detect_family(hf_dir)).load(hf_dir)
+    return Decoder(cfg), jax.tree.map(jnp.asarray, params)
+  model = Decoder(DecoderConfig.from_config(config.model))
+  params = jax.jit(lambda r: model.init(r, jnp.zeros((1, 1), jnp.int32))["params"])(jax.random.key(0))
+  return model, jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, params)
+
+
+def _clock(fn, repeats: int) -> float:
+  jax.block_until_ready(fn())  # compiles
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def bench_generate(config, *, hf_dir: str | None = None, batch_sizes=(1, 8), prompt_len: int = 32,
+                   new_tokens: int = 64, beam_size: int = 4, repeats: int = 3) -> dict:
+  """Greedy and beam-search decoding of `new_tokens` tokens after `prompt_len` prompt tokens (no EOS: every run does
+  the same work), timed after compilation; median of `repeats`. tokens_per_s counts generated tokens of all rows."""
+  model, params = _model(config, hf_dir)
+  # llama-style caches can be just long enough; gpt2's position table fixes its cache at max_len
+  short = model.cfg.style == "llama"
+  decoding = generation.decoder_decoding(model, prompt_len + new_tokens if short else None)
+  rng = np.random.default_rng(0)
+  vocab = model.cfg.vocab_size
+  out = {"name": config.name, "params": int(sum(x.size for x in jax.tree.leaves(params))), "prompt_len": prompt_len,
+         "new_tokens": new_tokens, "devices": jax.device_count(), "runs": []}
+  for b in batch_sizes:
+    prompt = jnp.asarray(rng.integers(0, vocab, (b, prompt_len)), jnp.int32)
+    timing = generation.time_decoding(decoding, params, batch_size=b, prompt_len=prompt_len, new_tokens=new_tokens,
+                                      repeats=repeats)
+    greedy = _clock(lambda p=prompt: generation.sample(decoding, params, p, max_new_tokens=new_tokens), repeats)
+    out["runs"].append({"search": "greedy", "batch": b, "seconds": round(greedy, 4),
+                        "tokens_per_s": round(b * new_tokens / greedy, 1),
+                        "prefill_ms": round(timing.prefill_seconds * 1e3, 2),
+                        "per_token_ms": round(timing.per_token_seconds * 1e3, 3)})
+    if beam_size > 1:
+      beam = _clock(lambda p=prompt: generation.beam_search(decoding, params, p, beam_size=beam_size,
+                                                            max_new_tokens=new_tokens), repeats)
+      out["runs"].append({"search": f"beam{beam_size}", "batch": b, "seconds": round(beam, 4),
+                          "tokens_per_s": round(b * new_tokens / beam, 1)})
+  return out
