@@ -65,7 +65,7 @@ def _on_cloud_tpu_vm() -> bool:
   # Set when jax is imported, from libtpu and the TPU chips present (jax/_src/cloud_tpu_init.py); JAX has no
   # public name for it. Only consulted when no process settings were given, so a rename costs auto-detection only.
   try:
-    from jax._src import cloud_tpu_init
+    from jax._src import cloud_tpu_init  # private: imported only here, where a missing module means "not a TPU VM"
   except ImportError:
     return False
   return bool(getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False))

@@ -228,7 +228,7 @@ def compiled_memory(config, devices) -> dict:
 
 def topology_devices(name: str):
   """Compile-only devices of a TPU topology such as 'v5p:4x4x4' (needs libtpu, not TPU hardware)."""
-  from jax.experimental import topologies
+  from jax.experimental import topologies  # only for --topology: it looks for libtpu when imported
   try:
     return topologies.get_topology_desc(name, "tpu").devices
   except (RuntimeError, NotImplementedError) as e:

@@ -24,9 +24,10 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 def plot_metrics(workdir: str, output: str | None = None) -> str:
+  # matplotlib is imported only to plot, with the file backend chosen before pyplot loads (no display needed)
   import matplotlib
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # noqa: E402 - after the backend is set
 
   rows = read_metrics(workdir)
   train_rows = [r for r in rows if r["split"] == "train"]

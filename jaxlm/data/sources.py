@@ -109,7 +109,7 @@ def read_lines(path: str) -> list[tuple[int, str]]:
 
 def pydoc_documents() -> list[str]:
   """CPython's documentation topics (pydoc_data), one document per topic, in a fixed order."""
-  from pydoc_data.topics import topics
+  from pydoc_data.topics import topics  # a 700 kB module: loaded only by runs that read it
   return [topics[k].strip() for k in sorted(topics) if topics[k].strip()]
 
 
@@ -262,7 +262,8 @@ def read_squad(path: str) -> list[dict]:
   try:
     data = json.loads(text)
   except json.JSONDecodeError as e:
-    line = text.splitlines()[e.lineno - 1] if text.splitlines() else ""
+    lines = text.splitlines()
+    line = lines[e.lineno - 1] if e.lineno <= len(lines) else ""  # an error at the very end is past the last line
     raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno}): {_snippet(line)}") from None
   if not isinstance(data, dict) or not isinstance(data.get("data"), list):
     raise DataError(f"{path}: not SQuAD JSON: expected {{'data': [articles]}} at the top level")
