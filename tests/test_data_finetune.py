@@ -96,16 +96,23 @@ def test_ner_alignment_matches_hf_word_ids(tmp_path, shared_data, hf):
   split = open_split(c, "eval")
   label_ids = {t: i for i, t in enumerate(split.labels)}
   rows = eval_rows(c, tok)
+  windows = {}  # example id -> its rows
+  for row in rows:
+    if row["example_ids"] >= 0:
+      windows.setdefault(int(row["example_ids"]), []).append(row)
   fitting = cut = 0
-  for row, record in zip(rows, split.records):
+  for i, record in enumerate(split.records):
     enc = hf(record["tokens"], is_split_into_words=True)
     word_ids = enc.word_ids()
-    if len(enc["input_ids"]) > 48:  # our row keeps whole words only: a prefix of the sentence's words
+    if len(enc["input_ids"]) > 48:  # windows of whole words that together hold every word
       cut += 1
-      kept = row["word_index"][row["word_index"] >= 0]
-      np.testing.assert_array_equal(kept, np.arange(len(kept)))
+      assert len(windows[i]) > 1
+      kept = {int(w) for row in windows[i] for w in row["word_index"][row["word_index"] >= 0]}
+      assert kept == set(range(len(record["tokens"])))
       continue
     fitting += 1
+    assert len(windows[i]) == 1
+    row = windows[i][0]
     np.testing.assert_array_equal(row["input_ids"][:len(enc["input_ids"])], enc["input_ids"])
     firsts = [p for p, w in enumerate(word_ids) if w is not None and (p == 0 or word_ids[p - 1] != w)]
     assert list(np.flatnonzero(row["label_weights"])) == firsts
@@ -113,9 +120,10 @@ def test_ner_alignment_matches_hf_word_ids(tmp_path, shared_data, hf):
     assert [split.labels[row["labels"][p]] for p in firsts] == record["tags"]
     assert not row["labels"][row["label_weights"] == 0].any()
   assert fitting > 500 and cut > 0
-  assert len(rows) % 32 == 0 and len(rows) > len(split.records)
-  for row in rows[len(split.records):]:
-    assert row["example_ids"] == -1 and not row["attention_mask"].any() and (row["word_index"] == -1).all()
+  assert len(rows) % 32 == 0 and sorted(windows) == list(range(len(split.records)))
+  for row in rows:
+    if row["example_ids"] == -1:  # padding
+      assert not row["attention_mask"].any() and (row["word_index"] == -1).all()
   # predictions back to words: the true tag ids give back the sentences' tags, one per word
   task = make_task(with_keys(c, model__family="encoder", data__labels=split.labels))
   pairs = [(b, {"tags": np.where(b["word_index"] >= 0, b["labels"], -1)}) for b in task_batches(c, tok, "eval")]

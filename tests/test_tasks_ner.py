@@ -1,7 +1,10 @@
 """NER task: softmax and CRF heads learn a toy tagging task, the CRF loss is the word-level CRF, constrained decoding,
-seqeval metrics over windows, and sub-word alignment on real CoNLL-2003 sentences."""
+seqeval metrics over windows, overlapping windows over sentences longer than a row (every word tagged once and
+scored, from the window where it sees most), and sub-word alignment on real CoNLL-2003 sentences."""
 
+import io
 import itertools
+import json
 
 import flax.linen as nn
 import jax
@@ -10,9 +13,22 @@ import pytest
 from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
 
 from jaxlm import config as config_lib
-from jaxlm import train
+from jaxlm import predict, run, train
+from jaxlm.checkpoint import Checkpointer
+from jaxlm.data import ner
+from jaxlm.data import tokenizer as tokenizer_lib
+from jaxlm.data.wordpiece import WordPieceTokenizer
 from jaxlm.tasks import make_task
-from tests.conftest import BASE, MINILM_VOCAB, PLAIN_ADAM, TINY_ENCODER, sampled_batches, train_steps
+from tests.conftest import (
+  BASE,
+  MINILM_VOCAB,
+  PLAIN_ADAM,
+  REPO,
+  TINY_ENCODER,
+  sampled_batches,
+  task_batches,
+  train_steps,
+)
 
 LABELS = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC")
 TINY = ["task.name=ner", *TINY_ENCODER, "model.d_ff=64", "task.head_dropout=0.0", f"data.labels={LABELS!r}"]
@@ -29,6 +45,7 @@ def _rows(sentences, length=32):
   batch = {"input_ids": np.zeros((b, length), np.int32), "token_type_ids": np.zeros((b, length), np.int32),
            "attention_mask": np.zeros((b, length), np.int32), "labels": np.zeros((b, length), np.int32),
            "label_weights": np.zeros((b, length), np.float32), "word_index": np.full((b, length), -1, np.int32),
+           "word_context": np.zeros((b, length), np.float32),
            "example_ids": np.arange(b, dtype=np.int32), "num_words": np.array([len(w) for w in sentences], np.int32)}
   for row, words in enumerate(sentences):
     pos = 1
@@ -271,3 +288,116 @@ def test_crf_head_in_the_train_step_sharded_equals_one_device():
   base = _loop_losses((1, 1, 1))
   assert np.all(np.isfinite(base)) and base[-1] < base[0]  # step 0 has learning rate 0 (warmup)
   np.testing.assert_allclose(_loop_losses((2, 2, 2)), base, rtol=1e-5)
+
+
+# ---- sentences longer than a row ----------------------------------------------------------------------------------
+
+def _long_sentence(n, seed=0):
+  """n words of 1-3 pieces each ('w3', 'w3a' -> w3 ##a, 'w3ab' -> w3 ##a ##b) with random tags; the vocabulary."""
+  rng = np.random.default_rng(seed)
+  words = [f"w{rng.integers(10)}" + "".join(rng.choice(["a", "b"], size=rng.integers(0, 3))) for _ in range(n)]
+  tags = [str(t) for t in rng.choice(LABELS, size=n)]
+  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(10)] + ["##a", "##b"]
+  return words, tags, vocab
+
+
+def _context(window_words, pieces, w, complete_left, complete_right):
+  """How much of the sentence word w sees in a window of `window_words`: the sub-words before and after its first
+  piece, the poorer side counting (a side that reaches the sentence's end sees all of it)."""
+  before = sum(len(pieces[v]) for v in window_words if v < w)
+  after = sum(len(pieces[v]) for v in window_words if v >= w) - 1
+  return min(np.inf if complete_left else before, np.inf if complete_right else after)
+
+
+@pytest.mark.parametrize("stride", [0, 5, 40])
+def test_windows_cover_a_long_sentence_and_every_word_is_scored_once(tmp_path, stride):
+  words, tags, vocab = _long_sentence(400)
+  (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+  tokenizer = WordPieceTokenizer.from_file(str(tmp_path / "vocab.txt"), lowercase=True)
+  pieces = tokenizer.encode_words(words)
+  assert sum(map(len, pieces)) > 600 and max(map(len, pieces)) == 3
+  task = _task()
+  label_ids = {t: i for i, t in enumerate(LABELS)}
+  rows = ner.AlignTags(tokenizer, 32, label_ids, stride).flat_map((0, {"tokens": words, "tags": tags}))
+  windows = []
+  for row in rows:
+    kept = [int(w) for w in row["word_index"][row["word_index"] >= 0]]
+    windows.append(kept)
+    assert kept == list(range(kept[0], kept[-1] + 1))  # whole consecutive words
+    # the row is [CLS], the words' pieces, [SEP]: nothing cut inside a word
+    assert list(row["input_ids"][row["attention_mask"] > 0]) == [tokenizer.cls_id] + [
+        i for w in kept for i in pieces[w]] + [tokenizer.sep_id]
+    assert [LABELS[row["labels"][p]] for p in np.flatnonzero(row["word_index"] >= 0)] == [tags[w] for w in kept]
+    assert row["example_ids"] == 0 and row["num_words"] == 400
+  assert windows[0][0] == 0 and windows[-1][-1] == 399
+  offsets = np.concatenate([[0], np.cumsum([len(p) for p in pieces])])
+  step = stride or 15  # half of the 30 sub-words a row holds
+  for a, b in itertools.pairwise(windows):
+    assert a[0] < b[0] <= a[-1] + 1  # each window moves on, and no word falls between two windows
+    # the next window starts at the first word `step` sub-words on (or at the word after this one's last)
+    want = next((w for w in range(a[0] + 1, a[-1] + 1) if offsets[w] >= offsets[a[0]] + step), a[-1] + 1)
+    assert b[0] == want
+    if step < 20:
+      assert b[0] <= a[-1]  # windows overlap
+  # predictions: a word's id in every window, so each row shows which window a word's tag came from
+  batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+  window_of = np.where(batch["word_index"] >= 0, np.arange(len(rows))[:, None], -1)
+  merged = task.words([(batch, {"tags": window_of})])
+  assert sorted(merged) == [0] and sorted(merged[0]) == list(range(400))  # every word exactly once
+  for w in range(400):
+    holding = [k for k, kept in enumerate(windows) if w in kept]
+    scores = [_context(windows[k], pieces, w, windows[k][0] == 0, windows[k][-1] == 399) for k in holding]
+    assert merged[0][w] == (label_ids[tags[w]], holding[int(np.argmax(scores))])  # the best-placed window's tag
+  # every gold word counts: wrong tags on 7 words give a word accuracy of exactly 393/400
+  pred = batch["labels"].copy()
+  wrong = [3, 50, 51, 120, 200, 333, 399]
+  for w in wrong:
+    pred[(batch["word_index"] == w)] = (pred[batch["word_index"] == w] + 1) % len(LABELS)
+  pred = np.where(batch["word_index"] >= 0, pred, -1)
+  metrics = task.host_metrics([(batch, {"tags": pred})], None)
+  assert metrics["accuracy"] == pytest.approx(393 / 400)
+  y_true, _ = task.sentences([(batch, {"tags": pred})])
+  assert y_true == [tags]
+  out = io.StringIO()
+  record = {"tokens": words, "tags": tags}
+  assert task.write_predictions([record], [(batch, {"tags": pred})], out, jsonl=True) == 1
+  written = json.loads(out.getvalue())
+  assert len(written["tags"]) == 400 and sum(a != b for a, b in zip(written["tags"], tags)) == len(wrong)
+
+
+@pytest.mark.slow
+def test_conll_at_32_tokens_every_test_word_predicted_and_scored(shared_data, minilm, tmp_path):
+  """CoNLL-2003 test with data.seq_len=32 (many sentences need several windows): `jaxlm predict` writes a tag for
+  every word of the file, and evaluation scores every gold word and entity."""
+  test_file = shared_data / "conll2003" / "test.txt"
+  workdir = tmp_path / "run"
+  config = config_lib.load(str(REPO / "configs" / "bert_tiny_ner.py"), [
+      f"data.train_files={test_file}", f"data.dev_files={test_file}", "data.test_files=", "data.seq_len=32",
+      "data.bucket_lengths=()", f"data.tfds_data_dir={tmp_path / 'tfds'}", "train.steps=2", "train.eval_every=0",
+      "train.eval_batches=1", "train.batch_size=64", "checkpoint.every_steps=2", "checkpoint.best_metric="])
+  run.run(config, str(workdir))
+  sentences = _read_conll(test_file, 10 ** 6)
+  n_words = sum(len(s) for s in sentences)
+  assert len(sentences) == 3453 and n_words == 46435
+
+  out = tmp_path / "test.conll"
+  assert predict.predict(str(workdir), str(test_file), str(out), "conll") == len(sentences)
+  written = [line.split("\t") for line in out.read_text().splitlines() if line]
+  assert [w for w, _ in written] == [w for s in sentences for w, _ in s]  # a tag for every word, in order
+  config = run.read_config(str(workdir))
+  assert {t for _, t in written} <= set(config.data.labels)
+
+  # evaluation of that file as a split: every gold word and entity counts
+  tokenizer = tokenizer_lib.load_tokenizer(config, str(workdir))
+  task = make_task(config)
+  batches = list(task_batches(config, tokenizer, "dev", task=task))
+  assert sum(int(b["label_weights"].sum()) for b in batches) > n_words  # overlapping windows repeat words
+  _, params = run.restore_params(train.build(config), Checkpointer(str(workdir), config.checkpoint, read_only=True))
+  predict_fn = jax.jit(task.predict)
+  pairs = [(b, jax.device_get(predict_fn(params, b))) for b in batches]
+  y_true, y_pred = task.sentences(pairs)
+  assert y_true == [[t for _, t in s] for s in sentences]
+  assert sum(map(len, y_pred)) == n_words
+  metrics = task.host_metrics(pairs, None)
+  assert metrics["recall"] == pytest.approx(recall_score(y_true, y_pred))  # over all 5,648 gold entities
+  assert "5648" in metrics["report"].replace(",", "")

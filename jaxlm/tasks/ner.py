@@ -2,8 +2,10 @@
 sub-word of each word; evaluated at entity level with seqeval (precision, recall, F1 and classification_report).
 
 Batches: encoder inputs, `labels` [B, L] (a tag id on first sub-words), `label_weights` [B, L] (1 there),
-`word_index` [B, L] (the word's index in its sentence, -1 elsewhere), `example_ids` [B] (-1 on padding rows) and
-`num_words` [B].
+`word_index` [B, L] (the word's index in its sentence, -1 elsewhere), `word_context` [B, L] (how much of the sentence
+the word sees in this row), `example_ids` [B] (-1 on padding rows) and `num_words` [B]. A sentence longer than a row
+is split into overlapping windows (data.ner_stride); each word takes its prediction from the window where it sees the
+most context, so every word is tagged once and every gold word is scored.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class NerTask:
     ints = np.zeros((batch_size, seq_len), np.int32)
     return {**dummy_inputs(batch_size, seq_len), "labels": ints, "label_weights": np.ones_like(ints, np.float32),
             "word_index": np.broadcast_to(np.arange(seq_len, dtype=np.int32), ints.shape).copy(),
+            "word_context": np.zeros((batch_size, seq_len), np.float32),
             "example_ids": np.arange(batch_size, dtype=np.int32), "num_words": np.full((batch_size,), seq_len, np.int32)}
 
   def init_params(self, rng, batch):
@@ -100,16 +103,20 @@ class NerTask:
     return {"tags": crf.scatter_back(tags, order, count, -1)}
 
   def words(self, pairs) -> dict[int, dict[int, tuple[int, int]]]:
-    """example id -> word index -> (gold tag id, predicted tag id), over the rows (windows) of an eval pass."""
-    words: dict[int, dict[int, tuple[int, int]]] = {}
+    """example id -> word index -> (gold tag id, predicted tag id), over the rows (windows) of an eval pass: a word in
+    several windows takes the prediction of the one where its word_context is highest (the first of equals)."""
+    best: dict[int, dict[int, tuple[float, int, int]]] = {}
     for batch, out in pairs:
       ids, word_index = np.asarray(batch["example_ids"]), np.asarray(batch["word_index"])
       gold, pred = np.asarray(batch["labels"]), np.asarray(out["tags"])
+      context = np.asarray(batch["word_context"]) if "word_context" in batch else np.zeros(word_index.shape)
       for row in np.flatnonzero(ids >= 0):
-        sentence = words.setdefault(int(ids[row]), {})
+        sentence = best.setdefault(int(ids[row]), {})
         for pos in np.flatnonzero(word_index[row] >= 0):
-          sentence.setdefault(int(word_index[row, pos]), (int(gold[row, pos]), int(pred[row, pos])))
-    return words
+          w, score = int(word_index[row, pos]), float(context[row, pos])
+          if w not in sentence or score > sentence[w][0]:
+            sentence[w] = (score, int(gold[row, pos]), int(pred[row, pos]))
+    return {example: {w: (g, p) for w, (_, g, p) in sentence.items()} for example, sentence in best.items()}
 
   def sentences(self, pairs) -> tuple[list[list[str]], list[list[str]]]:
     """Gold and predicted tag names per sentence, words in order; a sentence split over rows (windows) is joined by
@@ -151,7 +158,7 @@ class NerTask:
   def row_steps(self, ctx):
     tokenizer_lib.require_ids(ctx.tokenizer, ("cls", "sep"), self.name)
     label_ids = {label: i for i, label in enumerate(self.labels)}
-    return [rows.Map(ner.AlignTags(ctx.tokenizer, ctx.data_cfg.seq_len, label_ids))]
+    return [rows.FlatMap(ner.AlignTags(ctx.tokenizer, ctx.data_cfg.seq_len, label_ids, ctx.data_cfg.ner_stride))]
 
   def pad_values(self, tokenizer):
     return {"input_ids": tokenizer.pad_id, **ner.PAD_VALUES}
@@ -195,7 +202,11 @@ class NerTask:
     words = self.words(pairs)
     for i, record in enumerate(records_):
       predicted = words.get(i, {})
-      tags = [self.labels[predicted[w][1]] if w in predicted else "O" for w in range(len(record["tokens"]))]
+      missing = [w for w in range(len(record["tokens"])) if w not in predicted]
+      if missing:  # the windows cover every word: a gap is a bug, never a silent 'O'
+        raise RuntimeError(f"{record.get('where') or f'sentence {i}'}: no prediction for word {missing[0]} of "
+                           f"{len(record['tokens'])}")
+      tags = [self.labels[predicted[w][1]] for w in range(len(record["tokens"]))]
       if jsonl:
         spans = [{"type": t, "start": s, "end": e + 1, "text": " ".join(record["tokens"][s:e + 1])}
                  for t, s, e in self.entities(tags)]
