@@ -9,9 +9,11 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---- task ----------------------------------------------------------------------------------------------
   c.task = ml_collections.ConfigDict()
-  c.task.name = "lm"  # lm (causal LM) | mlm_nsp | classification | ner | qa — see jaxlm/tasks/
+  c.task.name = "lm"  # lm (causal LM) | mlm_nsp | classification | ner | qa | relation — see jaxlm/tasks/
   # encoder tasks (jaxlm/tasks/{classification,ner,qa,mlm_nsp}.py); labels and tag scheme: data.labels, data.tag_scheme
-  c.task.head = ""  # '' = the task's own; ner: softmax | crf; classification: sequence; qa: span; mlm_nsp: mlm_nsp|mlm
+  # '' = the task's own; ner: softmax | crf; classification: sequence; qa: span; mlm_nsp: mlm_nsp | mlm;
+  # relation: entity_start (the [E1] and [E2] marker states, concatenated)
+  c.task.head = ""
   c.task.head_dropout = 0.1  # dropout on the encoder output before a classification / tagging head, in training
   c.task.seqeval_strict = False  # ner: seqeval strict mode (entities follow data.tag_scheme); False = conlleval rules
   c.task.crf_constrained = True  # ner crf head, iob2 only: I-X never follows O or another type, nor starts a sentence
@@ -86,6 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   # Where records come from. text: .txt/.jsonl files | pydoc: CPython's bundled documentation text (no files needed)
   # | conll: token/tag files (ner) | tsv: TSV/CSV rows (classification) | squad: SQuAD JSON (qa)
+  # | semeval: SemEval-2010 Task 8 files or .jsonl tagged sentences (relation; dev: a stratified data.eval_fraction)
   # | tfds: a public tfds dataset prepared as array_record. Local files are prepared once as array_record too.
   c.data.source = "text"
   c.data.train_files = ""  # glob(s) or folders of training files, comma-separated; relative to the working dir
@@ -123,6 +126,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.mean_noise_span_length = 3.0  # span_corruption: average span length
   c.data.doc_stride = 128  # qa: tokens between the starts of consecutive windows over a long context
   c.data.max_query_length = 64  # qa: question tokens kept
+  # ner: a sentence longer than a row is tagged in overlapping windows whose starts are this many sub-words apart
+  c.data.ner_stride = 0  # 0 = half a window (data.seq_len - 2 sub-words): every word lies near some window's centre
   c.data.shuffle = True  # globally shuffle examples each epoch
   c.data.num_epochs = 0  # 0 = repeat forever (training stops at train.steps)
   c.data.worker_count = 0  # grain worker processes for tokenisation and packing; 0 = in the main process
