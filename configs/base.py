@@ -18,6 +18,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.task.seqeval_strict = False  # ner: seqeval strict mode (entities follow data.tag_scheme); False = conlleval rules
   c.task.crf_constrained = True  # ner crf head, iob2 only: I-X never follows O or another type, nor starts a sentence
   c.task.max_answer_len = 30  # qa: longest answer, in tokens, the best-span search considers
+  # qa, SQuAD 2.0: a split with unanswerable questions is scored with the official v2.0 metrics (HasAns / NoAns, and
+  # best_exact / best_f1 with the thresholds that reach them, best_f1_thresh); the null ([CLS]) span answers ''
+  c.task.squad_v2 = False  # also `jaxlm predict` may answer '' (and eval uses the v2 metrics even with every answer)
+  c.task.null_threshold = 0.0  # answer '' when the null score beats the best span's by more; a dev best_f1_thresh
   c.task.mlm_max_predictions = 0  # mlm_nsp: vocabulary logits at most at this many masked positions per row; 0 = all
 
   # ---- initialisation from a pretrained checkpoint --------------------------------------------------------

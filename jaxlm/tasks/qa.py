@@ -1,6 +1,12 @@
 """Extractive question answering on the BERT encoder: start/end logits, the best span of at most task.max_answer_len
 tokens inside the context, chosen per example over its document-stride windows, scored by SQuAD exact match / F1.
 
+Unanswerable questions (SQuAD 2.0) train the [CLS] token as the answer. The null score of an example is the lowest
+[CLS] start + end logit over its windows; the question is answered '' when the null score beats the best span's by
+more than task.null_threshold. A split with unanswerable questions is scored as the official v2.0 script scores it
+(HasAns / NoAns breakdowns, and the threshold that would maximise exact match and F1 on it); one without is scored
+as v1.1 (the best span always answers).
+
 Batches: encoder inputs, `start_positions` / `end_positions` [B] (token indices of the answer in the window, 0 = the
 [CLS] token when the window does not hold it), `offsets` [B, L, 2] (each context token's character span in the
 context, -1 elsewhere), `example_ids` [B] and `example_weights` [B]. The host-side metrics cut answers from each
@@ -48,6 +54,52 @@ def f1(prediction: str, truth: str) -> float:
   return 2 * precision * recall / (precision + recall)
 
 
+def f1_v2(prediction: str, truth: str) -> float:
+  """The v2.0 script's F1: as v1.1's, except that an empty answer on either side scores 1 when both are empty."""
+  if not normalize_answer(prediction) or not normalize_answer(truth):
+    return float(normalize_answer(prediction) == normalize_answer(truth))
+  return f1(prediction, truth)
+
+
+def squad_v2_metrics(golds: dict, spans: dict, null_diffs: dict, threshold: float) -> dict[str, float]:
+  """The official SQuAD 2.0 evaluation (evaluate-v2.0.py with a no-answer probability file), in [0, 1]:
+
+  golds: id -> gold answers ([] = unanswerable); spans: id -> the best non-null span's text; null_diffs: id -> null
+  score minus that span's score (the script's na_prob: above the threshold, the answer is ''). exact_match / f1 and
+  the HasAns / NoAns breakdowns are at `threshold`; best_exact / best_f1 at the threshold that maximises each, found
+  as the script finds it (questions turned answered in rising null_diff order; 0.0 when answering none is best).
+  """
+  has_ans = {i: bool(g) for i, g in golds.items()}
+  exact_raw, f1_raw = {}, {}
+  for i, answers in golds.items():
+    answers = [a for a in answers if normalize_answer(a)] or [""]  # an unanswerable question's only answer is ''
+    exact_raw[i] = max(exact_match(spans[i], a) for a in answers)
+    f1_raw[i] = max(f1_v2(spans[i], a) for a in answers)
+
+  def thresholded(raw):
+    return {i: float(not has_ans[i]) if null_diffs[i] > threshold else raw[i] for i in raw}
+
+  def best(raw):
+    score = best_score = sum(not h for h in has_ans.values())  # every question answered '': the NoAns ones are right
+    best_threshold = 0.0
+    for i in sorted(null_diffs, key=lambda k: null_diffs[k]):
+      score += raw[i] if has_ans[i] else (-1 if spans[i] else 0)
+      if score > best_score:
+        best_score, best_threshold = score, null_diffs[i]
+    return best_score / len(raw), float(best_threshold)
+
+  exact, f1s = thresholded(exact_raw), thresholded(f1_raw)
+  out = {"exact_match": float(np.mean(list(exact.values()))), "f1": float(np.mean(list(f1s.values())))}
+  for name, wanted in (("HasAns", True), ("NoAns", False)):
+    ids = [i for i in golds if has_ans[i] == wanted]
+    if ids:
+      out.update({f"{name}_exact": float(np.mean([exact[i] for i in ids])),
+                  f"{name}_f1": float(np.mean([f1s[i] for i in ids])), f"{name}_total": float(len(ids))})
+  out["best_exact"], out["best_exact_thresh"] = best(exact_raw)
+  out["best_f1"], out["best_f1_thresh"] = best(f1_raw)
+  return out
+
+
 def best_spans(start_logits, end_logits, in_context, max_answer_len: int):
   """The best (start, end, score) per window [B] over start <= end < start + max_answer_len, both in the context.
 
@@ -76,6 +128,8 @@ class QATask:
     self.max_answer_len = config.task.max_answer_len
     if self.max_answer_len < 1:
       raise ValueError(f"task.max_answer_len must be at least 1, got {self.max_answer_len}")
+    self.squad_v2 = config.task.squad_v2
+    self.null_threshold = config.task.null_threshold
     self.model = SpanExtractor(self.model_cfg)
 
   def dummy_batch(self, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
@@ -109,31 +163,46 @@ class QATask:
     start_logits, end_logits = self.model.apply({"params": params}, *(batch[k] for k in INPUT_NAMES))
     in_context = batch["offsets"][..., 0] >= 0
     start, end, score = best_spans(start_logits, end_logits, in_context, self.max_answer_len)
-    return {"start": start, "end": end, "score": score}
+    # the null span: [CLS] (position 0) as both start and end
+    return {"start": start, "end": end, "score": score, "null_score": start_logits[:, 0] + end_logits[:, 0]}
 
-  def answers(self, pairs, records_) -> dict[int, str]:
-    """example id -> predicted answer text, from the best-scoring span over the example's windows; `records_` are the
-    split's records, indexed by example id."""
+  def spans(self, pairs, records_) -> dict[int, tuple[str, float]]:
+    """example id -> (the best-scoring span's text over the example's windows ('' when no window has one), its null
+    score minus that span's score); `records_` are the split's records, indexed by example id. The null score is the
+    lowest over the windows: the window that most holds the answer speaks for the example."""
     best: dict[int, tuple[float, int, int]] = {}
+    null: dict[int, float] = {}
     for batch, out in pairs:
       ids, offsets = np.asarray(batch["example_ids"]), np.asarray(batch["offsets"])
       for row in np.flatnonzero(ids >= 0):
-        score = float(out["score"][row])
-        if np.isfinite(score) and (int(ids[row]) not in best or score > best[int(ids[row])][0]):
-          best[int(ids[row])] = (score, int(offsets[row, out["start"][row], 0]), int(offsets[row, out["end"][row], 1]))
-    seen = {int(i) for batch, _ in pairs for i in np.asarray(batch["example_ids"]) if i >= 0}
-    return {i: records_[i]["context"][best[i][1]:best[i][2]] if i in best else "" for i in sorted(seen)}
+        i, score = int(ids[row]), float(out["score"][row])
+        null[i] = min(null.get(i, np.inf), float(out["null_score"][row]) if "null_score" in out else -np.inf)
+        if np.isfinite(score) and (i not in best or score > best[i][0]):
+          best[i] = (score, int(offsets[row, out["start"][row], 0]), int(offsets[row, out["end"][row], 1]))
+    return {i: (records_[i]["context"][best[i][1]:best[i][2]], null[i] - best[i][0]) if i in best else ("", np.inf)
+            for i in sorted(null)}
+
+  def answers(self, pairs, records_, allow_null: bool = False) -> dict[int, str]:
+    """example id -> predicted answer text: the best span, or '' where `allow_null` and the null score beats it by
+    more than task.null_threshold."""
+    return {i: "" if allow_null and diff > self.null_threshold else text
+            for i, (text, diff) in self.spans(pairs, records_).items()}
 
   def host_metrics(self, pairs, records_) -> dict[str, float]:
-    """SQuAD exact_match and f1 (in [0, 1]), each the best over an example's gold answers, averaged over examples."""
-    predicted = self.answers(pairs, records_)
-    if not predicted:
+    """SQuAD exact_match and f1 (in [0, 1]), each the best over an example's gold answers, averaged over examples:
+    v1.1's where every question of the split has an answer; else (or with task.squad_v2) the official v2.0
+    evaluation (squad_v2_metrics), the null answer allowed at task.null_threshold."""
+    spans = self.spans(pairs, records_)
+    if not spans:
       return {}
+    golds = {i: list(records_[i]["answers"]) for i in spans}
+    if self.squad_v2 or not all(golds.values()):
+      return squad_v2_metrics(golds, {i: t for i, (t, _) in spans.items()}, {i: d for i, (_, d) in spans.items()},
+                              self.null_threshold)
     em, f = [], []
-    for i, text in predicted.items():
-      golds = list(records_[i]["answers"]) or [""]
-      em.append(max(exact_match(text, g) for g in golds))
-      f.append(max(f1(text, g) for g in golds))
+    for i, (text, _) in spans.items():
+      em.append(max(exact_match(text, g) for g in golds[i]))
+      f.append(max(f1(text, g) for g in golds[i]))
     return {"exact_match": float(np.mean(em)), "f1": float(np.mean(f))}
 
   def row_steps(self, ctx):
@@ -155,10 +224,14 @@ class QATask:
     return sources.read_squad(path)
 
   def write_predictions(self, records_, pairs, out, jsonl: bool) -> int:
-    """JSON lines {id, question, answer} whatever the output's name."""
-    answers = self.answers(pairs, records_)
+    """JSON lines {id, question, answer, null_score_diff} whatever the output's name; with task.squad_v2 the answer
+    is '' where the null score beats the best span's by more than task.null_threshold."""
+    spans = self.spans(pairs, records_)
     for i, record in enumerate(records_):
-      out.write(json.dumps({"id": record["id"], "question": record["question"], "answer": answers.get(i, "")}) + "\n")
+      text, diff = spans.get(i, ("", np.inf))
+      answer = "" if self.squad_v2 and diff > self.null_threshold else text
+      out.write(json.dumps({"id": record["id"], "question": record["question"], "answer": answer,
+                            "null_score_diff": round(float(diff), 4) if np.isfinite(diff) else None}) + "\n")
     return len(records_)
 
 
