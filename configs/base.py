@@ -175,7 +175,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 100  # steps between evaluations; 0 = only at the end
   c.train.eval_each_epoch = False  # fine-tuning: evaluate on dev every epoch of the train split instead of eval_every
   c.train.eval_batches = 8  # batches per evaluation (0 = the whole eval split)
-  c.train.progress_bar = True  # terminal progress bar (process 0 only)
+  # progress on stderr (process 0 only): a tqdm bar on a terminal; where stderr is not one (CI, nohup, SLURM logs),
+  # plain lines instead of the bar's carriage returns. False: a log line on stdout at every train row instead
+  c.train.progress_bar = True
+  c.train.progress_every = 100  # stderr not a terminal: steps between those plain lines (0 = at every train row)
   c.train.sample_every = 0  # steps between text samples written to the log; 0 = never
   c.train.sample_prompt = "The"  # prompt for those samples
   c.train.nonfinite = "skip"  # NaN/Inf loss or grad norm: skip (keep params, count it) | stop (keep last good checkpoint)

@@ -1,5 +1,7 @@
 """Metrics out of the loop: one JSON object per row in metrics.jsonl, the same scalars as TensorBoard events,
-and a terminal progress bar. Only process 0 writes; other processes get a writer that does nothing."""
+and progress on stderr: a tqdm bar on a terminal, one plain line every `progress_every` steps elsewhere (CI, nohup,
+SLURM logs), where a bar's carriage returns would pile up. Only process 0 writes; other processes get a writer that
+does nothing."""
 
 from __future__ import annotations
 
@@ -9,16 +11,25 @@ import os
 import sys
 import time
 
+from tqdm import tqdm
+
 
 class MetricWriter:
-  def __init__(self, workdir: str, *, enabled: bool, total_steps: int = 0, progress: bool = True):
+  def __init__(self, workdir: str, *, enabled: bool, total_steps: int = 0, progress: bool = True,
+               progress_every: int = 0, stream=None):
+    """`progress_every`: steps between plain progress lines when `stream` (default stderr) is not a terminal; 0 = one at
+    every call of progress_bar."""
     self.enabled = enabled
     self.total_steps = total_steps
     self.progress = progress and enabled and total_steps > 0
+    self.progress_every = progress_every
+    self._stream = stream
+    self._bar = None  # the tqdm bar, made at the first progress on a terminal
     self._tb = None
     self._jsonl = None
-    self._start = time.time()
+    self._created = self._start = time.time()
     self._start_step = None
+    self._last_line = None  # the step of the last plain progress line
     if enabled:
       os.makedirs(workdir, exist_ok=True)
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
@@ -37,30 +48,53 @@ class MetricWriter:
       if k not in ("step", "split") and not isinstance(v, str) and math.isfinite(v):
         self._tb.add_scalar(f"{split}/{k}", v, int(step))
 
+  @property
+  def stream(self):
+    return self._stream or sys.stderr  # looked up late: a test's (or pytest's) replacement of sys.stderr counts
+
   def log(self, message: str) -> None:
     if self.enabled:
-      if self.progress:
-        sys.stderr.write("\r\033[K")
+      if self._bar is not None:
+        self._bar.clear()  # the message takes the bar's line; the bar is drawn again below it
       print(message, flush=True)
+      if self._bar is not None:
+        self._bar.refresh()
 
   def progress_bar(self, step: int, loss: float, tokens_per_s: float) -> None:
+    """Progress at `step` (called at each train log row)."""
     if not self.progress:
       return
     if self._start_step is None:
       self._start_step, self._start = step, time.time()
-    done = step / self.total_steps
+    isatty = getattr(self.stream, "isatty", None)
+    if isatty is not None and isatty():
+      if self._bar is None:
+        # mininterval 0: each call is a train row already, seconds apart; redraw at every one
+        self._bar = tqdm(total=self.total_steps, initial=step, file=self.stream, unit="step", dynamic_ncols=True,
+                         mininterval=0, leave=True)
+      self._bar.set_postfix_str(f"loss {loss:.4f}, {tokens_per_s:,.0f} tok/s", refresh=False)
+      self._bar.update(step - self._bar.n)
+      return
+    if self._last_line is not None and step < self.total_steps and step - self._last_line < self.progress_every:
+      return
+    self._last_line = step
     rate = (step - self._start_step) / max(time.time() - self._start, 1e-9)
-    eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
-    width = 24
-    bar = "#" * int(done * width) + "-" * (width - int(done * width))
-    eta_text = f"{int(eta // 60)}m{int(eta % 60):02d}s" if math.isfinite(eta) else "?"
-    sys.stderr.write(f"\r[{bar}] step {step}/{self.total_steps} loss {loss:.4f} {tokens_per_s:,.0f} tok/s ETA {eta_text}")
-    sys.stderr.flush()
+    eta = f"{_duration((self.total_steps - step) / rate)}" if rate > 0 else "?"
+    self.stream.write(f"step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%) loss {loss:.4f} "
+                      f"{tokens_per_s:,.0f} tok/s, elapsed {_duration(time.time() - self._created)}, ETA {eta}\n")
+    self.stream.flush()
 
   def close(self) -> None:
-    if self.progress:
-      sys.stderr.write("\n")
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
     if self._tb is not None:
       self._tb.close()
     if self._jsonl is not None:
       self._jsonl.close()
+
+
+def _duration(seconds: float) -> str:
+  seconds = max(0, int(seconds))
+  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s" if seconds >= 3600 else \
+      f"{seconds // 60}m{seconds % 60:02d}s"

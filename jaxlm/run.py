@@ -241,7 +241,8 @@ class _Loop:
       _check_resume(restored, tokenizer, setup)
     if is_main:
       write_config(c, workdir)
-    writer = MetricWriter(workdir, enabled=is_main, total_steps=c.train.steps, progress=c.train.progress_bar)
+    writer = MetricWriter(workdir, enabled=is_main, total_steps=c.train.steps, progress=c.train.progress_bar,
+                          progress_every=c.train.progress_every)
     if restored is not None:
       state, prior = restored.state, float(restored.metadata.get("train_seconds", 0.0))
       if restored.metadata.get("mesh") not in (None, dict(setup.mesh.shape)):

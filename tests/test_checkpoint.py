@@ -23,7 +23,7 @@ TINY = str(REPO / "configs" / "gpt_tiny.py")
 
 
 def tiny(*overrides):
-  return config_lib.load(TINY, ["train.progress_bar=false", *overrides])
+  return config_lib.load(TINY, list(overrides))
 
 
 @pytest.fixture(scope="module")

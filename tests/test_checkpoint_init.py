@@ -16,7 +16,7 @@ TINY = str(REPO / "configs" / "gpt_tiny.py")
 
 
 def tiny(*overrides):
-  return config_lib.load(TINY, ["train.progress_bar=false", "mesh.data=1", *overrides])
+  return config_lib.load(TINY, ["mesh.data=1", *overrides])
 
 
 def fresh(config, devices=1, seed=0):

@@ -28,7 +28,7 @@ def rows(workdir, split):
 @pytest.mark.slow
 def test_train_resume_eval_generate_plot(tmp_path):
   wd = str(tmp_path / "run")
-  common = ["--config", TINY, "--workdir", wd, "--config.train.progress_bar=false", "--config.mesh.fsdp=2"]
+  common = ["--config", TINY, "--workdir", wd, "--config.mesh.fsdp=2"]
   r = jaxlm("train", *common, "--config.train.steps=20", "--config.checkpoint.every_steps=10")
   assert r.returncode == 0, r.stderr[-3000:]
   assert os.path.isfile(os.path.join(wd, "tokenizer", "spm.model"))  # trained on first use
@@ -102,9 +102,9 @@ def test_throughput_after_an_eval_counts_the_queued_train_steps(tmp_path):
   """The host dispatches up to a log interval ahead of the device; the steps still queued when an eval starts are
   training time, so the row after an eval reports an ordinary throughput, not the dispatch rate."""
   wd = str(tmp_path / "run")
-  r = jaxlm("train", "--config", TINY, "--workdir", wd, "--config.train.progress_bar=false", "--config.train.steps=30",
-            "--config.train.log_every=5", "--config.train.eval_every=10", "--config.train.batch_size=64",
-            "--config.checkpoint.every_steps=100", devices=1)
+  r = jaxlm("train", "--config", TINY, "--workdir", wd, "--config.train.steps=30", "--config.train.log_every=5",
+            "--config.train.eval_every=10", "--config.train.batch_size=64", "--config.checkpoint.every_steps=100",
+            devices=1)
   assert r.returncode == 0, r.stderr[-3000:]
   rate = {row["step"]: row["tokens_per_s"] for row in rows(wd, "train")}
   ordinary = max(rate[s] for s in (10, 20, 30))  # rows that end where an eval starts, or at the end (it blocks)

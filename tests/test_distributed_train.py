@@ -51,7 +51,7 @@ def common(tmp_path_factory, request):
       # a schedule that does not depend on train.steps, so stopping early and continuing is one run
       "--config.optim.schedule=constant", "--config.optim.warmup_steps=2",
       "--config.train.log_every=1", "--config.train.eval_every=0", "--config.train.eval_batches=1",
-      "--config.train.progress_bar=false", f"--config.checkpoint.every_steps={STOP_AT}",
+      f"--config.checkpoint.every_steps={STOP_AT}",
       "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
       "--config.distributed.initialization_timeout_s=120", "--config.distributed.heartbeat_timeout_s=30"]
   return args, root

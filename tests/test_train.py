@@ -18,7 +18,7 @@ def test_loss_falls_on_real_text(name, shared_data, tmp_path):
   c = config_lib.load(str(REPO / "configs" / f"{name}.py"), [
       "data.source=text", f"data.train_files={text}", "data.doc_split=blank_lines", "data.eval_fraction=0.05",
       "train.steps=120", "train.log_every=1", "train.eval_every=0", "train.eval_batches=4",
-      "train.progress_bar=false", "checkpoint.every_steps=1000", "tokenizer.max_sentences=5000",
+      "checkpoint.every_steps=1000", "tokenizer.max_sentences=5000",
       "optim.learning_rate=3e-3", "optim.warmup_steps=10", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
   run.run(c, str(tmp_path))
   rows = [json.loads(line) for line in open(os.path.join(tmp_path, "metrics.jsonl"))]
