@@ -10,6 +10,7 @@ import os
 import time
 
 import jax
+from jax.experimental import multihost_utils
 
 from jaxlm import __version__, sharding, train
 from jaxlm import config as config_lib
@@ -369,12 +370,19 @@ class _Loop:
 
 def _tokenizer(c, workdir: str, source: builders.Source):
   """The run's tokenizer; a workdir-owned sentencepiece model that does not exist yet is trained first, as
-  `jaxlm tokenizer` would."""
-  if not c.tokenizer.path and c.tokenizer.kind == "sentencepiece" and not os.path.isfile(tokenizer_path(c, workdir)):
+  `jaxlm tokenizer` would: by process 0, while the other processes wait for it at a barrier, then all load it."""
+  path = tokenizer_path(c, workdir)
+  # Decided from the config alone, so that every process takes the barrier below or none does (whether the file
+  # exists yet depends on when a process looks).
+  if not c.tokenizer.path and c.tokenizer.kind == "sentencepiece":
+    if jax.process_index() == 0 and not os.path.isfile(path):
+      print(f"training the tokenizer first: {train_tokenizer(c, workdir, source.texts())}", flush=True)
     if jax.process_count() > 1:
-      raise FileNotFoundError(f"{tokenizer_path(c, workdir)} is missing: run `jaxlm tokenizer` before a "
-                              "multi-process run")
-    print(f"training the tokenizer first: {train_tokenizer(c, workdir, source.texts())}", flush=True)
+      multihost_utils.sync_global_devices("jaxlm: the workdir's tokenizer is ready")
+      if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: process 0 trained the tokenizer there, but process {jax.process_index()} "
+                                "does not see it: the workdir must be one directory shared by every process (or run "
+                                "`jaxlm tokenizer` first and set tokenizer.path to its file)")
   return load_tokenizer(c, workdir)
 
 
