@@ -1,7 +1,8 @@
 """Loading experiment configs: a Python file's get_config(), --config.KEY=VALUE overrides, validation.
 
-Every key is defined in configs/base.py. An override of an unknown key, or a value that does not parse as the
-key's type, stops the run before any work with a message naming the key and the nearest valid keys.
+Every key is defined in configs/base.py, with the check its value must pass declared beside it (CHECKS; see
+jaxlm/config_checks.py). An unknown key, a value of the wrong type or one its check refuses stops the command before
+any work with one line naming the key, the value and what the key accepts.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import importlib.util
 import json
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 import ml_collections
@@ -24,22 +26,46 @@ class ConfigError(ValueError):
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
-  """Imports `path` and returns its get_config(); configs/ is importable so experiments can derive from base."""
+  """Imports `path` and returns its get_config(); configs/ is importable so experiments can derive from base. A file
+  that does not import, or whose get_config() raises, is a ConfigError naming the file and line."""
   if not os.path.isfile(path):
-    raise ConfigError(f"config file not found: {path}")
+    raise ConfigError(f"config file not found: {path}" if not os.path.isdir(path) else f"{path} is a directory, "
+                      "not a config file")
   config_dir = os.path.dirname(os.path.abspath(path))
   if config_dir not in sys.path:
     sys.path.insert(0, config_dir)
   name = "jaxlm_config_" + os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ConfigError(f"{path} defines no get_config()")
-  config = module.get_config()
+  try:
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+      raise ConfigError(f"{path} defines no get_config()")
+    config = module.get_config()
+  except ConfigError:
+    raise
+  except Exception as e:  # anything a config file's own code raises: a user's file, reported as one line
+    raise ConfigError(_where_it_failed(path, e)) from e
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, not an ml_collections.ConfigDict")
   return config
+
+
+def _where_it_failed(path: str, e: Exception) -> str:
+  """'FILE:LINE: what went wrong' for an exception raised while importing a config file or running its get_config():
+  the line is the innermost one in a config file (the file itself, or the base it imports)."""
+  if isinstance(e, SyntaxError):
+    return f"{e.filename or path}:{e.lineno}: invalid Python: {e.msg}"
+  frames = traceback.extract_tb(e.__traceback__)
+  config_dir = os.path.dirname(os.path.abspath(path))
+  in_configs = [f for f in frames if os.path.dirname(os.path.abspath(f.filename)) == config_dir]
+  frame = in_configs[-1] if in_configs else None
+  where = f"{frame.filename}:{frame.lineno}" if frame else path
+  detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+  hint = ""
+  if isinstance(e, ModuleNotFoundError) and e.name == "base":
+    hint = " (a config outside configs/ imports the base config as `from jaxlm.configs import base`)"
+  return f"{where}: {type(e).__name__}{': ' + detail if detail else ''}{hint}"
 
 
 def all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -145,11 +171,70 @@ def base_config() -> ml_collections.ConfigDict:
   return base_configs.get_config()
 
 
+def declared_checks() -> dict:
+  """key -> its Check, as configs/base.py declares them (CHECKS fills as get_config() runs)."""
+  base_configs.get_config()
+  return dict(base_configs.CHECKS)
+
+
+def get_key(config: ml_collections.ConfigDict, key: str):
+  """The value of a dotted key, e.g. get_key(c, 'train.steps')."""
+  node = config
+  for part in key.split("."):
+    node = node[part]
+  return node
+
+
+def _type_error(value, default) -> str | None:
+  """The value must have the type of base.py's default (an int where a float is expected is fine)."""
+  if default is None:
+    return None
+  if isinstance(default, bool):
+    return None if isinstance(value, bool) else "expected true or false"
+  if isinstance(default, int):
+    return None if isinstance(value, int) and not isinstance(value, bool) else "expected an integer"
+  if isinstance(default, float):
+    return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "expected a number"
+  if isinstance(default, str):
+    return None if isinstance(value, str) else "expected a string"
+  if isinstance(default, (tuple, list)):
+    return None if isinstance(value, (tuple, list)) else "expected a tuple"
+  return None
+
+
+def validate(config: ml_collections.ConfigDict, source: str = "", overrides: Sequence[str] = ()) -> None:
+  """Checks every key's value against its type in configs/base.py and the check declared beside it; raises one
+  ConfigError naming each refused key, its value (as given on the command line when an override set it) and what the
+  key accepts. `source` names where the other values came from (a config file, a workdir's config.json)."""
+  base = base_config()
+  checks = dict(base_configs.CHECKS)
+  base_keys = set(all_keys(base))
+  given = {}
+  for item in overrides:
+    key, _, text = item.partition("=")
+    given[key] = text  # the last override of a key is the one in force
+  problems = []
+  for key in all_keys(config):
+    if key not in base_keys:
+      continue  # unknown keys are check_against_base's (a workdir's config.json may hold keys since renamed)
+    value = get_key(config, key)
+    why = _type_error(value, get_key(base, key))
+    if why is None and key in checks:
+      why = checks[key].error(value)
+    if why is not None:
+      where = f"--config.{key}={given[key]}" if key in given else f"{source + ': ' if source else ''}{key}={value!r}"
+      problems.append(f"{where}: {why}")
+  if problems:
+    raise ConfigError("; ".join(problems))
+
+
 def load(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """Loads a config file, checks its keys against the base config, applies overrides."""
+  """Loads a config file, checks its keys against the base config, applies overrides, validates every value."""
   config = load_config_file(path)
   check_against_base(config, base_config(), path)
-  return apply_overrides(config, overrides)
+  config = apply_overrides(config, overrides)
+  validate(config, path, overrides)
+  return config
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:
@@ -169,6 +254,31 @@ def from_json_dict(d: dict) -> ml_collections.ConfigDict:
       return tuple(fix(v) for v in x)
     return x
   return ml_collections.ConfigDict(fix(d))
+
+
+def from_saved(saved: dict, source: str) -> ml_collections.ConfigDict:
+  """A config saved as JSON (a workdir's config.json, a checkpoint's config item) over base.py's defaults: keys added
+  since it was written take their default, keys since removed are dropped; then validated like a loaded config."""
+  config = base_config()
+  values = from_json_dict(saved)
+
+  def merge(node, into, prefix):
+    for name, value in node.items():
+      if name not in into:
+        continue
+      if isinstance(into[name], ml_collections.ConfigDict):
+        if isinstance(value, ml_collections.ConfigDict):
+          merge(value, into[name], f"{prefix}{name}.")
+        continue
+      why = _type_error(value, into[name])
+      if why is not None:
+        raise ConfigError(f"{source}: {prefix}{name}={value!r}: {why}")
+      with into.unlocked():
+        into[name] = value
+
+  merge(values, config, "")
+  validate(config, source)
+  return config
 
 
 def split_config_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -14,10 +14,37 @@ import time
 from tqdm import tqdm
 
 
+def truncate_metrics(path: str, step: int) -> int:
+  """Keeps the rows of metrics.jsonl up to `step` and drops the rest (a run resumed from `step` logs them again, so
+  each (step, split) appears once) along with any partial line a killed process left; rewrites the file atomically.
+  Returns how many lines were dropped."""
+  if not os.path.isfile(path):
+    return 0
+  kept, dropped, changed = [], 0, False
+  with open(path, encoding="utf-8", errors="replace") as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except ValueError:
+        row = None
+      if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+        changed = changed or not line.endswith("\n")  # a last row cut off before its line end: the next is appended
+        kept.append(line if line.endswith("\n") else line + "\n")
+      else:
+        dropped += 1
+  if dropped or changed:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
+  return dropped
+
+
 class MetricWriter:
   def __init__(self, workdir: str, *, enabled: bool, total_steps: int = 0, progress: bool = True,
-               progress_every: int = 0, stream=None):
-    """`progress_every`: steps between plain progress lines when `stream` (default stderr) is not a terminal; 0 = one at
+               resume_step: int | None = None, progress_every: int = 0, stream=None):
+    """`resume_step`: a run that continues from that step (0: from the start) first drops the rows after it.
+    `progress_every`: steps between plain progress lines when `stream` (default stderr) is not a terminal; 0 = one at
     every call of progress_bar."""
     self.enabled = enabled
     self.total_steps = total_steps
@@ -32,6 +59,8 @@ class MetricWriter:
     self._last_line = None  # the step of the last plain progress line
     if enabled:
       os.makedirs(workdir, exist_ok=True)
+      if resume_step is not None:
+        truncate_metrics(os.path.join(workdir, "metrics.jsonl"), resume_step)
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
       from tensorboardX import SummaryWriter  # imported lazily: only process 0 writes events
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10)

@@ -102,13 +102,14 @@ def test_keep_best_by_metric(one_device, tmp_path, mode, values, best):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("checkpoint.best_mode=best", "checkpoint.best_mode must be"),
-    ("checkpoint.keep=-1", "checkpoint.keep and checkpoint.keep_every must be >= 0"),
-    ("checkpoint.every_steps=0", "checkpoint.every_steps must be at least 1"),
+    ("checkpoint.best_mode=best", "--config.checkpoint.best_mode=best: expected one of 'max', 'min'"),
+    ("checkpoint.keep=-1", "--config.checkpoint.keep=-1: expected a number >= 0"),
+    ("checkpoint.every_steps=0", "--config.checkpoint.every_steps=0: expected a number >= 1"),
 ])
 def test_bad_keep_settings_name_the_key(tmp_path, override, message):
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(config_lib.ConfigError) as e:
     ckpt_lib.Checkpointer(str(tmp_path), tiny(override).checkpoint)
+  assert str(e.value) == message
 
 
 def test_checksums_agree_on_host_device_and_any_mesh():
