@@ -48,6 +48,44 @@ def stderr_log(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
 
 
+def finalized_steps(directory: str) -> list[int]:
+  """The steps whose save completed, newest first, listed without opening a manager: nothing is created or cleaned
+  up, so a command can look before it is accepted."""
+  return sorted(ocp.path.step.checkpoint_steps(directory), reverse=True) if os.path.isdir(directory) else []
+
+
+def read_json_item(step_dir: str, item: str) -> dict | None:
+  """A step's JSON item ('config' or 'metadata') as saved, or None when it is missing or unreadable."""
+  try:
+    with open(os.path.join(step_dir, item, "metadata"), encoding="utf-8") as f:
+      value = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return value if isinstance(value, dict) else None
+
+
+def ignore_closed_loop_callbacks() -> None:
+  """Drops the 'Event loop is closed' reports of a failed restore. When one array of a damaged step fails to read,
+  Orbax's asyncio loop ends while TensorStore still has reads of the other arrays in flight; as each finishes, its
+  callback calls loop.call_soon_threadsafe on the closed loop and the RuntimeError is printed as unraisable, a
+  traceback per array, around the one-line message that names the step. Every other unraisable report is kept."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_jaxlm_closed_loop_filter", False):
+    return
+
+  def hook(unraisable):
+    tb = unraisable.exc_traceback
+    while tb is not None and tb.tb_next is not None:
+      tb = tb.tb_next
+    if (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed" and tb is not None
+        and tb.tb_frame.f_code.co_name == "_check_closed"):
+      return
+    previous(unraisable)
+
+  hook._jaxlm_closed_loop_filter = True
+  sys.unraisablehook = hook
+
+
 # ---- checksums ----------------------------------------------------------------------------------------------------
 # Orbax stores arrays without a checksum of their contents (zstd frames of incompressible data are stored raw), so a
 # flipped bit restores silently. Each array gets two wrapping uint32 sums of its bits: a plain one, and one weighted
@@ -294,22 +332,24 @@ class Checkpointer:
           failures.append((step, CorruptCheckpointError(f"{self.step_path(step)}: failed on another process")))
         continue
       for bad_step, _ in failures:
-        self._move_aside(bad_step, log)
+        self.move_aside(bad_step, log)
       return restored
     if failures:
-      listing = "\n".join(f"  {e}" for _, e in failures)
-      raise NoUsableCheckpointError(f"no checkpoint in {self.directory} restores:\n{listing}")
+      listing = "; ".join(str(e) for _, e in failures)
+      raise NoUsableCheckpointError(f"no checkpoint in {self.directory} restores: {listing}")
     return None
 
-  def _move_aside(self, step: int, log) -> None:
+  def move_aside(self, step: int, log, *, target_dir: str | None = None, what: str = "damaged") -> None:
+    """Moves a step out of the checkpoint directory (to checkpoints_corrupt/ unless `target_dir` says otherwise):
+    Orbax no longer lists it, nothing is deleted."""
     if jax.process_index() == 0:
-      target_dir = corrupt_dir(self.directory)
+      target_dir = target_dir or corrupt_dir(self.directory)
       os.makedirs(target_dir, exist_ok=True)
       target = os.path.join(target_dir, str(step))
       if os.path.exists(target):
         target += f".{int(time.time())}"
       os.replace(self.step_path(step), target)
-      log(f"WARNING: moved the damaged checkpoint {self.step_path(step)} to {target}")
+      log(f"WARNING: moved the {what} checkpoint {self.step_path(step)} to {target}")
     _sync(f"jaxlm_move_aside_{step}")
     self.manager.reload()
 
@@ -356,7 +396,8 @@ class Checkpointer:
 
 def _first_line(e: BaseException) -> str:
   text = str(e).strip().splitlines()
-  return text[0][:300] if text else ""
+  # TensorStore appends the repr of its whole spec ("See full TensorStore details: <bound method ...")
+  return text[0].split(" See full TensorStore details")[0][:300] if text else ""
 
 
 def _sync(name: str) -> None:

@@ -11,6 +11,7 @@ from absl import logging as absl_logging
 from jaxlm import bench, convert, distributed, generate, memory, plot, predict, run
 from jaxlm import config as config_lib
 from jaxlm.bench_checkpoint import bench_checkpoint
+from jaxlm.checkpoint import CorruptCheckpointError, ignore_closed_loop_callbacks
 from jaxlm.data.bench import bench_data
 from jaxlm.data.sources import DataError
 from jaxlm.data.tokenizer import train_tokenizer
@@ -45,6 +46,7 @@ def cmd_generate(args, overrides):
     value = getattr(args, key)
     if value is not None:
       config.sample[key] = value
+  config_lib.validate(config, "", overrides)  # the sampling flags pass the sample.* keys' checks too
   print(generate.generate_text(config, args.workdir, args.prompt))
 
 
@@ -72,12 +74,15 @@ def cmd_bench(args, overrides):
 def cmd_predict(args, overrides):
   if overrides:
     raise config_lib.ConfigError("predict reads WORKDIR/config.json; it takes no --config.KEY overrides")
-  n = predict.predict(args.workdir, args.input, args.output, args.input_format)
+  n = predict.predict(args.workdir, args.input, args.output, args.input_format,
+                      log=lambda message: print(message, file=sys.stderr, flush=True))
   if args.output:
     print(f"{n} predictions written to {args.output}")
 
 
 def cmd_convert(args, overrides):
+  # the overrides pass their keys' checks before anything is read or written
+  config_lib.validate(config_lib.apply_overrides(config_lib.base_config(), overrides), "", overrides)
   print(f"checkpoint written to {convert.convert_to_workdir(args.hf, args.workdir, tuple(overrides))}")
 
 
@@ -89,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="jaxlm", description="Train, evaluate and sample transformer language models in JAX.",
       epilog="Config values are overridden with --config.KEY=VALUE (dotted keys, e.g. --config.train.steps=100).")
+  parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback instead of one line")
   sub = parser.add_subparsers(dest="command", required=True)
 
   p = sub.add_parser("train", help="train (or resume) a model in a workdir")
@@ -169,18 +175,44 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+# Failures a user causes (a config, a file, a workdir, data, a checkpoint that does not fit): their message is the
+# whole story. Any other exception is reported in one line too, marked unexpected; --debug shows its traceback.
+USER_ERRORS = (config_lib.ConfigError, MeshError, DistributedError, FloatingPointError, DataError, ConvertError,
+               run.SetupError, OSError, ValueError, KeyError, CorruptCheckpointError)
+
+
+def error_line(e: BaseException) -> str:
+  """One line for the terminal: the message (the file and line where it has them), without a traceback."""
+  if isinstance(e, OSError) and e.filename is not None and e.strerror:
+    text = f"{e.filename}: {e.strerror}" + (f" ({e.filename2})" if e.filename2 else "")
+  elif isinstance(e, KeyError) and len(e.args) == 1:
+    text = str(e.args[0])
+  else:
+    text = str(e)
+  text = " ".join(part.strip() for part in text.strip().splitlines() if part.strip()) or type(e).__name__
+  if not isinstance(e, USER_ERRORS):
+    text = f"unexpected {type(e).__name__}: {text} (rerun with --debug for the traceback)"
+  return f"jaxlm: error: {text}"
+
+
 def main(argv=None) -> None:
   argv = sys.argv[1:] if argv is None else argv
   overrides, rest = config_lib.split_config_args(argv)
-  args = build_parser().parse_args(rest)
+  debug = "--debug" in rest  # accepted before or after the command
+  args = build_parser().parse_args([a for a in rest if a != "--debug"])
   absl_logging.set_verbosity(absl_logging.ERROR)  # library chatter (orbax, grain) stays out of the user's terminal
+  ignore_closed_loop_callbacks()  # a damaged checkpoint is reported in one line, not a traceback per array
   try:
     args.func(args, overrides)
-  except config_lib.ConfigError as e:
-    sys.exit(f"jaxlm: config error: {e}")
-  except (MeshError, FileNotFoundError, DistributedError, FloatingPointError, DataError, ConvertError,
-          run.SetupError) as e:
-    sys.exit(f"jaxlm: error: {e}")
+  except KeyboardInterrupt:
+    if debug:
+      raise
+    print("jaxlm: interrupted", file=sys.stderr)
+    sys.exit(130)
+  except Exception as e:  # every failure ends in one line naming what is wrong; --debug re-raises it whole
+    if debug:
+      raise
+    sys.exit(error_line(e))
 
 
 if __name__ == "__main__":

@@ -55,18 +55,19 @@ def sample(model: Decoder, params, prompt, rng, *, max_new_tokens: int, temperat
   return out
 
 
-def load_params(config, workdir: str):
-  """The model and the best-or-latest checkpoint's parameters, on the run's mesh."""
+def load_params(config, workdir: str, tokenizer=None):
+  """The model and the best-or-latest checkpoint's parameters, on the run's mesh; `tokenizer`, if given, must be the
+  one the checkpoint was trained with."""
   setup = train.build(config)
   ckpt = Checkpointer(workdir, config.checkpoint, read_only=True)
-  step, params = run.restore_params(setup, ckpt)
+  step, params = run.restore_params(setup, ckpt, tokenizer=tokenizer)
   ckpt.close()
   return setup.task.model, params, step
 
 
 def generate_text(config, workdir: str, prompt: str) -> str:
   tokenizer = load_tokenizer(config, workdir)
-  model, params, _ = load_params(config, workdir)
+  model, params, _ = load_params(config, workdir, tokenizer)
   ids = tokenizer.encode(prompt)
   if not ids:
     ids = [tokenizer.bos_id if tokenizer.bos_id >= 0 else tokenizer.eos_id]

@@ -5,6 +5,7 @@ everything that touches files, data and checkpoints for a run lives here."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -14,7 +15,15 @@ from jax.experimental import multihost_utils
 
 from jaxlm import __version__, sharding, train
 from jaxlm import config as config_lib
-from jaxlm.checkpoint import Checkpointer, init_from_checkpoint, init_from_tree
+from jaxlm.checkpoint import (
+  Checkpointer,
+  check_config,
+  checkpoint_dir,
+  finalized_steps,
+  init_from_checkpoint,
+  init_from_tree,
+  read_json_item,
+)
 from jaxlm.data import builders, pipeline
 from jaxlm.data.tokenizer import load_tokenizer, tokenizer_path, train_tokenizer
 from jaxlm.metric_writer import MetricWriter
@@ -23,7 +32,12 @@ from jaxlm.tasks import task_class
 
 
 class SetupError(ValueError):
-  """Input that cannot be trained on (labels, vocabulary, head, data), found before the first step."""
+  """Input that cannot be trained on (labels, vocabulary, head, data, workdir), found before the first step."""
+
+
+class DivergedError(FloatingPointError):
+  """train.nonfinite='skip' skipped more updates than train.max_(consecutive_)nonfinite_skips allow."""
+
 
 
 # ---- the pieces of a run ------------------------------------------------------------------------------------------
@@ -66,11 +80,106 @@ def write_config(config, workdir: str) -> None:
 
 
 def read_config(workdir: str):
+  """WORKDIR/config.json, the config of the last run accepted there, over base.py's defaults (keys added since take
+  their default) and validated like a loaded config."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise SetupError(f"--workdir {workdir} is a file, not a jaxlm workdir")
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} not found: is {workdir} a jaxlm workdir (made by `jaxlm train`)?")
-  with open(path) as f:
-    return config_lib.from_json(f.read())
+  try:
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+  except UnicodeDecodeError as e:
+    raise config_lib.ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+  except json.JSONDecodeError as e:
+    raise config_lib.ConfigError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+  if not isinstance(saved, dict):
+    raise config_lib.ConfigError(f"{path}: expected a JSON object of config groups, got {type(saved).__name__}")
+  return config_lib.from_saved(saved, path)
+
+
+def check_workdir(workdir: str) -> None:
+  """A workdir to train in is a directory, or a path one can be made at, and writable: checked before any work."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise SetupError(f"--workdir {workdir} is a file, not a directory")
+  probe = os.path.abspath(workdir)
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    raise SetupError(f"--workdir {workdir}: {probe} is a file, not a directory")
+  for path in (probe, checkpoint_dir(workdir)):
+    if os.path.isdir(path) and not os.access(path, os.W_OK | os.X_OK):
+      raise SetupError(f"--workdir {workdir}: {path} is not writable")
+
+
+# ---- what a checkpoint was saved with -----------------------------------------------------------------------------
+
+# Keys whose change makes a checkpoint mean something else: the shapes of its arrays (model.*), what token ids stand
+# for (tokenizer.*; the tokenizer file itself is compared by fingerprint), what the head's outputs stand for (task,
+# labels). A checkpoint restored under a config that differs in one of them is refused, naming each difference.
+SAME_AS_CHECKPOINT = ("model.", "tokenizer.", "task.name", "task.head", "data.labels", "data.tag_scheme", "peft.",
+                      "optim.trainable", "optim.frozen")
+# ... except these, which change how the same arrays are computed or trained, or how a new tokenizer would be made.
+FREE_ON_RESUME = ("model.dropout", "model.attention_dropout", "model.dtype", "model.remat", "model.attention",
+                  "model.init_std", "model.init_factor", "tokenizer.path", "tokenizer.max_sentences", "peft.dropout")
+
+
+@dataclasses.dataclass
+class SavedStep:
+  """The JSON items saved with one checkpoint step (None where missing or unreadable)."""
+  path: str
+  config: dict | None
+  metadata: dict | None
+
+
+def saved_step(step_dir: str) -> SavedStep:
+  return SavedStep(step_dir, read_json_item(step_dir, "config"), read_json_item(step_dir, "metadata"))
+
+
+def newest_saved_step(workdir: str) -> SavedStep | None:
+  """The newest step of the workdir whose config item reads (a damaged step is the restore's to report)."""
+  for step in finalized_steps(checkpoint_dir(workdir)):
+    saved = saved_step(os.path.join(checkpoint_dir(workdir), str(step)))
+    if saved.config is not None:
+      return saved
+  return None
+
+
+def _shown(value) -> str:
+  return repr(value) if isinstance(value, str) else str(tuple(value) if isinstance(value, list) else value)
+
+
+def check_same_model(config, saved: SavedStep) -> None:
+  """Refuses `config` where it differs from the config saved with the checkpoint in a key of SAME_AS_CHECKPOINT;
+  the message names each key: 'model.d_model: checkpoint 64, config 128'."""
+  if saved.config is None:
+    return
+  before = config_lib.from_json_dict(saved.config)
+  differences = []
+  for key in config_lib.all_keys(config):
+    if not key.startswith(SAME_AS_CHECKPOINT) or key in FREE_ON_RESUME:
+      continue
+    try:
+      old = config_lib.get_key(before, key)
+    except (KeyError, AttributeError):
+      continue  # a key added since the checkpoint was saved
+    new = config_lib.get_key(config, key)
+    if (tuple(old) if isinstance(old, list) else old) != (tuple(new) if isinstance(new, list) else new):
+      differences.append(f"{key}: checkpoint {_shown(old)}, config {_shown(new)}")
+  if differences:
+    raise SetupError(f"{saved.path} was saved with another model: {'; '.join(differences)} (set these back, or use "
+                     "another --workdir)")
+
+
+def check_tokenizer(saved: SavedStep, tokenizer) -> None:
+  """The tokenizer must be the one the checkpoint was trained with (its recorded fingerprint), or every token id
+  would stand for another piece of text."""
+  recorded = (saved.metadata or {}).get("tokenizer_fingerprint", "")
+  if recorded and recorded != tokenizer.fingerprint():
+    raise SetupError(f"{saved.path} was trained with tokenizer {recorded} but the tokenizer loaded now is "
+                     f"{tokenizer.fingerprint()}: its token ids would mean other text (set tokenizer.path to the "
+                     "tokenizer it was trained with)")
 
 
 def metadata(config, setup: train.Setup, tokenizer_fingerprint: str = "") -> dict:
@@ -142,13 +251,18 @@ def best_or_latest_step(ckpt: Checkpointer, config) -> int | None:
   return step if step is not None else ckpt.latest_step()
 
 
-def restore_params(setup: train.Setup, ckpt: Checkpointer, *, log=None) -> tuple[int, object]:
+def restore_params(setup: train.Setup, ckpt: Checkpointer, *, log=None, tokenizer=None) -> tuple[int, object]:
   """(step, parameters) of the best (by checkpoint.best_metric) else latest checkpoint, restored onto this run's
   mesh; a damaged step is named and skipped for the newest intact one before it. For eval, test, predict and
-  generate alike."""
+  generate alike. The config must agree with the checkpoint's on the keys that give its arrays their shapes and
+  meaning, and `tokenizer` (if given) must be the one it was trained with."""
   step = best_or_latest_step(ckpt, setup.config)
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: run `jaxlm train` first")
+  saved = saved_step(ckpt.step_path(step))
+  check_same_model(setup.config, saved)
+  if tokenizer is not None:
+    check_tokenizer(saved, tokenizer)
   kwargs = {"log": log} if log is not None else {}
   return ckpt.restore_params_falling_back(step, train.abstract_state(setup).params, **kwargs)
 
@@ -212,6 +326,50 @@ class _Throughput:
     return rate, extra
 
 
+STREAK_KEY = "nonfinite_streak_start"  # checkpoint metadata: first step of the run of skipped updates it is in; 0 = none
+
+
+class _Skips:
+  """Updates skipped for a non-finite loss or gradient norm (train.nonfinite='skip'), step by step. Each step's
+  `finite` flag stays on the device until that step is known to be done (a metrics row was pulled, a save waits for
+  the state), so counting them adds no host-device sync."""
+
+  def __init__(self, total: int, streak_start: int):
+    self.total = total  # over the whole run, resumes included (the state's counter)
+    self.streak_start = streak_start  # the first step of the current run of skips; 0 = the last step read updated
+    self.last = 0  # the last step read
+    self._flags = []  # (step, finite flag on the device) not read yet
+
+  def add(self, step: int, finite) -> None:
+    self._flags.append((step, finite))
+
+  def read(self, upto: int) -> list[int]:
+    """Reads the flags of the steps up to `upto` (all done); returns those of them whose update was skipped."""
+    ready = [(s, f) for s, f in self._flags if s <= upto]
+    self._flags = [(s, f) for s, f in self._flags if s > upto]
+    skipped = []
+    for (s, _), finite in zip(ready, jax.device_get([f for _, f in ready])):
+      if finite:
+        self.streak_start = 0
+      else:
+        skipped.append(s)
+        self.total += 1
+        self.streak_start = self.streak_start or s
+      self.last = s
+    return skipped
+
+  def in_a_row(self) -> int:
+    return self.last - self.streak_start + 1 if self.streak_start else 0
+
+
+def _steps_text(steps: list[int]) -> str:
+  if len(steps) == 1:
+    return f"step {steps[0]}"
+  if steps[-1] - steps[0] == len(steps) - 1:
+    return f"steps {steps[0]}-{steps[-1]}"
+  return f"{len(steps)} steps from {steps[0]} to {steps[-1]}"
+
+
 @dataclasses.dataclass
 class _Loop:
   config: object
@@ -224,36 +382,64 @@ class _Loop:
   train_iter: object
   state: train.TrainState
   clock: _Clock
+  skips: _Skips
 
   @classmethod
   def set_up(cls, c, workdir: str) -> _Loop:
-    """Data, labels, mesh, tokenizer, checkpoints and the first state (restored, pretrained or new). Everything is
-    checked before the workdir's config.json and metrics are written."""
+    """Data, labels, mesh, workdir, tokenizer, checkpoints and the first state (restored, pretrained or new). Every
+    check comes before the first write: a refused command leaves the workdir as it was, and config.json always holds
+    the config of the last run accepted there."""
+    check_workdir(workdir)
+    check_config(c.checkpoint)
     source = open_data(c)
     resolve_labels(c, source)  # before the task is built: the head's size comes from them
     setup = train.build(c)  # mesh and batch checks come first: a bad mesh stops before any work
+    steps = finalized_steps(checkpoint_dir(workdir))
+    saved = newest_saved_step(workdir)
+    if saved is not None:
+      check_same_model(c, saved)  # names the keys, instead of every step failing to restore
+    _check_tokenizer_to_train(c, workdir, steps)
+    notes, state, restored = [], None, None
+    if not steps:  # a fresh run: pretrained weights that do not fit stop it before a tokenizer is trained
+      state = init_from_pretrained(train.init_state(setup, c.train.seed), setup.task, c, notes.append)
     tokenizer = _tokenizer(c, workdir, source)
     check_vocab(c, tokenizer)
-    ckpt = Checkpointer(workdir, c.checkpoint)
     train_iter = split_batches(setup, source, tokenizer, "train")
-    restored = ckpt.restore_latest(train.abstract_state(setup), train_iter)  # skips damaged steps, with a warning
-    is_main = jax.process_index() == 0
+    if steps:
+      if saved is not None:
+        check_tokenizer(saved, tokenizer)
+      # read-only: nothing is created or cleaned up until the run is accepted (damaged steps found on the way are
+      # moved to checkpoints_corrupt/ once a step before them restores)
+      reader = Checkpointer(workdir, c.checkpoint, read_only=True)
+      try:
+        restored = reader.restore_latest(train.abstract_state(setup), train_iter)  # skips damaged steps, with a warning
+      finally:
+        reader.close()
     if restored is not None:
-      _check_resume(restored, tokenizer, setup)
+      check_tokenizer(saved_step(restored.path), tokenizer)
+      state = restored.state
+    elif state is None:
+      state = init_from_pretrained(train.init_state(setup, c.train.seed), setup.task, c, notes.append)
+    # accepted: from here on the workdir is written
+    is_main = jax.process_index() == 0
     if is_main:
       write_config(c, workdir)
     writer = MetricWriter(workdir, enabled=is_main, total_steps=c.train.steps, progress=c.train.progress_bar,
-                          progress_every=c.train.progress_every)
+                          resume_step=int(state.step), progress_every=c.train.progress_every)
+    ckpt = Checkpointer(workdir, c.checkpoint)  # creates checkpoints/, removes the files of a save cut short
+    for note in notes:
+      writer.log(note)
     if restored is not None:
-      state, prior = restored.state, float(restored.metadata.get("train_seconds", 0.0))
+      prior = float(restored.metadata.get("train_seconds", 0.0))
       if restored.metadata.get("mesh") not in (None, dict(setup.mesh.shape)):
         writer.log(f"resharding {restored.path} from mesh {restored.metadata['mesh']} onto {dict(setup.mesh.shape)}")
       writer.log(f"resumed from {restored.path} (step {int(state.step)})")
     else:
-      state, prior = init_from_pretrained(train.init_state(setup, c.train.seed), setup.task, c, writer.log), 0.0
+      prior = 0.0
     writer.log(f"jaxlm: {train.count_params(state.params):,} parameters, mesh {sharding.describe(setup.mesh)}, "
                f"{jax.device_count()} devices, {jax.process_count()} processes")
-    return cls(c, workdir, setup, source, tokenizer, writer, ckpt, train_iter, state, _Clock(prior))
+    skips = _Skips(int(state.nonfinite_skips), int((restored.metadata if restored else {}).get(STREAK_KEY, 0)))
+    return cls(c, workdir, setup, source, tokenizer, writer, ckpt, train_iter, state, _Clock(prior), skips)
 
   def train(self, stop_requested, signals) -> train.TrainState:
     c, setup, writer, ckpt = self.config, self.setup, self.writer, self.ckpt
@@ -262,6 +448,8 @@ class _Loop:
     meta = metadata(c, setup, self.tokenizer.fingerprint())
     is_main = jax.process_index() == 0
     nonfinite_seen = int(self.state.nonfinite_skips)  # with train.nonfinite='stop', any increase stops the run unsaved
+    skipping = c.train.nonfinite == "skip"
+    save_due = False  # with 'skip', a checkpoint due at a skipped step is taken at the next step that updates
     eval_every = c.train.eval_every
     if c.train.eval_each_epoch:
       eval_every = max(1, len(self.source.split("train").records) // c.train.batch_size)
@@ -274,10 +462,14 @@ class _Loop:
       throughput.count(local)
       self.state, metrics = step_fn(self.state, train.global_batch(local, setup.batch_shardings))
       step += 1
+      if skipping:
+        self.skips.add(step, metrics["finite"])
       # Pull the previous log step's metrics only now that this step is dispatched: the host never idles the device.
       nonfinite = False
       if pending is not None:
         nonfinite = self._emit(pending)["nonfinite_skips"] > nonfinite_seen
+        if skipping:
+          self._count_skips(pending[0], None)  # the steps up to the row just pulled are done: no extra sync
         pending = None
       if step % c.train.log_every == 0 or step == c.train.steps:
         if step == c.train.steps:
@@ -285,7 +477,8 @@ class _Loop:
         rate, extra = throughput.row()
         pending = (step, metrics, rate, {"train_seconds": self.clock.train_seconds(), **extra})
       stopping = stop_requested(step)  # every process asks at every step: the multi-process sync point needs it
-      saving = stopping or step % c.checkpoint.every_steps == 0 or step == c.train.steps
+      save_due = save_due or step % c.checkpoint.every_steps == 0
+      saving = stopping or save_due or step == c.train.steps
       # With 'stop', the non-finite counter in the state is read at every log row and before every save (which waits
       # for the state anyway): a poisoned state is never written.
       if saving and c.train.nonfinite == "stop":
@@ -300,10 +493,17 @@ class _Loop:
         results = self._evaluate(evaluator, step, throughput, is_main)
         last_eval = step
         ranked = results[setup.task.eval_splits[0]] if c.checkpoint.best_metric else None
+      if skipping and (saving or ranked is not None):
+        self._count_skips(step, pending)  # a save waits for this step anyway
+        if self.skips.streak_start and not (stopping or step == c.train.steps):
+          # no checkpoint from inside a run of skips: if it ends in divergence, the newest one predates it, and the
+          # keep policy never deletes it for checkpoints of the same parameters
+          saving, ranked = False, None
       if saving or ranked is not None:
         # the final save follows the final eval, so that the last step is ranked too
-        ckpt.save(step, self.state, self.train_iter, c, dict(meta, train_seconds=self.clock.train_seconds()),
-                  metrics=ranked)
+        ckpt.save(step, self.state, self.train_iter, c, dict(meta, train_seconds=self.clock.train_seconds(),
+                                                             **{STREAK_KEY: self.skips.streak_start}), metrics=ranked)
+        save_due = False
       if stopping:
         break
     if pending is not None:
@@ -348,6 +548,48 @@ class _Loop:
                       f"{tokens_per_s:,.0f} tok/s")
     return m
 
+  def _count_skips(self, upto: int, pending) -> None:
+    """Reads the skip flags of the steps up to `upto`: one warning line for those skipped, and the stop past a limit
+    (train.max_consecutive_nonfinite_skips, train.max_nonfinite_skips)."""
+    skipped = self.skips.read(upto)
+    if not skipped:
+      return
+    t = self.config.train
+    limits = [f"{n} {what} ({key})" for n, what, key in (
+        (t.max_consecutive_nonfinite_skips, "in a row", "train.max_consecutive_nonfinite_skips"),
+        (t.max_nonfinite_skips, "in all", "train.max_nonfinite_skips")) if n]
+    stops = f"; the run stops at {' or '.join(limits)}" if limits else ""
+    self.writer.log(f"WARNING: non-finite loss or gradient norm at {_steps_text(skipped)}: update skipped "
+                    f"({self.skips.in_a_row()} in a row, {self.skips.total} in all{stops})")
+    in_a_row, start = self.skips.in_a_row(), self.skips.streak_start
+    if t.max_consecutive_nonfinite_skips and in_a_row >= t.max_consecutive_nonfinite_skips:
+      self._stop_diverged(f"{in_a_row} updates in a row skipped for a non-finite loss or gradient norm (steps "
+                          f"{start}-{self.skips.last}; train.max_consecutive_nonfinite_skips="
+                          f"{t.max_consecutive_nonfinite_skips})", pending)
+    if t.max_nonfinite_skips and self.skips.total >= t.max_nonfinite_skips:
+      self._stop_diverged(f"{self.skips.total} updates skipped in all for a non-finite loss or gradient norm "
+                          f"(train.max_nonfinite_skips={t.max_nonfinite_skips})", pending)
+
+  def _stop_diverged(self, why: str, pending) -> None:
+    """Ends a diverged run: the checkpoints from the first step of the run of skips on (there are none unless a stop
+    or a previous run's end saved one inside it) move to checkpoints_diverged/, so the latest is the last one from
+    before it; then DivergedError says which that is."""
+    if pending is not None:
+      self._emit(pending)
+    self.ckpt.wait()
+    start = self.skips.streak_start
+    target = checkpoint_dir(self.workdir) + "_diverged"
+    moved = [s for s in self.ckpt.all_steps() if start and s >= start]
+    for s in moved:
+      self.ckpt.move_aside(s, self.writer.log, target_dir=target, what="diverged")
+    last = self.ckpt.latest_step()
+    self.writer.close()
+    self.ckpt.close()
+    before = f", from before step {start}" if start else ""
+    kept = f"the latest checkpoint is {self.ckpt.step_path(last)}{before}" if last is not None else "no checkpoint kept"
+    aside = f"; the checkpoints of steps {', '.join(map(str, moved))} were moved to {target}" if moved else ""
+    raise DivergedError(f"training diverged: {why}; {kept}{aside}")
+
   def _stop_nonfinite(self, step: int, pending) -> None:
     if pending is not None:
       self._emit(pending)
@@ -386,11 +628,19 @@ def _tokenizer(c, workdir: str, source: builders.Source):
   return load_tokenizer(c, workdir)
 
 
-def _check_resume(restored, tokenizer, setup: train.Setup) -> None:
-  saved = restored.metadata.get("tokenizer_fingerprint", "")
-  if saved and saved != tokenizer.fingerprint():
-    raise ValueError(f"{restored.path} was trained with tokenizer {saved} but the tokenizer now loaded is "
-                     f"{tokenizer.fingerprint()}: resuming would change what every token id means")
+def _check_tokenizer_to_train(c, workdir: str, steps: list[int]) -> None:
+  """When the run will train its tokenizer into the workdir: never where checkpoints exist (they were trained with the
+  one that is missing), and only one that will fit model.vocab_size (checked before, not after, it is written)."""
+  path = tokenizer_path(c, workdir)
+  if c.tokenizer.path or c.tokenizer.kind != "sentencepiece" or os.path.isfile(path):
+    return  # nothing is trained: load_tokenizer reads the file, or names the one that is missing
+  if steps:
+    raise SetupError(f"{path} is missing but {checkpoint_dir(workdir)} holds checkpoints trained with it: a newly "
+                     "trained tokenizer would give other token ids (put the file back, or set tokenizer.path to it)")
+  if c.tokenizer.vocab_size != c.model.vocab_size:
+    raise SetupError(f"tokenizer.vocab_size={c.tokenizer.vocab_size} but model.vocab_size={c.model.vocab_size}: the "
+                     f"tokenizer this run would train does not fit the model; set --config.model.vocab_size="
+                     f"{c.tokenizer.vocab_size}")
 
 
 def init_from_pretrained(state: train.TrainState, task, config, log) -> train.TrainState:
@@ -416,13 +666,16 @@ def init_from_pretrained(state: train.TrainState, task, config, log) -> train.Tr
 def run_eval_only(config, workdir: str) -> dict:
   """`jaxlm eval`: evaluates the best (by checkpoint.best_metric) else the latest checkpoint in workdir on the task's
   eval splits and its test split."""
+  if not os.path.isdir(workdir):
+    raise SetupError(f"--workdir {workdir} is a file, not a jaxlm workdir" if os.path.exists(workdir) else
+                     f"--workdir {workdir} does not exist")
   source = open_data(config)
   resolve_labels(config, source)
   setup = train.build(config)
   tokenizer = load_tokenizer(config, workdir)
   check_vocab(config, tokenizer)
   ckpt = Checkpointer(workdir, config.checkpoint, read_only=True)
-  step, params = restore_params(setup, ckpt)
+  step, params = restore_params(setup, ckpt, tokenizer=tokenizer)
   ckpt.close()
   evaluator = Evaluator(setup, source, tokenizer)
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0, progress=False)
