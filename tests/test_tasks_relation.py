@@ -132,11 +132,11 @@ def test_entity_start_head_is_the_concatenated_marker_states(tmp_path):
   batch["attention_mask"][:, 12:] = 0
   batch["e1_start"] = np.array([1, 3, 5, 2], np.int32)
   batch["e2_start"] = np.array([4, 9, 6, 11], np.int32)
-  params = nn.meta.unbox(task.init_params(jax.random.key(0), batch))
-  logits = np.asarray(task.model.apply({"params": params}, batch["input_ids"], batch["token_type_ids"],
-                                       batch["attention_mask"], batch["e1_start"], batch["e2_start"]))
-  hidden, _ = Encoder(task.model_cfg).apply({"params": params["encoder"]}, batch["input_ids"],
-                                            batch["token_type_ids"], batch["attention_mask"])
+  params = jax.jit(lambda r, b: nn.meta.unbox(task.init_params(r, b)))(jax.random.key(0), batch)
+  logits = np.asarray(jax.jit(task.model.apply)({"params": params}, batch["input_ids"], batch["token_type_ids"],
+                                                batch["attention_mask"], batch["e1_start"], batch["e2_start"]))
+  hidden, _ = jax.jit(Encoder(task.model_cfg).apply)({"params": params["encoder"]}, batch["input_ids"],
+                                                     batch["token_type_ids"], batch["attention_mask"])
   hidden = np.asarray(hidden)
   rows = np.arange(4)
   pair = np.concatenate([hidden[rows, batch["e1_start"]], hidden[rows, batch["e2_start"]]], axis=1)  # [4, 2D]
@@ -219,6 +219,7 @@ def test_marker_embeddings_start_from_their_tags(minilm):
   assert name == str(minilm)
 
 
+@pytest.mark.slow
 def test_train_then_predict_writes_one_label_per_sentence(tmp_path):
   train = _write_semeval(tmp_path / "train.txt", 160, 4)
   test = _write_semeval(tmp_path / "test.txt", 24, 5, first_id=9001)
