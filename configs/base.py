@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---- task ----------------------------------------------------------------------------------------------
   c.task = ml_collections.ConfigDict()
-  c.task.name = "lm"  # lm (causal LM) | mlm_nsp | classification | ner | qa | relation — see jaxlm/tasks/
+  c.task.name = "lm"  # lm (causal LM) | mlm_nsp | classification | ner | qa | relation | sft — see jaxlm/tasks/
   CHECKS["task.name"] = registered_task()
   # encoder tasks (jaxlm/tasks/{classification,ner,qa,mlm_nsp}.py); labels and tag scheme: data.labels, data.tag_scheme
   # '' = the task's own; ner: softmax | crf; classification: sequence; qa: span; mlm_nsp: mlm_nsp | mlm;
@@ -156,6 +156,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Where records come from. text: .txt/.jsonl files | pydoc: CPython's bundled documentation text (no files needed)
   # | conll: token/tag files (ner) | tsv: TSV/CSV rows (classification) | squad: SQuAD JSON (qa)
   # | semeval: SemEval-2010 Task 8 files or .jsonl tagged sentences (relation; dev: a stratified data.eval_fraction)
+  # | chat: conversations (sft): .jsonl/.json messages or prompt/response fields, DailyDialog zips or dialogues_*.txt
   # | tfds: a public tfds dataset prepared as array_record. Local files are prepared once as array_record too.
   c.data.source = "text"
   CHECKS["data.source"] = data_source()
@@ -173,6 +174,7 @@ def get_config() -> ml_collections.ConfigDict:
   CHECKS["data.jsonl_field"] = non_empty()
   c.data.doc_split = "blank_lines"  # how a file splits into documents: blank_lines | lines | file
   CHECKS["data.doc_split"] = one_of("blank_lines", "lines", "file")
+  c.data.add_pydoc = False  # data.source='text': the pydoc topics join the train split of the files (more text)
   c.data.tfds_name = ""  # data.source=tfds: dataset[/config], e.g. glue/sst2, conll2003, squad, wikipedia/20230601.en
   CHECKS["data.tfds_name"] = FREE
   c.data.tfds_data_dir = ""  # tfds datasets and prepared local files; empty = $TFDS_DATA_DIR or ~/tensorflow_datasets
@@ -229,6 +231,30 @@ def get_config() -> ml_collections.ConfigDict:
   # ner: a sentence longer than a row is tagged in overlapping windows whose starts are this many sub-words apart
   c.data.ner_stride = 0  # 0 = half a window (data.seq_len - 2 sub-words): every word lies near some window's centre
   CHECKS["data.ner_stride"] = at_least(0)
+  # chat (sft; jaxlm/data/chat.py): a conversation is a JSON object with a list of {role, content} messages (roles
+  # system | user | assistant), or one exchange from prompt / response fields (and an optional system field)
+  c.data.messages_field = "messages"  # chat: the field holding the list of messages
+  CHECKS["data.messages_field"] = non_empty()
+  c.data.prompt_field = "prompt"  # chat: ... else the field holding the user's prompt
+  CHECKS["data.prompt_field"] = non_empty()
+  c.data.response_field = "response"  # chat: ... and the assistant's response (optional in `jaxlm generate --chat`)
+  CHECKS["data.response_field"] = non_empty()
+  c.data.system_field = "system"  # chat: ... and an optional system message
+  CHECKS["data.system_field"] = non_empty()
+  c.data.assistant_speaker = "second"  # chat from DailyDialog: the speaker who is the assistant: first | second | both
+  CHECKS["data.assistant_speaker"] = one_of("first", "second", "both")  # both: each dialogue twice, once per speaker
+  # The chat template: each message is its role's marker, its content, then chat_end; a reply is asked for with
+  # chat_assistant. A marker that is one vocabulary piece (the whitespace around it aside) is that one token: train
+  # the tokenizer with tokenizer.user_defined_symbols=('<|system|>', '<|user|>', '<|assistant|>', '<|end|>').
+  c.data.chat_system = "<|system|>\n"  # before a system message
+  CHECKS["data.chat_system"] = non_empty()
+  c.data.chat_user = "<|user|>\n"  # before a user message
+  CHECKS["data.chat_user"] = non_empty()
+  c.data.chat_assistant = "<|assistant|>\n"  # before an assistant message
+  CHECKS["data.chat_assistant"] = non_empty()
+  # ends every message; must be one token: the loss covers the assistant's (so it learns to stop), generation stops at it
+  c.data.chat_end = "<|end|>\n"
+  CHECKS["data.chat_end"] = non_empty()
   c.data.shuffle = True  # globally shuffle examples each epoch
   c.data.num_epochs = 0  # 0 = repeat forever (training stops at train.steps)
   CHECKS["data.num_epochs"] = at_least(0)

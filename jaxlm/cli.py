@@ -47,6 +47,11 @@ def cmd_generate(args, overrides):
     if value is not None:
       config.sample[key] = value
   config_lib.validate(config, "", overrides)  # the sampling flags pass the sample.* keys' checks too
+  if args.chat or args.chat_input:
+    generate.run_chat(config, args.workdir, args.chat_input, args.chat_output, args.system)
+    return
+  if args.prompt is None:
+    raise ValueError("jaxlm generate needs --prompt TEXT (or --chat for a conversation)")
   print(generate.generate_text(config, args.workdir, args.prompt))
 
 
@@ -126,11 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("generate", help="sample text from the latest checkpoint (KV cache)")
   p.add_argument("--workdir", required=True)
-  p.add_argument("--prompt", required=True)
+  p.add_argument("--prompt", default=None, help="the text to continue (or, for a seq2seq workdir, to answer)")
   p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=None)
   p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
   p.add_argument("--top-k", dest="top_k", type=int, default=None, help="0 = no top-k filter")
   p.add_argument("--seed", type=int, default=None)
+  g = p.add_argument_group("chat (an sft workdir, or any decoder whose tokenizer has the data.chat_* markers)")
+  g.add_argument("--chat", action="store_true", help="a conversation in the workdir's chat template: user turns from "
+                 "stdin, a reply printed to each; the history is cut from the left to fit model.max_len")
+  g.add_argument("--chat-input", dest="chat_input", default=None, metavar="FILE", help="instead of stdin: a user "
+                 "turn per line (one conversation), or .jsonl/.json conversations ending with a user turn")
+  g.add_argument("--chat-output", dest="chat_output", default=None, metavar="FILE", help="default: stdout, a reply "
+                 "per line; a .jsonl file gets each conversation with its reply as {messages: [...]}")
+  g.add_argument("--system", default="", help="a system message that starts the conversation (turns, stdin)")
   p.set_defaults(func=cmd_generate)
 
   p = sub.add_parser("tokenizer", help="train the sentencepiece model the config names")

@@ -97,7 +97,8 @@ class _Labeller:
 
 
 class TextRecords(RecordKind):
-  """Documents: {'text'} (causal LM, MLM, span corruption). Local .txt files split by data.doc_split, or .jsonl."""
+  """Documents: {'text'} (causal LM, MLM, span corruption). Local .txt files split by data.doc_split, or .jsonl;
+  data.add_pydoc adds CPython's pydoc topics to the train split of the files."""
   name = "text"
   local_source = "text"
 
@@ -105,13 +106,19 @@ class TextRecords(RecordKind):
     return {"text": _TEXT}
 
   def options(self, data_cfg):
-    return {"doc_split": data_cfg.doc_split, "jsonl_field": data_cfg.jsonl_field}
+    d = data_cfg
+    add_pydoc = bool(d.add_pydoc) and d.source == self.local_source
+    return {"doc_split": d.doc_split, "jsonl_field": d.jsonl_field, "add_pydoc": add_pydoc,
+            "pydoc_with": sources.expand_globs(d.train_files, "data.train_files")[0] if add_pydoc else ""}
 
   def read(self, path, options):
     if path.endswith(".jsonl"):
       docs = sources.read_jsonl(path, options["jsonl_field"])
     else:
       docs = sources.read_text_files([path], options["doc_split"], options["jsonl_field"])
+    # the topics join the train split once, with its first file (the reader sees one file at a time)
+    if options.get("add_pydoc") and options.get("split") == "train" and path == options["pydoc_with"]:
+      docs = docs + sources.pydoc_documents()
     return [{"text": d} for d in docs]
 
   def decode(self, raw):
