@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---- task ----------------------------------------------------------------------------------------------
   c.task = ml_collections.ConfigDict()
-  c.task.name = "lm"  # lm (causal LM) | mlm_nsp | classification | ner | qa | relation | sft — see jaxlm/tasks/
+  c.task.name = "lm"  # lm | mlm_nsp | classification | ner | qa | relation | span_corruption | seq2seq | sft: jaxlm/tasks/
   CHECKS["task.name"] = registered_task()
   # encoder tasks (jaxlm/tasks/{classification,ner,qa,mlm_nsp}.py); labels and tag scheme: data.labels, data.tag_scheme
   # '' = the task's own; ner: softmax | crf; classification: sequence; qa: span; mlm_nsp: mlm_nsp | mlm;
@@ -53,6 +53,26 @@ def get_config() -> ml_collections.ConfigDict:
   CHECKS["task.null_threshold"] = FREE
   c.task.mlm_max_predictions = 0  # mlm_nsp: vocabulary logits at most at this many masked positions per row; 0 = all
   CHECKS["task.mlm_max_predictions"] = at_least(0)
+  # seq2seq (T5 fine-tuning on input -> target pairs; jaxlm/tasks/seq2seq.py):
+  c.task.prefix = ""  # text put before every input (T5's task prefix), e.g. 'translate German to English: '
+  CHECKS["task.prefix"] = FREE
+  c.task.label_smoothing = 0.0  # share of each target's probability spread uniformly over the vocabulary, in training
+  CHECKS["task.label_smoothing"] = rate()
+  c.task.beam_size = 1  # generation on dev/test and in `jaxlm predict`: beams; 1 = greedy
+  CHECKS["task.beam_size"] = at_least(1)
+  c.task.length_penalty = 0.6  # beam search ranks log p / ((5 + length) / 6) ** length_penalty (0 = plain log p)
+  CHECKS["task.length_penalty"] = at_least(0)
+  c.task.max_decode_len = 0  # tokens generated at most, EOS included; 0 = data.target_len (sft: sample.max_new_tokens)
+  CHECKS["task.max_decode_len"] = at_least(0)
+  # generated-text scores on dev/test (0-100): bleu chrf rouge1 rouge2 rougeL rougeLsum bleu1..4 distinct1..4;
+  # empty = evaluation is loss/perplexity only (no generation)
+  c.task.metrics = ("bleu", "chrf")
+  CHECKS["task.metrics"] = each(one_of("bleu", "chrf", "rouge1", "rouge2", "rougeL", "rougeLsum", "bleu1", "bleu2",
+                                       "bleu3", "bleu4", "distinct1", "distinct2", "distinct3", "distinct4"))
+  c.task.lead_turns = 0  # also score the first N lines of each input as its output (LEAD-3 summaries: 3); 0 = off
+  CHECKS["task.lead_turns"] = at_least(0)
+  c.task.report_examples = 5  # (input, reference, output) examples in each eval report (WORKDIR/report_*.txt)
+  CHECKS["task.report_examples"] = at_least(0)
 
   # ---- initialisation from a pretrained checkpoint --------------------------------------------------------
   c.init = ml_collections.ConfigDict()
@@ -156,6 +176,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Where records come from. text: .txt/.jsonl files | pydoc: CPython's bundled documentation text (no files needed)
   # | conll: token/tag files (ner) | tsv: TSV/CSV rows (classification) | squad: SQuAD JSON (qa)
   # | semeval: SemEval-2010 Task 8 files or .jsonl tagged sentences (relation; dev: a stratified data.eval_fraction)
+  # | pairs: seq2seq (input, target) pairs: line-aligned files (gzip or not), .json/.jsonl/.tsv/.csv with named fields,
+  # DailyDialog and SAMSum-style zips (per-split JSON) read in place
   # | chat: conversations (sft): .jsonl/.json messages or prompt/response fields, DailyDialog zips or dialogues_*.txt
   # | tfds: a public tfds dataset prepared as array_record. Local files are prepared once as array_record too.
   c.data.source = "text"
@@ -226,6 +248,22 @@ def get_config() -> ml_collections.ConfigDict:
   CHECKS["data.mean_noise_span_length"] = at_least(1)
   c.data.doc_stride = 128  # qa: tokens between the starts of consecutive windows over a long context
   CHECKS["data.doc_stride"] = at_least(1)
+  c.data.source_lang = ""  # pairs from line-aligned files: the input side's name part ('de': train.de.gz; name these)
+  CHECKS["data.source_lang"] = FREE
+  c.data.target_lang = ""  # ... and the target side's ('en': train.de.gz pairs with train.en.gz, line by line)
+  CHECKS["data.target_lang"] = FREE
+  c.data.input_field = "source"  # pairs from JSON/JSONL/TSV/CSV (a column index without a header) or tfds: input field
+  CHECKS["data.input_field"] = non_empty()
+  c.data.target_field = "target"  # ... and the target field (SAMSum: dialogue -> summary)
+  CHECKS["data.target_field"] = non_empty()
+  c.data.context_turns = 3  # pairs from dialogues (DailyDialog): turns before a response that form its input; 0 = all
+  CHECKS["data.context_turns"] = at_least(0)
+  c.data.turn_separator = " | "  # between those turns in the input
+  CHECKS["data.turn_separator"] = FREE
+  c.data.drop_duplicates = False  # pairs: leave out a pair whose input and target repeat an earlier one of its file
+  c.data.target_len = 0  # seq2seq: decoder tokens per row (target + EOS, cut to fit); 0 = data.seq_len
+  CHECKS["data.target_len"] = at_least(0)
+  c.data.pack_pairs = True  # seq2seq train rows: first-fit pack pairs (segment ids on both sides); False = one a row
   c.data.max_query_length = 64  # qa: question tokens kept
   CHECKS["data.max_query_length"] = at_least(1)
   # ner: a sentence longer than a row is tagged in overlapping windows whose starts are this many sub-words apart
@@ -291,7 +329,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 3e-4  # peak learning rate
   CHECKS["optim.learning_rate"] = at_least(0)
-  c.optim.schedule = "cosine"  # decay after warmup: cosine | linear | constant
+  c.optim.schedule = "cosine"  # decay after warmup: cosine | linear | constant | rsqrt (peak * sqrt(warmup / step))
   CHECKS["optim.schedule"] = one_of("cosine", "linear", "constant", "rsqrt")
   c.optim.warmup_steps = 100  # linear warmup from 0 to the peak
   CHECKS["optim.warmup_steps"] = at_least(0)
@@ -380,6 +418,12 @@ def get_config() -> ml_collections.ConfigDict:
   CHECKS["sample.temperature"] = at_least(0)
   c.sample.top_k = 40  # 0 = no top-k filter
   CHECKS["sample.top_k"] = at_least(0)
+  c.sample.top_p = 1.0  # nucleus sampling: keep the most likely tokens up to this probability mass; 1 = all
+  CHECKS["sample.top_p"] = between(0, 1, lo_open=True)
+  c.sample.beam_size = 1  # > 1: beam search instead of sampling (temperature, top_k, top_p unused)
+  CHECKS["sample.beam_size"] = at_least(1)
+  c.sample.length_penalty = 0.6  # beam search: alpha of ((5 + length) / 6) ** alpha
+  CHECKS["sample.length_penalty"] = at_least(0)
   c.sample.seed = 0  # sampling RNG seed
   CHECKS["sample.seed"] = at_least(0)
 

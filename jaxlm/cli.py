@@ -42,7 +42,7 @@ def cmd_eval(args, overrides):
 
 def cmd_generate(args, overrides):
   config = generate.load_config_for_sampling(args.workdir, overrides)
-  for key in ("max_new_tokens", "temperature", "top_k", "seed"):
+  for key in ("max_new_tokens", "temperature", "top_k", "top_p", "beam_size", "length_penalty", "seed"):
     value = getattr(args, key)
     if value is not None:
       config.sample[key] = value
@@ -129,12 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True)
   p.set_defaults(func=cmd_eval)
 
-  p = sub.add_parser("generate", help="sample text from the latest checkpoint (KV cache)")
+  p = sub.add_parser("generate", help="text from the best (else latest) checkpoint (KV cache): a decoder continues "
+                     "the prompt; a seq2seq or span-corruption (T5) workdir answers it as its input")
   p.add_argument("--workdir", required=True)
   p.add_argument("--prompt", default=None, help="the text to continue (or, for a seq2seq workdir, to answer)")
   p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=None)
   p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
   p.add_argument("--top-k", dest="top_k", type=int, default=None, help="0 = no top-k filter")
+  p.add_argument("--top-p", dest="top_p", type=float, default=None, help="nucleus mass; 1 = no top-p filter")
+  p.add_argument("--beam-size", dest="beam_size", type=int, default=None,
+                 help="> 1: beam search (temperature, top-k and top-p unused)")
+  p.add_argument("--length-penalty", dest="length_penalty", type=float, default=None,
+                 help="beam search: alpha of ((5 + length) / 6) ** alpha")
   p.add_argument("--seed", type=int, default=None)
   g = p.add_argument_group("chat (an sft workdir, or any decoder whose tokenizer has the data.chat_* markers)")
   g.add_argument("--chat", action="store_true", help="a conversation in the workdir's chat template: user turns from "
@@ -169,9 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("predict", help="predictions of a fine-tuned workdir's best (else latest) checkpoint for new text")
   p.add_argument("--workdir", required=True)
   p.add_argument("--input", required=True, help="classification: a sentence per line (a tab between a pair); ner: "
-                 "whitespace-tokenised sentences one per line, or CoNLL; qa: SQuAD JSON")
+                 "whitespace-tokenised sentences one per line, or CoNLL; qa: SQuAD JSON; seq2seq: an input per line, "
+                 "or JSON lines (.jsonl) with the input in data.input_field or 'source'")
   p.add_argument("--output", default=None, help="default: stdout. '.jsonl' writes JSON lines; otherwise "
-                 "label<TAB>text (classification) or CoNLL word<TAB>tag (ner); qa always writes JSON lines")
+                 "label<TAB>text (classification), CoNLL word<TAB>tag (ner) or an output per line (seq2seq); qa "
+                 "always writes JSON lines")
   p.add_argument("--input-format", dest="input_format", default="auto", choices=("auto", "lines", "conll", "squad"),
                  help="auto: CoNLL when the file has blank lines or -DOCSTART-, else one sentence per line")
   p.set_defaults(func=cmd_predict)

@@ -1,9 +1,10 @@
-"""Sampling from a trained decoder: prefill the prompt into a KV cache, then one jitted loop of decode steps."""
+"""`jaxlm generate`: text from a workdir's best (else latest) checkpoint through jaxlm/generation.py. A decoder
+continues the prompt; an encoder-decoder (seq2seq, span corruption) reads the prompt as its input and writes its own
+output. Sampling (greedy, temperature, top-k, top-p) or beam search, per the sample.* keys."""
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import sys
 from collections.abc import Iterable
@@ -19,47 +20,18 @@ from jaxlm.checkpoint import Checkpointer
 from jaxlm.data import chat
 from jaxlm.data.sources import DataError
 from jaxlm.data.tokenizer import load_tokenizer
-from jaxlm.models.decoder import Decoder, DecoderConfig
+from jaxlm.models.decoder import Decoder
+from jaxlm.models.encdec import EncDec
 
 
 def load_config_for_sampling(workdir: str, overrides=()):
   return config_lib.apply_overrides(run.read_config(workdir), overrides)
 
 
-def _pick(logits, rng, temperature: float, top_k: int):
-  """logits [B, V] -> next token ids [B]: greedy at temperature 0, else top-k filtered sampling."""
-  if temperature == 0.0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits / temperature
-  if top_k:
-    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [B, 1]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
-  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
-
-
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k"))
 def sample(model: Decoder, params, prompt, rng, *, max_new_tokens: int, temperature: float, top_k: int):
-  """prompt [B, P] int32 -> generated ids [B, max_new_tokens]."""
-  b, p = prompt.shape
-  cache = model.init(jax.random.key(0), jnp.zeros((b, 1), jnp.int32), decode=True)["cache"]
-  positions = jnp.broadcast_to(jnp.arange(p), (b, p))
-  ones = jnp.ones((b, p), jnp.int32)
-  logits, variables = model.apply({"params": params, "cache": cache}, prompt, positions, ones, decode=True,
-                                  mutable=["cache"])
-  first = _pick(logits[:, -1], jax.random.fold_in(rng, 0), temperature, top_k)
-
-  def body(i, carry):
-    out, cache = carry
-    token = jax.lax.dynamic_slice_in_dim(out, i - 1, 1, axis=1)  # [B, 1]: the token chosen last
-    pos = jnp.full((b, 1), p + i - 1, jnp.int32)
-    logits, variables = model.apply({"params": params, "cache": cache}, token, pos, jnp.ones((b, 1), jnp.int32),
-                                    decode=True, mutable=["cache"])
-    nxt = _pick(logits[:, -1], jax.random.fold_in(rng, i), temperature, top_k)
-    return jax.lax.dynamic_update_slice_in_dim(out, nxt[:, None], i, axis=1), variables["cache"]
-
-  out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first)
-  out, _ = jax.lax.fori_loop(1, max_new_tokens, body, (out, variables["cache"]))
-  return out
+  """prompt [B, P] int32 -> [B, max_new_tokens] ids sampled from a decoder (no EOS stop): generation.sample."""
+  return generation.sample(generation.decoder_decoding(model), params, prompt, max_new_tokens=max_new_tokens, rng=rng,
+                           temperature=temperature, top_k=top_k).tokens
 
 
 def load_params(config, workdir: str, tokenizer=None):
@@ -72,22 +44,43 @@ def load_params(config, workdir: str, tokenizer=None):
   return setup.task.model, params, step
 
 
+def _search(decoding, params, prompt, s, eos_id: int, pad_id: int, context=None):
+  """[1, P] prompt -> the generated ids (up to, without, the EOS) by beam search or sampling per the sample.* keys."""
+  if s.beam_size > 1:
+    out = generation.beam_search(decoding, params, prompt, beam_size=int(s.beam_size),
+                                 max_new_tokens=int(s.max_new_tokens), alpha=float(s.length_penalty), eos_id=eos_id,
+                                 pad_id=pad_id, context=context)
+  else:
+    out = generation.sample(decoding, params, prompt, max_new_tokens=int(s.max_new_tokens),
+                            rng=jax.random.key(int(s.seed)), temperature=float(s.temperature), top_k=int(s.top_k),
+                            top_p=float(s.top_p), eos_id=eos_id, pad_id=pad_id, context=context)
+  new = [int(t) for t in np.asarray(out.tokens[0])[:int(out.lengths[0])]]
+  return new[:-1] if new and new[-1] == eos_id else new
+
+
 def generate_text(config, workdir: str, prompt: str) -> str:
+  """A decoder's continuation of `prompt` (returned with the prompt), or an encoder-decoder's output for it as input
+  (task.prefix put before it, as in training)."""
   tokenizer = load_tokenizer(config, workdir)
+  run.check_vocab(config, tokenizer)
   model, params, _ = load_params(config, workdir, tokenizer)
-  ids = tokenizer.encode(prompt)
-  if not ids:
-    ids = [tokenizer.bos_id if tokenizer.bos_id >= 0 else tokenizer.eos_id]
   s = config.sample
-  max_len = DecoderConfig.from_config(config.model).max_len
-  if len(ids) + s.max_new_tokens > max_len:
-    raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({s.max_new_tokens}) exceeds model.max_len={max_len}")
-  out = sample(model, params, jnp.asarray([ids], jnp.int32), jax.random.key(s.seed),
-               max_new_tokens=s.max_new_tokens, temperature=float(s.temperature), top_k=int(s.top_k))
-  new = [int(t) for t in np.asarray(out[0])]
-  if tokenizer.eos_id in new:
-    new = new[:new.index(tokenizer.eos_id)]
-  return tokenizer.decode(ids + new)  # decoding the whole sequence keeps the spacing between prompt and sample
+  eos_id, pad_id = tokenizer.eos_id, max(tokenizer.pad_id, 0)
+  if isinstance(model, Decoder):
+    ids = tokenizer.encode(prompt) or [tokenizer.bos_id if tokenizer.bos_id >= 0 else eos_id]
+    max_len = model.cfg.max_len
+    if len(ids) + s.max_new_tokens > max_len:
+      raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({s.max_new_tokens}) exceeds model.max_len="
+                       f"{max_len}")
+    new = _search(generation.decoder_decoding(model), params, jnp.asarray([ids], jnp.int32), s, eos_id, pad_id)
+    return tokenizer.decode(ids + new)  # decoding the whole sequence keeps the spacing between prompt and sample
+  if isinstance(model, EncDec):
+    ids = tokenizer.encode(config.task.prefix + prompt)[:config.data.seq_len - 1] + [eos_id]
+    context = (jnp.asarray([ids], jnp.int32), jnp.ones((1, len(ids)), jnp.int32))
+    decoding = generation.encdec_decoding(model, int(s.max_new_tokens) + 1)  # + the start token (T5: the pad id)
+    return tokenizer.decode(_search(decoding, params, jnp.full((1, 1), pad_id, jnp.int32), s, eos_id, pad_id, context))
+  raise ValueError(f"task.name='{config.task.name}' does not generate text: its model ({type(model).__name__}) has no "
+                   "decoder")
 
 
 # ---- chat: a decoder answering conversations in its workdir's chat template (task.name=sft) -------------------------

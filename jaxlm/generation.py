@@ -15,8 +15,9 @@ The contract a model family fulfils (`Decoding`):
 - `max_len`: the number of cache slots; every position must stay below it.
 
 A model whose cache keeps one write index for the whole batch (the decoder here, T5 in models/encdec.py) meets the
-per-row part of this contract the way `decoder_decoding` does: by running the model once per row under jax.vmap,
-setting that row's index to its first position.
+per-row part of this contract the way `decoder_decoding` and `encdec_decoding` do: by running the model once per row
+under jax.vmap, setting that row's index to its first position. For T5 the context is (encoder tokens [B, S], encoder
+segment ids [B, S]) and the prompt is the decoder start token.
 
 Prompts are right-padded to a common width P with their true lengths given per row (`prompt_lengths`): row b's
 first generated token comes from the logits at position `prompt_lengths[b] - 1`, and its generated tokens take the
@@ -37,6 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.models.decoder import Decoder
+from jaxlm.models.encdec import EncDec
+from jaxlm.models.encdec import init_cache as encdec_init_cache
 
 NEG_INF = -jnp.inf
 
@@ -57,6 +60,12 @@ class Decoding:
 def take_rows(cache, rows, axis: int = 0):
   """Every cache leaf indexed by `rows` along its batch `axis`: a `Decoding.reorder` for caches of one layout."""
   return jax.tree.map(lambda x: jnp.take(x, rows, axis=axis), cache)
+
+
+def _at_index(cache, positions):
+  """Every cache index leaf of one row set to the row's first position: where its keys/values are written."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.full_like(x, positions[0]) if path[-1].key == "index" else x, cache)
 
 
 @functools.cache
@@ -83,9 +92,33 @@ def decoder_decoding(model: Decoder, max_len: int | None = None) -> Decoding:
 
   def step_row(params, cache, tokens, positions):  # one row: cache with batch 1, tokens/positions [T]
     # the write slot is the row's first position: point every layer's cache index there
-    cache = jax.tree_util.tree_map_with_path(
-        lambda path, x: jnp.full_like(x, positions[0]) if path[-1].key == "index" else x, cache)
-    logits, variables = model.apply({"params": params, "cache": cache}, tokens[None], positions[None], decode=True,
+    logits, variables = model.apply({"params": params, "cache": _at_index(cache, positions)}, tokens[None],
+                                    positions[None], decode=True, mutable=["cache"])
+    return logits[0], variables["cache"]
+
+  def step(params, cache, tokens, positions):
+    return jax.vmap(step_row, in_axes=(None, 0, 0, 0))(params, cache, tokens, positions)
+
+  return Decoding(init_cache=init_cache, step=step, reorder=take_rows, max_len=max_len)
+
+
+@functools.cache
+def encdec_decoding(model: EncDec, max_len: int) -> Decoding:
+  """The Decoding of a T5 encoder-decoder with room for `max_len` decoder tokens (the start token included).
+
+  `context` is (encoder tokens [B, S], encoder segment ids [B, S], 0 on padding): init_cache encodes them once and
+  stores each row's cross-attention keys/values (models/encdec.init_cache), so a decoding step costs one decoder
+  position. As in decoder_decoding, each row keeps its own cache under jax.vmap (leading row axis, then a batch of 1).
+  """
+
+  def init_cache(params, batch_size: int, context):
+    tokens, segment_ids = context
+    encoded = model.apply({"params": params}, tokens, segment_ids, method=EncDec.encode)  # [B, S, D]
+    return jax.vmap(lambda e, s: encdec_init_cache(model, params, e[None], s[None], max_len))(encoded, segment_ids)
+
+  def step_row(params, cache, tokens, positions):  # one row: tokens/positions [T]
+    logits, variables = model.apply({"params": params, "cache": _at_index(cache, positions)}, None, None,
+                                    tokens[None], None, positions[None], decode=True, method=EncDec.decode,
                                     mutable=["cache"])
     return logits[0], variables["cache"]
 

@@ -19,8 +19,12 @@ def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
     decay = optax.linear_schedule(peak, end, decay_steps)
   elif optim_cfg.schedule == "constant":
     decay = optax.constant_schedule(peak)
+  elif optim_cfg.schedule == "rsqrt":
+    # inverse square root (the Transformer's "Noam" schedule): peak at the end of warmup, then peak * sqrt(w / step)
+    w = max(warmup, 1)
+    decay = lambda count: peak * jax.lax.rsqrt((count + w) / w)
   else:
-    raise ValueError(f"optim.schedule must be cosine, linear or constant; got '{optim_cfg.schedule}'")
+    raise ValueError(f"optim.schedule must be cosine, linear, constant or rsqrt; got '{optim_cfg.schedule}'")
   if not warmup:
     return decay
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])

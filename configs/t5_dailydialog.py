@@ -1,0 +1,68 @@
+"""T5 response generation on DailyDialog (its zips read in place): the last three turns in, the next turn out; test
+perplexity, BLEU-1/2 (sacreBLEU) and distinct-1/2 of greedy responses, with sample dialogues in the report; the best
+dev-perplexity checkpoint is the one tested.
+
+    jaxlm train --config configs/t5_dailydialog.py --workdir /tmp/t5_dailydialog
+
+WORKDIR/report_test_step*.txt holds the scores with sacreBLEU's signature and ten (context, reference, response)
+examples. The run trains its 8k sentencepiece model on both sides of the train pairs first.
+
+Result: PLACEHOLDER, to be filled from the measured run on an idle machine (test perplexity, bleu1, bleu2, distinct1,
+distinct2, steps and train_seconds).
+"""
+
+import base
+
+
+def get_config():
+  c = base.get_config()
+  c.name = "t5_dailydialog"
+  c.task.name = "seq2seq"
+  c.task.label_smoothing = 0.1
+  c.task.beam_size = 1  # greedy: beam search trades diversity (distinct-n) for likelihood
+  c.task.max_decode_len = 40
+  c.task.metrics = ("bleu1", "bleu2", "distinct1", "distinct2")
+  c.task.report_examples = 10
+
+  c.model.family = "encoder_decoder"
+  c.model.style = "t5"
+  c.model.vocab_size = 8000
+  c.model.num_layers = 4
+  c.model.num_decoder_layers = 4
+  c.model.d_model = 256
+  c.model.num_heads = 4
+  c.model.head_dim = 64
+  c.model.d_ff = 1024
+  c.model.dropout = 0.1
+  c.model.norm_eps = 1e-6
+
+  c.data.source = "pairs"
+  dd = "../shared/data/dailydialog/"
+  c.data.train_files, c.data.dev_files, c.data.test_files = dd + "train.zip", dd + "validation.zip", dd + "test.zip"
+  c.data.context_turns = 3
+  c.data.turn_separator = " | "
+  c.data.seq_len = 128  # three turns of context
+  c.data.target_len = 48
+  c.data.pack_pairs = True
+  c.data.pack_bins = 32
+  c.data.bucket_lengths = (32, 64, 96)
+  c.data.length_group_batches = 16
+  c.tokenizer.vocab_size = 8000
+
+  c.optim.learning_rate = 1e-3
+  c.optim.schedule = "rsqrt"
+  c.optim.warmup_steps = 400
+  c.optim.weight_decay = 0.0
+  c.optim.b2 = 0.98
+
+  c.train.steps = 4000
+  c.train.batch_size = 32
+  c.train.log_every = 50
+  c.train.eval_every = 1000
+  c.train.eval_batches = 0
+  c.checkpoint.every_steps = 1000
+  c.checkpoint.best_metric = "perplexity"
+  c.checkpoint.best_mode = "min"
+  c.checkpoint.keep = 1
+  c.sample.temperature = 0.0
+  return c

@@ -1,0 +1,47 @@
+"""T5 span-corruption pretraining on WikiText-2 (validation tokens + raw test text) and CPython's pydoc topics, the
+starting point of the SAMSum fine-tuning in configs/t5_samsum.py (same architecture and tokenizer).
+
+    jaxlm train --config configs/t5_span_pretrain.py --workdir /tmp/t5_span
+
+The run trains its 8k sentencepiece model with 32 sentinels (<extra_id_0> ..) on the training text first. Evaluation:
+loss and perplexity of the decoder targets on a held-out 3% of the lines. Try it: `jaxlm generate --workdir
+/tmp/t5_span --prompt 'The <extra_id_0> of the river' --temperature 0`.
+
+Result: PLACEHOLDER, to be filled from the measured run on an idle machine (eval loss / perplexity at the last step,
+train_seconds, tokens/s).
+"""
+
+import base
+import t5_samsum
+
+WIKI = "../shared/data/text/wikitext-2/"
+
+
+def get_config():
+  c = t5_samsum.t5_model(base.get_config())  # the architecture of the fine-tuning it starts
+  c.name = "t5_span_pretrain"
+  c.task.name = "span_corruption"
+  c.data.source = "text"
+  c.data.train_files = WIKI + "wiki.valid.tokens," + WIKI + "wiki.test.raw.nonblank-crlf.txt"
+  c.data.add_pydoc = True  # + the pydoc topics
+  c.data.doc_split = "lines"  # a paragraph a line (the raw test file has no blank lines)
+  c.data.eval_fraction = 0.03
+  c.data.seq_len = 128  # encoder tokens; the decoder gets the ~40 that the sentinels stand for
+  c.data.noise_density = 0.15
+  c.data.mean_noise_span_length = 3.0
+
+  c.optim.learning_rate = 1e-3
+  c.optim.schedule = "rsqrt"
+  c.optim.warmup_steps = 500
+  c.optim.weight_decay = 0.0
+  c.optim.b2 = 0.98
+
+  c.train.steps = 6000
+  c.train.batch_size = 32
+  c.train.log_every = 50
+  c.train.eval_every = 1000
+  c.train.eval_batches = 20
+  c.checkpoint.every_steps = 1000
+  c.checkpoint.keep = 1
+  c.sample.temperature = 0.0
+  return c
