@@ -7,7 +7,7 @@ is the same run with LoRA adapters.
     jaxlm train --config configs/llama_sft_dailydialog.py --workdir runs/llama_sft_dailydialog
     jaxlm generate --workdir runs/llama_sft_dailydialog --chat
 
-Dev (DailyDialog validation, its first 512 assistant turns at each evaluation): response perplexity, and each
+Dev (DailyDialog validation: 3,851 assistant turns, the first 512 of them at each evaluation): response perplexity, and each
 assistant turn generated greedily from its context, scored by BLEU-1/2 and distinct-1/2 (jaxlm/text_metrics.py, as
 the T5 dialogue task scores). The best checkpoint by dev loss is evaluated on the whole test split at the end.
 
@@ -48,7 +48,7 @@ def get_config():
   c.optim.schedule = "cosine"
   c.optim.weight_decay = 0.1
 
-  c.train.steps = 600  # ~1.3 passes over the ~7.5k packed rows of the train split
+  c.train.steps = 600  # ~1.5 passes over the 6,403 packed rows of the train split
   c.train.batch_size = 16
   c.train.log_every = 20
   c.train.eval_every = 200
