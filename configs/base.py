@@ -80,6 +80,8 @@ def get_config() -> ml_collections.ConfigDict:
   CHECKS["init.hf_path"] = FREE
   c.init.checkpoint_dir = ""  # jaxlm workdir or step dir whose params (matched by path and shape) start training
   CHECKS["init.checkpoint_dir"] = FREE
+  c.init.peft_path = ""  # HF PEFT LoRA dir (adapter_config.json, adapter_model.safetensors) loaded onto the base
+  CHECKS["init.peft_path"] = FREE
 
   # ---- model -------------------------------------------------------------------------------------------
   c.model = ml_collections.ConfigDict()
@@ -118,6 +120,8 @@ def get_config() -> ml_collections.ConfigDict:
   CHECKS["model.init_std"] = positive()
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters always stay float32)
   CHECKS["model.dtype"] = one_of("float32", "bfloat16")
+  c.model.frozen_dtype = "float32"  # frozen parameters' storage (peft, optim.frozen); trained ones stay float32
+  CHECKS["model.frozen_dtype"] = one_of("float32", "bfloat16")
   c.model.remat = "none"  # rematerialisation per block: none | full | dots (save matmul outputs) | dots_no_batch
   CHECKS["model.remat"] = one_of("none", "full", "dots", "dots_no_batch")
   c.model.scan_layers = False  # jax.lax.scan over blocks (one compiled block, faster compile for deep models)
@@ -350,6 +354,26 @@ def get_config() -> ml_collections.ConfigDict:
   CHECKS["optim.grad_accum_steps"] = at_least(1)
   c.optim.z_loss = 0.0  # weight of the z-loss (log-partition squared) that keeps logits from drifting
   CHECKS["optim.z_loss"] = at_least(0)
+  # Freezing: regexes searched in parameter paths ('encoder/blocks_0/attn/qkv'; 'blocks/block/...' under scan_layers).
+  c.optim.trainable = ""  # train only these (+ the task head; with peft.method=lora: + adapters), e.g. '^classifier/'
+  CHECKS["optim.trainable"] = FREE
+  c.optim.frozen = ""  # never train these, whatever else says so, e.g. 'embeddings|blocks_[0-2]/' (lower 3 layers)
+  CHECKS["optim.frozen"] = FREE
+
+  # ---- parameter-efficient fine-tuning (jaxlm/peft.py) ---------------------------------------------------------
+  # LoRA: each targeted projection y = x W becomes x W + (alpha / rank) * dropout(x) A B with A [in, rank] and
+  # B [rank, out] (B starts at zero); W is frozen. Adapters, the task head and optim.trainable's matches train.
+  c.peft = ml_collections.ConfigDict()
+  c.peft.method = "none"  # none | lora
+  CHECKS["peft.method"] = one_of("none", "lora")
+  c.peft.rank = 8  # r: the adapters' inner width; trained parameters per projection = r * (inputs + outputs)
+  CHECKS["peft.rank"] = at_least(1)
+  c.peft.alpha = 16.0  # the adapters' output is scaled by alpha / rank (so changing rank keeps the learning rate)
+  CHECKS["peft.alpha"] = positive()
+  c.peft.dropout = 0.0  # dropout on each adapter's input, in training
+  CHECKS["peft.dropout"] = rate()
+  c.peft.targets = "attn/(qkv|q|kv|k|v|o)$|mlp/(wi|wi_0|wi_1|wo)$"  # regex over projection paths that get adapters
+  CHECKS["peft.targets"] = FREE
 
   # ---- training ------------------------------------------------------------------------------------------
   c.train = ml_collections.ConfigDict()
@@ -400,6 +424,7 @@ def get_config() -> ml_collections.ConfigDict:
   CHECKS["checkpoint.best_mode"] = one_of("max", "min")
   c.checkpoint.keep_best = 1  # how many best-by-metric checkpoints to keep beside the newest `keep`
   CHECKS["checkpoint.keep_best"] = at_least(1)
+  c.checkpoint.save_frozen = False  # False: frozen params that init.* gave are left out (a reference + fingerprint)
 
   # ---- multi-process start-up (jaxlm/distributed.py: JAXLM_* variables, SLURM or Cloud TPU) ---------------------
   c.distributed = ml_collections.ConfigDict()

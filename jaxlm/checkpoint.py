@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import sys
@@ -21,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from jaxlm import peft
 
 ITEMS = ("state", "data", "config", "metadata")
 CHECKSUM_KEY = "checksums"  # metadata entry: state array path -> two uint32 sums of its bits (see checksums)
@@ -296,6 +299,8 @@ class Checkpointer:
     path = self.step_path(step)
     try:
       meta = self.metadata(step)
+      if callable(abstract_state):  # the target depends on what the step holds (trained_only_target)
+        abstract_state = abstract_state(meta)
       # grain keeps one iterator state per process: written by another number of processes, none of them applies
       saved_processes = meta.get("process_count", jax.process_count())
       items = {"state": ocp.args.PyTreeRestore(
@@ -358,7 +363,10 @@ class Checkpointer:
     checksums. A step whose files cannot be read, or read back wrong, raises CorruptCheckpointError."""
     path = self.step_path(step)
     try:
-      expected = self.metadata(step).get(CHECKSUM_KEY, {})
+      meta = self.metadata(step)
+      expected = meta.get(CHECKSUM_KEY, {})
+      if callable(abstract_params):  # the target depends on what the step holds (trained_only_target)
+        abstract_params = abstract_params(meta)
       params = _restore_params_subset(path, abstract_params)
     except Exception as e:
       raise CorruptCheckpointError(f"{path}: {type(e).__name__}: {_first_line(e)}") from e
@@ -527,3 +535,74 @@ def init_from_checkpoint(params, path: str, *, key: str = "init.checkpoint_dir")
   verify_checksums(values, expected, step_dir)
   return _replace_leaves(params, values), report
 
+
+# ---- checkpoints of the trained parameters only (parameter-efficient fine-tuning) ---------------------------------
+# A run that freezes parameters it loaded from init.hf_path / init.checkpoint_dir need not write them again at every
+# step: such a checkpoint holds the trained parameters (LoRA adapters, the head), the optimiser state (which has
+# nothing for frozen ones) and, in its metadata, where the frozen ones came from with a fingerprint of their values.
+# Restoring loads them from that source again, checks the fingerprint, and puts the saved ones on top.
+
+BASE_KEY = "frozen_base"  # metadata entry: {"key": init key, "source": path, "fingerprint": ...} of the frozen weights
+
+
+class BaseMismatchError(ValueError):
+  """The frozen weights a trained-only checkpoint needs are not those it was trained on."""
+
+
+def fingerprint(tree) -> str:
+  """A short hash of every array's checksums (bits and layout): the same values give the same hash on any mesh."""
+  return hashlib.sha256(json.dumps(checksums(tree), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def base_reference(key: str, source: str, frozen) -> dict:
+  """The metadata entry of a run whose `frozen` parameters (peft.split's second part) all came from `key`=`source`."""
+  return {"key": key, "source": os.path.abspath(source), "fingerprint": fingerprint(frozen)}
+
+
+def _pruned(tree):
+  """Nested dicts without None leaves and without the dicts that leaves nothing in."""
+  if not isinstance(tree, dict):
+    return tree
+  out = {k: _pruned(v) for k, v in tree.items() if v is not None}
+  return {k: v for k, v in out.items() if not (isinstance(v, dict) and not v)}
+
+
+def trained_only(params, mask):
+  """The trained parameters alone (a nested dict without the frozen leaves)."""
+  return _pruned(peft.split(params, mask)[0])
+
+
+def saved_state(state, mask, base: dict | None):
+  """What a checkpoint of `state` holds: everything, or, with a base reference, the trained parameters alone."""
+  return state if base is None else state.replace(params=trained_only(state.params, mask))
+
+
+def trained_only_target(full_target, mask, *, params_only: bool = False):
+  """A restore target for Checkpointer.restore_latest / restore_params that follows the step: the full state (or
+  params) for a full checkpoint, the trained parameters alone for one whose metadata has a base reference."""
+  def target(meta: dict):
+    if BASE_KEY not in meta:
+      return full_target
+    if params_only:
+      return trained_only(full_target, mask)
+    return full_target.replace(params=trained_only(full_target.params, mask))
+  return target
+
+
+def with_base(saved_params, base_params, mask, reference: dict, where: str):
+  """The full parameters: `base_params` (loaded from the source the config names; leaves it lacks may be shapes) with
+  the saved trained ones on top, after checking that the frozen ones are those the checkpoint was trained on."""
+  frozen = peft.split(base_params, mask)[1]
+  missing = [p for p, x in zip(peft.paths(frozen), jax.tree.leaves(frozen)) if isinstance(x, jax.ShapeDtypeStruct)]
+  if missing:
+    raise BaseMismatchError(f"{where} holds trained parameters only, and its frozen {', '.join(missing[:3])} are not "
+                            f"in the weights the config names now: point {reference['key']} at "
+                            f"{reference['source']}, where they came from")
+  got = fingerprint(frozen)
+  if got != reference["fingerprint"]:
+    raise BaseMismatchError(
+        f"{where} holds trained parameters only; its frozen weights came from {reference['key']}="
+        f"{reference['source']} (fingerprint {reference['fingerprint']}), but those loaded now differ (fingerprint "
+        f"{got}): point {reference['key']} at the weights the run started from")
+  saved = {peft.path_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(saved_params)}
+  return jax.tree_util.tree_map_with_path(lambda p, x: saved.get(peft.path_name(p), x), base_params)

@@ -8,7 +8,7 @@ import sys
 
 from absl import logging as absl_logging
 
-from jaxlm import bench, convert, distributed, generate, memory, plot, predict, run
+from jaxlm import bench, convert, distributed, export, generate, memory, plot, predict, run
 from jaxlm import config as config_lib
 from jaxlm.bench_checkpoint import bench_checkpoint
 from jaxlm.checkpoint import CorruptCheckpointError, ignore_closed_loop_callbacks
@@ -89,6 +89,12 @@ def cmd_convert(args, overrides):
   # the overrides pass their keys' checks before anything is read or written
   config_lib.validate(config_lib.apply_overrides(config_lib.base_config(), overrides), "", overrides)
   print(f"checkpoint written to {convert.convert_to_workdir(args.hf, args.workdir, tuple(overrides))}")
+
+
+def cmd_export(args, overrides):
+  if overrides:
+    raise config_lib.ConfigError("export reads WORKDIR/config.json; it takes no --config.KEY overrides")
+  export.export(args.workdir, args.out, merge=args.merge)
 
 
 def cmd_plot(args, overrides):
@@ -184,10 +190,18 @@ def build_parser() -> argparse.ArgumentParser:
                  help="auto: CoNLL when the file has blank lines or -DOCSTART-, else one sentence per line")
   p.set_defaults(func=cmd_predict)
 
-  p = sub.add_parser("convert", help="a Hugging Face BERT directory -> a jaxlm workdir (config, vocab, checkpoint)")
-  p.add_argument("--hf", required=True, help="directory with config.json, model.safetensors, vocab.txt")
+  p = sub.add_parser("convert", help="a Hugging Face BERT, GPT-2, Llama or T5 directory -> a jaxlm workdir (config, "
+                     "tokenizer where jaxlm reads it, checkpoint)")
+  p.add_argument("--hf", required=True, help="directory with config.json and model.safetensors (sharded or not)")
   p.add_argument("--workdir", required=True, help="fine-tune from it with --config.init.checkpoint_dir=WORKDIR")
   p.set_defaults(func=cmd_convert)
+
+  p = sub.add_parser("export", help="a workdir's best (else latest) checkpoint -> a Hugging Face model directory")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--out", required=True, help="the directory to write (config.json, model.safetensors, tokenizer)")
+  p.add_argument("--merge", action="store_true", help="LoRA: fold the adapters into the weights; without it they go "
+                 "to OUT/adapter in PEFT's format, beside the model without them")
+  p.set_defaults(func=cmd_export)
 
   p = sub.add_parser("plot", help="PNG of loss / learning rate / throughput curves from metrics.jsonl")
   p.add_argument("--workdir", required=True)

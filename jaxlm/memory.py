@@ -2,6 +2,10 @@
 parameter, gradient and optimizer-state bytes from the logical shardings, and an activation estimate for the
 configured remat policy and dtype. Nothing is materialised: every shape comes from jax.eval_shape / make_jaxpr.
 
+Frozen parameters (peft, optim.frozen) have no gradient and no optimiser state, are stored in model.frozen_dtype,
+and the backward pass keeps only what the trained parameters' gradients need; a run with frozen parameters is shown
+beside the full fine-tune of the same model.
+
 Where JAX can compile for devices without running on them (the local devices, or a TPU topology through
 jax.experimental.topologies, which needs libtpu), `compiled_memory` asks XLA itself.
 """
@@ -18,7 +22,7 @@ from jax.extend import core as jax_core
 from jax.sharding import AbstractMesh, NamedSharding
 
 from jaxlm import config as config_lib
-from jaxlm import optim, sharding, train
+from jaxlm import optim, peft, sharding, train
 from jaxlm.models.decoder import DecoderConfig
 from jaxlm.tasks import make_task
 
@@ -37,17 +41,24 @@ def _shard_bytes(tree, shardings) -> int:
   return int(sum(jax.tree.leaves(jax.tree.map(one, tree, shardings))))
 
 
+def _task(config, check: bool = True):
+  """The config's task with its LoRA adapters, and which parameters train (None = all)."""
+  task = peft.attach(make_task(config), config)
+  return task, train.trainable_mask(task, config, task.dummy_batch(1, config.data.seq_len), check=check)
+
+
 def _state_shapes(config):
-  """Boxed abstract (params, optimizer state) exactly as the train state builds them, on no device."""
-  task = make_task(config)
-  tx, _ = optim.make_optimizer(config.optim, config.train.steps)
+  """Boxed abstract (params, optimizer state) exactly as the train state builds them, on no device, and which
+  parameters train."""
+  task, trainable = _task(config)
+  tx, _ = optim.make_optimizer(config.optim, config.train.steps, trainable)
   batch = task.dummy_batch(1, config.data.seq_len)
 
   def init(rng):
-    params = task.init_params(rng, batch)
+    params = peft.cast_frozen(task.init_params(rng, batch), trainable, config.model.frozen_dtype)
     return params, tx.init(params)
 
-  return jax.eval_shape(init, jax.random.key(0))
+  return (*jax.eval_shape(init, jax.random.key(0)), trainable)
 
 
 def _unbox(tree):
@@ -92,14 +103,19 @@ def _residual_bytes(config, rows: int, num_layers: int, remat: str, fused: bool)
   c.model.num_layers = num_layers
   c.model.remat = remat
   c.init.hf_path = ""  # shapes only: a pretrained checkpoint's depth would not match the 1- and 2-layer traces
-  task = make_task(c)
+  # the traced model has fewer layers than the real one: regexes naming layers it lacks are not an error here
+  task, trainable = _task(c, check=False)
   batch = task.dummy_batch(rows, c.data.seq_len)
-  params = jax.eval_shape(lambda r: _unbox(task.init_params(r, batch)), jax.random.key(0))
+  params = jax.eval_shape(
+      lambda r: _unbox(peft.cast_frozen(task.init_params(r, batch), trainable, c.model.frozen_dtype)),
+      jax.random.key(0))
+  trained, frozen = peft.split(params, trainable)
 
-  def loss(p):
-    return task.loss_fn(p, batch, jax.random.key(0), True)[0]
+  def loss(p, f):
+    return task.loss_fn(peft.join(p, f, trainable), batch, jax.random.key(0), True)[0]
 
-  closed = jax.make_jaxpr(lambda p: jax.vjp(loss, p)[1])(params)
+  # gradients with respect to the trained parameters only, as the train step takes them
+  closed = jax.make_jaxpr(lambda p, f: jax.vjp(lambda q: loss(q, f), p)[1])(trained, frozen)
   jaxpr = closed.jaxpr
   inputs = set(jaxpr.invars) | set(jaxpr.constvars)  # parameters and the batch: counted elsewhere or negligible
   saved = {v for v in jaxpr.outvars if isinstance(v, jax_core.Var) and v not in inputs}
@@ -156,12 +172,15 @@ def estimate(config, num_devices: int) -> dict:
   rules = sharding.rules_from_config(config.mesh)
   sharding.check_batch(config.train.batch_size, mesh, rules)
   sizes = dict(mesh.shape)
-  boxed_params, boxed_opt = _state_shapes(config)
+  boxed_params, boxed_opt, trainable = _state_shapes(config)
   params, opt = _unbox(boxed_params), _unbox(boxed_opt)
-  param_bytes = _shard_bytes(params, sharding.shardings_for(boxed_params, mesh, rules))
+  param_shardings = sharding.shardings_for(boxed_params, mesh, rules)
+  param_bytes = _shard_bytes(params, param_shardings)
   opt_bytes = _shard_bytes(opt, sharding.shardings_for(boxed_opt, mesh, rules))
-  # gradients are float32 like the parameters and laid out like them; accumulation keeps a second running sum
-  grad_bytes = param_bytes * (2 if config.optim.grad_accum_steps > 1 else 1)
+  # gradients exist for the trained parameters only, float32 like them and laid out like them; accumulation keeps a
+  # second running sum
+  trained_bytes = _shard_bytes(peft.split(params, trainable)[0], peft.split(param_shardings, trainable)[0])
+  grad_bytes = trained_bytes * (2 if config.optim.grad_accum_steps > 1 else 1)
   dummy = make_task(config).dummy_batch(config.train.batch_size, config.data.seq_len)
   batch_bytes = _shard_bytes({k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in dummy.items()},
                              {k: NamedSharding(mesh, sharding.logical_to_spec(("batch",) + (None,) * (v.ndim - 1),
@@ -171,6 +190,7 @@ def estimate(config, num_devices: int) -> dict:
   return {
       "config": config.name, "num_devices": num_devices, "mesh": sizes,
       "param_count": int(sum(math.prod(x.shape) for x in jax.tree.leaves(params))),
+      "trained_count": peft.count(params, trainable), "frozen_dtype": config.model.frozen_dtype,
       "remat": config.model.remat, "dtype": config.model.dtype, "seq_len": config.data.seq_len,
       "attention": "cudnn" if fused else config.model.attention,
       "micro_batch_rows_per_device": act["rows_per_device"], "grad_accum_steps": config.optim.grad_accum_steps,
@@ -197,7 +217,14 @@ def format_estimate(est: dict, device_memory_gib: float | None = None) -> str:
       "per device:",
   ]
   grads = "gradients (float32, + running sum)" if est["grad_accum_steps"] > 1 else "gradients (float32)"
-  rows = [("parameters (float32)", b["params"]), (grads, b["gradients"]),
+  frozen = est["param_count"] - est["trained_count"]
+  if frozen:
+    share = 100 * est["trained_count"] / est["param_count"]
+    lines.insert(1, f"trained: {est['trained_count']:,} parameters ({share:.2f}%); frozen: {frozen:,}, stored in "
+                    f"{est['frozen_dtype']}, with no gradient or optimizer state")
+    grads = grads.replace("gradients (", "gradients of trained params (").replace("running sum", "sum")
+  kinds = "float32" if not frozen or est["frozen_dtype"] == "float32" else f"float32, frozen {est['frozen_dtype']}"
+  rows = [(f"parameters ({kinds})", b["params"]), (grads, b["gradients"]),
           ("optimizer state (AdamW: 2 float32 moments)", b["optimizer"]), ("input batch", b["batch"]),
           ("activations kept for backward", b["activations_saved"]),
           ("activations of one layer recomputed", b["activations_recompute"]), ("total", b["total"])]
@@ -208,6 +235,36 @@ def format_estimate(est: dict, device_memory_gib: float | None = None) -> str:
     lines.append(f"  {'device memory':<45} {device_memory_gib:10.2f} GiB -> {verdict}")
   lines.append("Activations are the residuals JAX plans to keep; XLA's fusion usually keeps fewer, its temporaries "
                "and fragmentation add some: a guide, not a promise. --compile or --topology ask XLA itself.")
+  return "\n".join(lines)
+
+
+def full_fine_tune(config):
+  """The same run with every parameter trained (no adapters, nothing frozen, float32): what a run with frozen
+  parameters is compared with."""
+  return config_lib.apply_overrides(config, ["peft.method=none", "optim.trainable=", "optim.frozen=",
+                                             "model.frozen_dtype=float32"])
+
+
+def _activations(est: dict) -> int:
+  return est["bytes_per_device"]["activations_saved"] + est["bytes_per_device"]["activations_recompute"]
+
+
+def format_comparison(est: dict, full: dict, device_memory_gib: float | None = None) -> str:
+  """This run's per-device bytes beside the full fine-tune's, on the same devices."""
+  b, f = est["bytes_per_device"], full["bytes_per_device"]
+  rows = [("parameters", b["params"], f["params"]), ("gradients", b["gradients"], f["gradients"]),
+          ("optimizer state", b["optimizer"], f["optimizer"]),
+          ("activations kept + one layer recomputed", _activations(est), _activations(full)),
+          ("total", b["total"], f["total"])]
+  title = (f"beside the full fine-tune of the same model ({full['param_count']:,} parameters trained, float32) on "
+           f"{est['num_devices']} devices, per device:")
+  lines = [title, f"  {'':<45} {'this run':>14} {'full fine-tune':>14}"]
+  lines += [f"  {name:<45} {_size(mine)} {_size(theirs)}" for name, mine, theirs in rows]
+  if device_memory_gib:
+    def verdict(total):
+      return "fits" if total / GIB <= device_memory_gib else "does NOT fit"
+    lines.append(f"  {f'device memory {device_memory_gib:.2f} GiB':<45} {verdict(b['total']):>14} "
+                 f"{verdict(f['total']):>14}")
   return "\n".join(lines)
 
 
@@ -251,7 +308,10 @@ def dry_run(config, num_devices: int | None = None, device_memory_gib: float | N
     raise sharding.MeshError(f"--devices {num_devices} but {where} has {len(devices)} devices to compile for; "
                              f"drop --devices (or use --topology for devices that are not here)")
   num_devices = num_devices or (len(devices) if devices is not None else jax.device_count())
-  text = format_estimate(estimate(config, num_devices), device_memory_gib)
+  est = estimate(config, num_devices)
+  text = format_estimate(est, device_memory_gib)
+  if est["trained_count"] < est["param_count"]:
+    text += "\n" + format_comparison(est, estimate(full_fine_tune(config), num_devices), device_memory_gib)
   if devices is not None:
     m = compiled_memory(config, devices)
     peak = m["argument_size_in_bytes"] + m["temp_size_in_bytes"] + m["output_size_in_bytes"] - m["alias_size_in_bytes"]

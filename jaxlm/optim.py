@@ -1,9 +1,14 @@
-"""The optimiser from config: AdamW with warmup + cosine/linear decay, a weight-decay mask, global-norm clipping."""
+"""The optimiser from config: AdamW with warmup + cosine/linear decay, a weight-decay mask, global-norm clipping; frozen
+parameters (jaxlm/peft.py) get neither updates nor optimiser state."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import optax
+
+from jaxlm import peft
 
 NO_DECAY_NAMES = ("scale", "bias", "bi", "bo")  # norm scales and biases are never decayed
 
@@ -42,7 +47,10 @@ def decay_mask(params, decay_embeddings: bool):
   return jax.tree_util.tree_map_with_path(decide, params)
 
 
-def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(optim_cfg, total_steps: int, trainable=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW (+ clipping) over the parameters; with a `trainable` mask (peft.trainable_mask), over the trained ones only:
+  the frozen partition is set to zero and, being masked out of AdamW, holds no moments. Clipping sees the trained
+  gradients only."""
   schedule = learning_rate_schedule(optim_cfg, total_steps)
   parts = []
   if optim_cfg.grad_clip > 0:
@@ -50,4 +58,8 @@ def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransform
   parts.append(optax.adamw(
       schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay,
       mask=lambda p: decay_mask(p, optim_cfg.decay_embeddings)))
-  return optax.chain(*parts), schedule
+  tx = optax.chain(*parts)
+  if trainable is not None:
+    tx = optax.partition({peft.TRAINED: tx, peft.FROZEN: optax.set_to_zero()},
+                         functools.partial(peft.labels, trainable))
+  return tx, schedule

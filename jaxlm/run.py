@@ -13,16 +13,21 @@ import time
 import jax
 from jax.experimental import multihost_utils
 
-from jaxlm import __version__, sharding, train
+from jaxlm import __version__, peft, peft_format, sharding, train
 from jaxlm import config as config_lib
 from jaxlm.checkpoint import (
+  BASE_KEY,
   Checkpointer,
+  base_reference,
   check_config,
   checkpoint_dir,
   finalized_steps,
   init_from_checkpoint,
   init_from_tree,
   read_json_item,
+  saved_state,
+  trained_only_target,
+  with_base,
 )
 from jaxlm.data import builders, pipeline
 from jaxlm.data.tokenizer import load_tokenizer, tokenizer_path, train_tokenizer
@@ -264,7 +269,23 @@ def restore_params(setup: train.Setup, ckpt: Checkpointer, *, log=None, tokenize
   if tokenizer is not None:
     check_tokenizer(saved, tokenizer)
   kwargs = {"log": log} if log is not None else {}
-  return ckpt.restore_params_falling_back(step, train.abstract_state(setup).params, **kwargs)
+  target = trained_only_target(train.abstract_state(setup).params, setup.trainable, params_only=True)
+  step, params = ckpt.restore_params_falling_back(step, target, **kwargs)
+  return step, with_frozen_base(setup, ckpt.step_path(step), params, log)
+
+
+def with_frozen_base(setup: train.Setup, step_dir: str, params, log=None):
+  """The parameters of a step that holds the trained ones only (peft): the frozen ones loaded again from the source
+  it names (the config's init.hf_path / init.checkpoint_dir), checked against its fingerprint, the saved on top.
+  Parameters of a full step are returned as they are."""
+  reference = (read_json_item(step_dir, "metadata") or {}).get(BASE_KEY)
+  if reference is None:
+    return params
+  # loaded straight into the target shapes and shardings: no parameter is initialised only to be overwritten
+  base, report, _ = pretrained_params(train.abstract_state(setup).params, setup.task, setup.config)
+  if report is not None and log is not None:
+    log(report.describe())
+  return with_base(params, base, setup.trainable, reference, step_dir)
 
 
 # ---- training -----------------------------------------------------------------------------------------------------
@@ -383,6 +404,7 @@ class _Loop:
   state: train.TrainState
   clock: _Clock
   skips: _Skips
+  base: dict | None = None  # where the frozen parameters come from, when checkpoints leave them out
 
   @classmethod
   def set_up(cls, c, workdir: str) -> _Loop:
@@ -399,9 +421,9 @@ class _Loop:
     if saved is not None:
       check_same_model(c, saved)  # names the keys, instead of every step failing to restore
     _check_tokenizer_to_train(c, workdir, steps)
-    notes, state, restored = [], None, None
+    notes, state, restored, base = [], None, None, None
     if not steps:  # a fresh run: pretrained weights that do not fit stop it before a tokenizer is trained
-      state = init_from_pretrained(train.init_state(setup, c.train.seed), setup.task, c, notes.append)
+      state, base = start_state(setup, notes.append)
     tokenizer = _tokenizer(c, workdir, source)
     check_vocab(c, tokenizer)
     train_iter = split_batches(setup, source, tokenizer, "train")
@@ -412,14 +434,17 @@ class _Loop:
       # moved to checkpoints_corrupt/ once a step before them restores)
       reader = Checkpointer(workdir, c.checkpoint, read_only=True)
       try:
-        restored = reader.restore_latest(train.abstract_state(setup), train_iter)  # skips damaged steps, with a warning
+        # skips damaged steps, with a warning; a step of the trained parameters alone restores those
+        restored = reader.restore_latest(trained_only_target(train.abstract_state(setup), setup.trainable),
+                                         train_iter)
       finally:
         reader.close()
     if restored is not None:
       check_tokenizer(saved_step(restored.path), tokenizer)
-      state = restored.state
+      base = restored.metadata.get(BASE_KEY)
+      state = restored.state.replace(params=with_frozen_base(setup, restored.path, restored.state.params))
     elif state is None:
-      state = init_from_pretrained(train.init_state(setup, c.train.seed), setup.task, c, notes.append)
+      state, base = start_state(setup, notes.append)
     # accepted: from here on the workdir is written
     is_main = jax.process_index() == 0
     if is_main:
@@ -438,8 +463,11 @@ class _Loop:
       prior = 0.0
     writer.log(f"jaxlm: {train.count_params(state.params):,} parameters, mesh {sharding.describe(setup.mesh)}, "
                f"{jax.device_count()} devices, {jax.process_count()} processes")
+    writer.log(train.describe_params(setup, state))
     skips = _Skips(int(state.nonfinite_skips), int((restored.metadata if restored else {}).get(STREAK_KEY, 0)))
-    return cls(c, workdir, setup, source, tokenizer, writer, ckpt, train_iter, state, _Clock(prior), skips)
+    if base is not None:
+      writer.log(f"checkpoints hold the trained parameters only; the frozen ones are {base['key']}={base['source']}")
+    return cls(c, workdir, setup, source, tokenizer, writer, ckpt, train_iter, state, _Clock(prior), skips, base)
 
   def train(self, stop_requested, signals) -> train.TrainState:
     c, setup, writer, ckpt = self.config, self.setup, self.writer, self.ckpt
@@ -501,8 +529,9 @@ class _Loop:
           saving, ranked = False, None
       if saving or ranked is not None:
         # the final save follows the final eval, so that the last step is ranked too
-        ckpt.save(step, self.state, self.train_iter, c, dict(meta, train_seconds=self.clock.train_seconds(),
-                                                             **{STREAK_KEY: self.skips.streak_start}), metrics=ranked)
+        ckpt.save(step, saved_state(self.state, setup.trainable, self.base), self.train_iter, c,
+                  dict(meta, train_seconds=self.clock.train_seconds(), **{STREAK_KEY: self.skips.streak_start},
+                       **({BASE_KEY: self.base} if self.base else {})), metrics=ranked)
         save_due = False
       if stopping:
         break
@@ -643,21 +672,54 @@ def _check_tokenizer_to_train(c, workdir: str, steps: list[int]) -> None:
                      f"{c.tokenizer.vocab_size}")
 
 
-def init_from_pretrained(state: train.TrainState, task, config, log) -> train.TrainState:
-  """A fresh run starts from pretrained parameters where they match: a jaxlm checkpoint's (init.checkpoint_dir) or
-  a converted one's (the task's pretrained_source(), e.g. from init.hf_path). Optimiser state and step stay fresh."""
+def pretrained_params(params, task, config):
+  """(params, report, key): `params` with the pretrained ones a fresh run starts from where they match, a jaxlm
+  checkpoint's (init.checkpoint_dir) or a converted one's (the task's pretrained_source(), e.g. from init.hf_path);
+  report and key are None when the config names no source."""
   source = task.pretrained_source()
   if source is not None and config.init.checkpoint_dir:
     raise ValueError(f"init.checkpoint_dir={config.init.checkpoint_dir} and {source[0]} both name the parameters "
                      "to start from: set one")
   if config.init.checkpoint_dir:
-    params, report = init_from_checkpoint(state.params, config.init.checkpoint_dir)
-  elif source is not None:
-    params, report = init_from_tree(state.params, source[1], source_name=source[0], key="init.hf_path")
-  else:
+    return (*init_from_checkpoint(params, config.init.checkpoint_dir), "init.checkpoint_dir")
+  if source is not None:
+    return (*init_from_tree(params, source[1], source_name=source[0], key="init.hf_path"), "init.hf_path")
+  return params, None, None
+
+
+def init_from_pretrained(state: train.TrainState, task, config, log) -> train.TrainState:
+  """A fresh run starts from pretrained parameters where they match (pretrained_params). Optimiser state and step stay
+  fresh."""
+  params, report, _ = pretrained_params(state.params, task, config)
+  if report is None:
     return state
   log(report.describe())
   return state.replace(params=params)
+
+
+def start_state(setup: train.Setup, log) -> tuple[train.TrainState, dict | None]:
+  """A fresh run's first state, and the base reference its checkpoints carry instead of the frozen parameters (None
+  when they hold everything): pretrained weights where they match, then LoRA adapters (and heads) from
+  init.peft_path. Checkpoints leave the frozen parameters out when every one of them came from the pretrained
+  source and checkpoint.save_frozen is off."""
+  c = setup.config
+  state = train.init_state(setup, c.train.seed)
+  params, report, key = pretrained_params(state.params, setup.task, c)
+  if report is not None:
+    log(report.describe())
+  if c.init.peft_path:
+    if peft.lora_spec(c.peft) is None:
+      raise peft.PeftError(f"init.peft_path={c.init.peft_path} holds LoRA adapters: set peft.method=lora")
+    params, adapters = init_from_tree(params, peft_format.source_tree(c, params, c.init.peft_path),
+                                      source_name=c.init.peft_path, key="init.peft_path")
+    log(adapters.describe())
+  base = None
+  if setup.trainable is not None and report is not None and not c.checkpoint.save_frozen:
+    loaded = set(report.loaded)
+    frozen = [p for p, m in zip(peft.paths(params), jax.tree.leaves(setup.trainable)) if not m]
+    if all(p in loaded for p in frozen):
+      base = base_reference(key, report.source, peft.split(params, setup.trainable)[1])
+  return state.replace(params=params), base
 
 
 # ---- jaxlm eval ---------------------------------------------------------------------------------------------------

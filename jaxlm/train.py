@@ -15,7 +15,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxlm import optim, sharding
+from jaxlm import optim, peft, sharding
 from jaxlm.tasks import Task, make_task
 
 
@@ -38,6 +38,7 @@ class Setup:
   schedule: optax.Schedule
   state_shardings: Any
   batch_shardings: Any  # name -> NamedSharding for one global batch
+  trainable: Any = None  # bool per parameter (peft.trainable_mask): only these get gradients and updates; None = all
 
 
 def build(config, devices=None, task: Task | None = None) -> Setup:
@@ -51,17 +52,31 @@ def build(config, devices=None, task: Task | None = None) -> Setup:
     raise sharding.MeshError(
         f"train.batch_size={config.train.batch_size} split into optim.grad_accum_steps={accum} micro-batches must "
         f"leave micro-batches divisible by the data-parallel size {sharding.data_parallel_size(mesh, rules)}")
-  task = task if task is not None else make_task(config)
-  tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
+  task = peft.attach(task if task is not None else make_task(config), config)
   dummy = task.dummy_batch(config.train.batch_size, config.data.seq_len)
-  abstract = jax.eval_shape(functools.partial(_boxed_state, task, tx), jax.random.key(0), dummy)
+  trainable = trainable_mask(task, config, dummy)
+  tx, schedule = optim.make_optimizer(config.optim, config.train.steps, trainable)
+  abstract = jax.eval_shape(functools.partial(_boxed_state, task, tx, trainable, config.model.frozen_dtype),
+                            jax.random.key(0), dummy)
   state_shardings = sharding.shardings_for(abstract, mesh, rules)
   batch_shardings = {k: sharding.batch_sharding(mesh, rules, v.ndim) for k, v in dummy.items()}
-  return Setup(config, task, mesh, rules, tx, schedule, state_shardings, batch_shardings)
+  return Setup(config, task, mesh, rules, tx, schedule, state_shardings, batch_shardings,
+               trainable=trainable)
 
 
-def _boxed_state(task, tx, rng, batch) -> TrainState:
-  params = task.init_params(rng, batch)
+def trainable_mask(task, config, batch, *, check: bool = True):
+  """Which parameters of the task's model train (peft.trainable_mask: LoRA adapters and heads, optim.trainable,
+  optim.frozen); None when all do. `check` refuses regexes that match nothing."""
+  if config.model.frozen_dtype not in peft.FROZEN_DTYPES:
+    raise peft.PeftError(f"model.frozen_dtype='{config.model.frozen_dtype}': expected one of "
+                         f"{', '.join(peft.FROZEN_DTYPES)}")
+  params = jax.eval_shape(task.init_params, jax.random.key(0), batch)
+  return peft.trainable_mask(params, task.model, config, check=check,
+                             projections=lambda: peft.projection_paths(task, batch))
+
+
+def _boxed_state(task, tx, trainable, frozen_dtype, rng, batch) -> TrainState:
+  params = peft.cast_frozen(task.init_params(rng, batch), trainable, frozen_dtype)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     nonfinite_skips=jnp.zeros((), jnp.int32))
 
@@ -71,7 +86,8 @@ def init_state(setup: Setup, seed: int) -> TrainState:
   dummy = setup.task.dummy_batch(setup.config.train.batch_size, setup.config.data.seq_len)
 
   def init(rng):
-    return nn.meta.unbox(_boxed_state(setup.task, setup.tx, rng, dummy))
+    return nn.meta.unbox(_boxed_state(setup.task, setup.tx, setup.trainable, setup.config.model.frozen_dtype, rng,
+                                      dummy))
 
   return jax.jit(init, out_shardings=setup.state_shardings)(jax.random.key(seed))
 
@@ -80,7 +96,8 @@ def abstract_state(setup: Setup) -> TrainState:
   """Shapes, dtypes and target shardings of the state, for restoring a checkpoint onto this mesh."""
   dummy = setup.task.dummy_batch(setup.config.train.batch_size, setup.config.data.seq_len)
   shapes = jax.eval_shape(
-      lambda r: nn.meta.unbox(_boxed_state(setup.task, setup.tx, r, dummy)), jax.random.key(0))
+      lambda r: nn.meta.unbox(_boxed_state(setup.task, setup.tx, setup.trainable, setup.config.model.frozen_dtype, r,
+                                           dummy)), jax.random.key(0))
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, setup.state_shardings)
 
 
@@ -88,13 +105,17 @@ def _sum_stats(stats_list):
   return jax.tree.map(lambda *xs: sum(xs), *stats_list)
 
 
-def train_step(state: TrainState, batch, *, task, tx, schedule, accum_steps: int, seed: int, skip_nonfinite: bool):
-  """One optimiser step. Pure: (state, batch) -> (state, metrics)."""
+def train_step(state: TrainState, batch, *, task, tx, schedule, accum_steps: int, seed: int, skip_nonfinite: bool,
+               trainable=None):
+  """One optimiser step. Pure: (state, batch) -> (state, metrics). With a `trainable` mask, gradients are taken with
+  respect to the trained parameters only (frozen weights get no gradient buffers) and only they change."""
   rng = jax.random.fold_in(jax.random.key(seed), state.step)  # dropout noise depends on the step only: exact resume
-  grad_fn = jax.value_and_grad(lambda p, b, r: task.loss_fn(p, b, r, True), has_aux=True)
+  trained, frozen = peft.split(state.params, trainable)
+  grad_fn = jax.value_and_grad(lambda p, b, r: task.loss_fn(peft.join(p, frozen, trainable), b, r, True),
+                               has_aux=True)
 
   if accum_steps == 1:
-    (_, stats), grads = grad_fn(state.params, batch, rng)
+    (_, stats), grads = grad_fn(trained, batch, rng)
   else:
     # micro-batch i takes rows i, i+A, i+2A, ...: every micro-batch stays evenly split over the data axes
     micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1),
@@ -103,28 +124,31 @@ def train_step(state: TrainState, batch, *, task, tx, schedule, accum_steps: int
     def body(carry, xs):
       grads_sum, stats_sum = carry
       mb, i = xs
-      (_, st), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+      (_, st), g = grad_fn(trained, mb, jax.random.fold_in(rng, i))
       # loss_i is sum_i / count_i, so count_i * grad(loss_i) = grad(sum_i): the accumulated gradient is the
       # exact token-weighted mean, as if the whole batch had gone through at once
       count = st["loss"][1]
       grads_sum = jax.tree.map(lambda a, b: a + count * b, grads_sum, g)
       return (grads_sum, _sum_stats([stats_sum, st])), None
 
-    zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+    zero_grads = jax.tree.map(jnp.zeros_like, trained)
     zero_stats = jax.tree.map(lambda x: jnp.zeros_like(x), jax.eval_shape(
-        lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), rng)[0][1]))
+        lambda: grad_fn(trained, jax.tree.map(lambda x: x[0], micro), rng)[0][1]))
     (grads, stats), _ = jax.lax.scan(body, (zero_grads, zero_stats), (micro, jnp.arange(accum_steps)))
     grads = jax.tree.map(lambda g: g / jnp.maximum(stats["loss"][1], 1.0), grads)
 
   loss = stats["loss"][0] / jnp.maximum(stats["loss"][1], 1.0)
   grad_norm = optax.tree.norm(grads)
-  updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, updates)
+  # the frozen partition's transform ignores its gradients: zeros stand in for them and compile away
+  full_grads = peft.join(grads, jax.tree.map(jnp.zeros_like, frozen), trainable)
+  updates, new_opt_state = tx.update(full_grads, state.opt_state, state.params)
+  new_trained = optax.apply_updates(trained, peft.split(updates, trainable)[0])
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   if skip_nonfinite:
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_params, new_opt_state = keep(new_params, state.params), keep(new_opt_state, state.opt_state)
-  new_state = state.replace(step=state.step + 1, params=new_params, opt_state=new_opt_state,
+    new_trained, new_opt_state = keep(new_trained, trained), keep(new_opt_state, state.opt_state)
+  new_state = state.replace(step=state.step + 1, params=peft.join(new_trained, frozen, trainable),
+                            opt_state=new_opt_state,
                             nonfinite_skips=state.nonfinite_skips + (~finite).astype(jnp.int32))
   metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step), "finite": finite,
              "nonfinite_skips": new_state.nonfinite_skips}
@@ -142,7 +166,7 @@ def compile_train_step(setup: Setup):
   c = setup.config
   step = functools.partial(
       train_step, task=setup.task, tx=setup.tx, schedule=setup.schedule, accum_steps=c.optim.grad_accum_steps,
-      seed=c.train.seed, skip_nonfinite=c.train.nonfinite == "skip")
+      seed=c.train.seed, skip_nonfinite=c.train.nonfinite == "skip", trainable=setup.trainable)
   replicated = NamedSharding(setup.mesh, PartitionSpec())
   return jax.jit(step, in_shardings=(setup.state_shardings, setup.batch_shardings),
                  out_shardings=(setup.state_shardings, replicated), donate_argnums=(0,))
@@ -161,3 +185,16 @@ def global_batch(local: dict[str, np.ndarray], batch_shardings) -> dict[str, jax
 
 def count_params(params) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def state_bytes(tree) -> int:
+  """Bytes of the arrays in a (part of the) train state, e.g. its optimiser state."""
+  return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def describe_params(setup: Setup, state: TrainState) -> str:
+  """'trained: T of N parameters (P%); optimiser state B MiB': the start-up line's account of what trains."""
+  total = count_params(state.params)
+  trained = peft.count(state.params, setup.trainable)
+  return (f"trained: {trained:,} of {total:,} parameters ({100.0 * trained / max(total, 1):.2f}%); optimiser state "
+          f"{state_bytes(state.opt_state) / 2**20:,.2f} MiB")

@@ -47,6 +47,7 @@ class DecoderConfig:
   remat: str = "none"
   scan_layers: bool = False
   attention: str = "xla"
+  lora: layers.LoraSpec | None = None  # low-rank adapters on the projections it targets (jaxlm/peft.py sets it)
 
   def __post_init__(self):
     if self.style not in ("gpt2", "llama"):
@@ -99,16 +100,16 @@ class Attention(nn.Module):
     dt, d, h, k, e = c.compute_dtype, c.d_model, c.num_heads, c.kv_heads, c.dim_per_head
     out_std = c.init_std / math.sqrt(2 * c.num_layers)
     if h == k:  # one fused projection for q, k and v
-      w = layers.param(self, "qkv", layers.normal(c.init_std), (d, 3, h, e), ("embed", None, "heads", "head_dim"))
-      qkv = jnp.einsum("btd,dche->btche", x, w.astype(dt))  # [B, T, 3, H, E]
+      qkv = layers.project(self, "qkv", "btd,dche->btche", x, layers.normal(c.init_std), (d, 3, h, e),
+                           ("embed", None, "heads", "head_dim"), dt, c.lora)  # [B, T, 3, H, E]
       if c.use_bias:
         qkv = qkv + layers.param(self, "qkv_bias", nn.initializers.zeros, (3, h, e), (None, "heads", "head_dim")).astype(dt)
       q, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     else:
-      wq = layers.param(self, "q", layers.normal(c.init_std), (d, h, e), ("embed", "heads", "head_dim"))
-      wkv = layers.param(self, "kv", layers.normal(c.init_std), (d, 2, k, e), ("embed", None, "kv_heads", "head_dim"))
-      q = jnp.einsum("btd,dhe->bthe", x, wq.astype(dt))  # [B, T, H, E]
-      kv = jnp.einsum("btd,dcke->btcke", x, wkv.astype(dt))  # [B, T, 2, K, E]
+      q = layers.project(self, "q", "btd,dhe->bthe", x, layers.normal(c.init_std), (d, h, e),
+                         ("embed", "heads", "head_dim"), dt, c.lora)  # [B, T, H, E]
+      kv = layers.project(self, "kv", "btd,dcke->btcke", x, layers.normal(c.init_std), (d, 2, k, e),
+                          ("embed", None, "kv_heads", "head_dim"), dt, c.lora)  # [B, T, 2, K, E]
       if c.use_bias:
         q = q + layers.param(self, "q_bias", nn.initializers.zeros, (h, e), ("heads", "head_dim")).astype(dt)
         kv = kv + layers.param(self, "kv_bias", nn.initializers.zeros, (2, k, e), (None, "kv_heads", "head_dim")).astype(dt)
@@ -123,8 +124,8 @@ class Attention(nn.Module):
       positions_k, segment_ids_k = positions, segment_ids
     mask = layers.attention_mask(segment_ids, segment_ids_k, positions, positions_k, causal=True)
     y = layers.dot_product_attention(q, key, value, mask, c.attention_impl)  # [B, T, H, E]
-    wo = layers.param(self, "o", layers.normal(out_std), (h, e, d), ("heads", "head_dim", "embed"))
-    out = jnp.einsum("bthe,hed->btd", y, wo.astype(dt))  # [B, T, D]
+    out = layers.project(self, "o", "bthe,hed->btd", y, layers.normal(out_std), (h, e, d),
+                         ("heads", "head_dim", "embed"), dt, c.lora)  # [B, T, D]
     if c.use_bias:
       out = out + layers.param(self, "o_bias", nn.initializers.zeros, (d,), ("norm",)).astype(dt)
     return out
@@ -161,7 +162,7 @@ class Block(nn.Module):
     h = Attention(c, name="attn")(norm("ln_attn")(x), positions, segment_ids, decode)
     x = x + nn.Dropout(c.dropout)(h, deterministic=deterministic)
     h = layers.Mlp(c.ffn_dim, c.hidden_act if c.style == "gpt2" else "swiglu", c.use_bias, c.init_std,
-                   c.init_std / math.sqrt(2 * c.num_layers), c.compute_dtype, name="mlp")(norm("ln_mlp")(x))
+                   c.init_std / math.sqrt(2 * c.num_layers), c.compute_dtype, c.lora, name="mlp")(norm("ln_mlp")(x))
     x = x + nn.Dropout(c.dropout)(h, deterministic=deterministic)
     return x
 
@@ -219,6 +220,6 @@ class Decoder(nn.Module):
     if c.tie_embeddings:
       logits = jnp.einsum("btd,vd->btv", x, emb.astype(c.compute_dtype))  # [B, T, V]
     else:
-      w = layers.param(self, "lm_head", layers.normal(c.init_std), (c.d_model, c.vocab_size), ("embed", "vocab"))
-      logits = jnp.einsum("btd,dv->btv", x, w.astype(c.compute_dtype))
+      logits = layers.project(self, "lm_head", "btd,dv->btv", x, layers.normal(c.init_std), (c.d_model, c.vocab_size),
+                              ("embed", "vocab"), c.compute_dtype, c.lora)  # [B, T, V]
     return logits.astype(jnp.float32)

@@ -51,6 +51,7 @@ class EncDecConfig:
   scan_layers: bool = False
   attention: str = "xla"
   tie_embeddings: bool | None = None  # None = the style's: tied for t5, untied for t5_v1_1
+  lora: layers.LoraSpec | None = None  # low-rank adapters on the projections it targets (jaxlm/peft.py sets it)
 
   def __post_init__(self):
     if self.style not in STYLES:
@@ -163,7 +164,7 @@ def _heads(module: nn.Module, name: str, x, std: float):
   """x [B, T, D] -> [B, T, H, E] through a new projection `name`."""
   c = module.cfg
   return layers.project(module, name, "btd,dhe->bthe", x, layers.normal(std), (c.d_model, c.num_heads, c.head_dim),
-                        ("embed", "heads", "head_dim"), c.compute_dtype)
+                        ("embed", "heads", "head_dim"), c.compute_dtype, c.lora)
 
 
 def _attend(module: nn.Module, q, k, v, mask, bias):
@@ -172,7 +173,7 @@ def _attend(module: nn.Module, q, k, v, mask, bias):
   y = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=1.0, implementation=c.attention_impl)
   std = c.init_factor * (c.num_heads * c.head_dim) ** -0.5
   return layers.project(module, "o", "bthe,hed->btd", y, layers.normal(std), (c.num_heads, c.head_dim, c.d_model),
-                        ("heads", "head_dim", "embed"), c.compute_dtype)  # [B, T, D]
+                        ("heads", "head_dim", "embed"), c.compute_dtype, c.lora)  # [B, T, D]
 
 
 class SelfAttention(nn.Module):
@@ -231,14 +232,14 @@ class Mlp(nn.Module):
     c = self.cfg
     dt, d, f = c.compute_dtype, c.d_model, c.d_ff
     wi = lambda name: layers.project(self, name, "btd,df->btf", x, layers.normal(c.init_factor * d ** -0.5), (d, f),
-                                     ("embed", "mlp"), dt)  # [B, T, F]
+                                     ("embed", "mlp"), dt, c.lora)  # [B, T, F]
     if c.style == "t5":
       h = nn.relu(wi("wi"))
     else:
       h = nn.gelu(wi("wi_0"), approximate=True) * wi("wi_1")
     h = nn.Dropout(c.dropout)(h, deterministic=self.deterministic)
     return layers.project(self, "wo", "btf,fd->btd", h, layers.normal(c.init_factor * f ** -0.5), (f, d),
-                          ("mlp", "embed"), dt)  # [B, T, D]
+                          ("mlp", "embed"), dt, c.lora)  # [B, T, D]
 
 
 class EncoderLayer(nn.Module):
@@ -347,7 +348,7 @@ class DecoderStack(nn.Module):
       logits = jnp.einsum("btd,vd->btv", x * c.d_model ** -0.5, embedding.astype(c.compute_dtype))  # [B, T, V]
     else:
       logits = layers.project(self, "lm_head", "btd,dv->btv", x, layers.normal(c.init_factor),
-                              (c.d_model, c.vocab_size), ("embed", "vocab"), c.compute_dtype)  # [B, T, V]
+                              (c.d_model, c.vocab_size), ("embed", "vocab"), c.compute_dtype, c.lora)  # [B, T, V]
     return logits.astype(jnp.float32)
 
   def _decode_state(self, segment_ids, positions, encoder_segment_ids):

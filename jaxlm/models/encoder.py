@@ -23,6 +23,7 @@ REMAT_POLICIES = {
 ACTIVATIONS = ("gelu", "gelu_tanh")  # gelu = exact erf form (BERT's "gelu"); gelu_tanh = the tanh approximation
 # The names of the encoder's input arrays in a batch, all int32 [batch, length].
 INPUT_NAMES = ("input_ids", "token_type_ids", "attention_mask")
+POOLER_EQUATION = "bd,de->be"  # the pooler's dense layer on the first token: [B, D] -> [B, D]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,7 @@ class EncoderConfig:
   remat: str = "none"
   attention: str = "xla"
   pooler: bool = True
+  lora: layers.LoraSpec | None = None  # low-rank adapters on the projections it targets (jaxlm/peft.py sets it)
 
   def __post_init__(self):
     if self.d_model % self.num_heads:
@@ -117,18 +119,18 @@ class SelfAttention(nn.Module):
     c = self.cfg
     dt, d, h, e = c.compute_dtype, c.d_model, c.num_heads, c.head_dim
     # one fused projection for q, k and v: a single matmul instead of three
-    w = layers.param(self, "qkv", layers.normal(c.init_std), (d, 3, h, e), ("embed", None, "heads", "head_dim"))
-    b = layers.param(self, "qkv_bias", nn.initializers.zeros, (3, h, e), (None, "heads", "head_dim"))
-    qkv = jnp.einsum("btd,dche->btche", x, w.astype(dt)) + b.astype(dt)  # [B, T, 3, H, E]
+    qkv = layers.project(self, "qkv", "btd,dche->btche", x, layers.normal(c.init_std), (d, 3, h, e),
+                         ("embed", None, "heads", "head_dim"), dt, c.lora)  # [B, T, 3, H, E]
+    qkv = qkv + layers.param(self, "qkv_bias", nn.initializers.zeros, (3, h, e), (None, "heads", "head_dim")).astype(dt)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if c.attention_dropout > 0 and not deterministic:  # the fused kernel has no dropout: spelled out in training
       drop = nn.Dropout(c.attention_dropout, name="attention_dropout")
       y = attention_with_dropout(q, k, v, mask, lambda p: drop(p, deterministic=False))
     else:
       y = layers.dot_product_attention(q, k, v, mask, c.attention_impl)  # [B, T, H, E]
-    wo = layers.param(self, "o", layers.normal(c.init_std), (h, e, d), ("heads", "head_dim", "embed"))
-    bo = layers.param(self, "o_bias", nn.initializers.zeros, (d,), ("norm",))
-    return jnp.einsum("bthe,hed->btd", y, wo.astype(dt)) + bo.astype(dt)  # [B, T, D]
+    out = layers.project(self, "o", "bthe,hed->btd", y, layers.normal(c.init_std), (h, e, d),
+                         ("heads", "head_dim", "embed"), dt, c.lora)  # [B, T, D]
+    return out + layers.param(self, "o_bias", nn.initializers.zeros, (d,), ("norm",)).astype(dt)
 
 
 class Block(nn.Module):
@@ -141,7 +143,7 @@ class Block(nn.Module):
     h = SelfAttention(c, name="attn")(x, mask, deterministic)
     x = layers.LayerNorm(c.norm_eps, True, c.compute_dtype, name="ln_attn")(
         x + nn.Dropout(c.dropout)(h, deterministic=deterministic))
-    h = layers.Mlp(c.ffn_dim, c.hidden_act, True, c.init_std, c.init_std, c.compute_dtype, name="mlp")(x)
+    h = layers.Mlp(c.ffn_dim, c.hidden_act, True, c.init_std, c.init_std, c.compute_dtype, c.lora, name="mlp")(x)
     return layers.LayerNorm(c.norm_eps, True, c.compute_dtype, name="ln_mlp")(
         x + nn.Dropout(c.dropout)(h, deterministic=deterministic))
 
@@ -168,7 +170,9 @@ class Encoder(nn.Module):
     block = Block if c.remat == "none" else nn.remat(Block, policy=REMAT_POLICIES[c.remat], static_argnums=(3,))
     self.blocks = [block(c) for _ in range(c.num_layers)]
     if c.pooler:
-      self.pooler_w = layers.param(self, "pooler", layers.normal(c.init_std), (c.d_model, c.d_model), ("embed", None))
+      shape, axes = (c.d_model, c.d_model), ("embed", None)
+      self.pooler_w = layers.param(self, "pooler", layers.normal(c.init_std), shape, axes)
+      self.pooler_lora = layers.lora_params(self, "pooler", POOLER_EQUATION, shape, axes, c.lora)
       self.pooler_b = layers.param(self, "pooler_bias", nn.initializers.zeros, (c.d_model,), ("norm",))
 
   def __call__(self, input_ids, token_type_ids=None, attention_mask=None, deterministic: bool = True,
@@ -194,11 +198,14 @@ class Encoder(nn.Module):
     for block in self.blocks:
       x = block(x, mask, deterministic)
 
-    pooled = None
-    if c.pooler:
-      pooled = jnp.tanh(jnp.einsum("bd,de->be", x[:, 0], self.pooler_w.astype(c.compute_dtype))
-                        + self.pooler_b.astype(c.compute_dtype))  # [B, D]
+    pooled = self.pool(x[:, 0]) if c.pooler else None  # [B, D]
     return x, pooled
+
+  def pool(self, first):
+    """The pooler: hidden states of [CLS] tokens [N, D] -> tanh(dense) [N, D] (also each packed example's [CLS])."""
+    c = self.cfg
+    return jnp.tanh(layers.dense(self, POOLER_EQUATION, first, self.pooler_w, c.compute_dtype, self.pooler_lora, c.lora)
+                    + self.pooler_b.astype(c.compute_dtype))
 
   def attend(self, x):
     """x [..., D] -> logits [..., V] against the word-embedding table."""

@@ -6,7 +6,9 @@ D d_model, H query heads, K key/value heads, G query heads per kv head, E head_d
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
@@ -21,15 +23,90 @@ def param(module: nn.Module, name: str, init: Initializer, shape: Sequence[int],
   return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), jnp.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+  """Low-rank adapters (LoRA) on the dense projections whose parameter path ('block_0/attn/qkv') the regex `targets`
+  finds (re.search): y = x W + (alpha / rank) * dropout(x) A B, with B zero at the start."""
+  rank: int
+  alpha: float
+  dropout: float = 0.0
+  targets: str = ""
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+  def applies_to(self, path: str) -> bool:
+    return re.search(self.targets, path) is not None
+
+
+LORA_SUFFIXES = ("_lora_a", "_lora_b")  # an adapter's leaves sit beside the weight `name` as name_lora_a / name_lora_b
+
+
+def split_equation(equation: str) -> tuple[str, str, str, str, str]:
+  """'inputs,weight->outputs' -> (inputs, weight, outputs, weight letters contracted with the inputs, weight letters
+  kept in the outputs). Every weight letter is one or the other."""
+  lhs, out = equation.replace(" ", "").split("->")
+  x, w = lhs.split(",")
+  ins = "".join(ch for ch in w if ch in x and ch not in out)
+  outs = "".join(ch for ch in w if ch in out and ch not in x)
+  if len(ins) + len(outs) != len(w):
+    raise ValueError(f"einsum '{equation}': a LoRA adapter needs every weight axis either contracted with the inputs "
+                     "or kept in the outputs")
+  return x, w, out, ins, outs
+
+
+def lora_shapes(equation: str, shape: Sequence[int], axes: Sequence[str | None], rank: int):
+  """((A shape, A axes), (B shape, B axes)) of an adapter on a weight of `shape`: A [inputs..., r] sharded like the
+  weight's input axes, B [r, outputs...] like its output axes, so each shards with the weight it adapts."""
+  _, w, _, ins, outs = split_equation(equation)
+  pick = lambda letters, seq: [seq[w.index(ch)] for ch in letters]
+  return ((*pick(ins, shape), rank), (*pick(ins, axes), None)), ((rank, *pick(outs, shape)), (None, *pick(outs, axes)))
+
+
+def lora_params(module: nn.Module, name: str, equation: str, shape: Sequence[int], axes: Sequence[str | None],
+                lora: LoraSpec | None):
+  """(A, B) of the adapter on the weight `name` when `lora` targets its path, else None. A starts uniform in
+  +-1/sqrt(fan_in) (PEFT's default), B at zero: the adapted model starts as the base model."""
+  if lora is None or not lora.applies_to("/".join((*module.path, name))):
+    return None
+  (a_shape, a_axes), (b_shape, b_axes) = lora_shapes(equation, shape, axes, lora.rank)
+  bound = 1.0 / math.sqrt(math.prod(a_shape[:-1]))
+  init_a = lambda key, s, dtype: jax.random.uniform(key, s, dtype, -bound, bound)
+  return (param(module, name + LORA_SUFFIXES[0], init_a, a_shape, a_axes),
+          param(module, name + LORA_SUFFIXES[1], nn.initializers.zeros, b_shape, b_axes))
+
+
+def _free_letter(equation: str) -> str:
+  return next(ch for ch in "rzyxwvutsqponmlkjihgfedcba" if ch not in equation)
+
+
+def dense(module: nn.Module, equation: str, x, w, dtype, adapter=None, lora: LoraSpec | None = None):
+  """einsum(equation, x, w) in `dtype`, plus the adapter's (alpha / r) * dropout(x) A B when there is one. Adapter
+  dropout is active when the call has a 'dropout' RNG (training) and off otherwise."""
+  y = jnp.einsum(equation, x, w.astype(dtype))
+  if adapter is None:
+    return y
+  a, b = adapter
+  xs, _, out, ins, outs = split_equation(equation)
+  r = _free_letter(equation)
+  rest = "".join(ch for ch in xs if ch not in ins)
+  if lora.dropout > 0 and module.has_rng("dropout"):
+    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - lora.dropout, x.shape)
+    x = jnp.where(keep, x / (1.0 - lora.dropout), 0).astype(x.dtype)
+  xa = jnp.einsum(f"{xs},{ins}{r}->{rest}{r}", x, a.astype(dtype)) * jnp.asarray(lora.scale, dtype)  # [..., r]
+  return y + jnp.einsum(f"{rest}{r},{r}{outs}->{out}", xa, b.astype(dtype))
+
+
 def project(module: nn.Module, name: str, equation: str, x, init: Initializer, shape: Sequence[int],
-            axes: Sequence[str | None], dtype):
+            axes: Sequence[str | None], dtype, lora: LoraSpec | None = None):
   """x times a new parameter `name` by an einsum `equation` ('inputs,weight->outputs'), computed in `dtype`.
 
-  Every dense projection of every model family goes through here, so what wraps a projection (adapters, quantised
-  weights) is written once.
+  Every dense projection of every model family goes through here, so what wraps a projection is written once: with
+  `lora` targeting this weight's path, a low-rank adapter (name_lora_a, name_lora_b) is added beside it.
   """
   w = param(module, name, init, shape, axes)
-  return jnp.einsum(equation, x, w.astype(dtype))
+  return dense(module, equation, x, w, dtype, lora_params(module, name, equation, shape, axes, lora), lora)
 
 
 def normal(std: float) -> Initializer:
@@ -101,24 +178,25 @@ class Mlp(nn.Module):
   init_std: float
   out_std: float
   dtype: jnp.dtype
+  lora: LoraSpec | None = None
 
   @nn.compact
   def __call__(self, x):  # x [B, T, D]
-    d = x.shape[-1]
+    d, dt = x.shape[-1], self.dtype
     if self.kind == "swiglu":
-      wi = param(self, "wi", normal(self.init_std), (d, 2, self.d_ff), ("embed", None, "mlp"))
-      gate_up = jnp.einsum("btd,dcf->btcf", x, wi.astype(self.dtype))  # [B, T, 2, F]
+      gate_up = project(self, "wi", "btd,dcf->btcf", x, normal(self.init_std), (d, 2, self.d_ff),
+                        ("embed", None, "mlp"), dt, self.lora)  # [B, T, 2, F]
       h = nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
     else:
-      wi = param(self, "wi", normal(self.init_std), (d, self.d_ff), ("embed", "mlp"))
-      h = jnp.einsum("btd,df->btf", x, wi.astype(self.dtype))  # [B, T, F]
+      h = project(self, "wi", "btd,df->btf", x, normal(self.init_std), (d, self.d_ff), ("embed", "mlp"), dt,
+                  self.lora)  # [B, T, F]
       if self.use_bias:
-        h = h + param(self, "bi", nn.initializers.zeros, (self.d_ff,), ("mlp",)).astype(self.dtype)
+        h = h + param(self, "bi", nn.initializers.zeros, (self.d_ff,), ("mlp",)).astype(dt)
       h = nn.gelu(h, approximate=self.kind == "gelu_tanh")
-    wo = param(self, "wo", normal(self.out_std), (self.d_ff, d), ("mlp", "embed"))
-    y = jnp.einsum("btf,fd->btd", h, wo.astype(self.dtype))  # [B, T, D]
+    y = project(self, "wo", "btf,fd->btd", h, normal(self.out_std), (self.d_ff, d), ("mlp", "embed"), dt,
+                self.lora)  # [B, T, D]
     if self.use_bias:
-      y = y + param(self, "bo", nn.initializers.zeros, (d,), ("norm",)).astype(self.dtype)
+      y = y + param(self, "bo", nn.initializers.zeros, (d,), ("norm",)).astype(dt)
     return y
 
 
