@@ -44,7 +44,7 @@ def get_config():
   c.data.dev_files = "../shared/data/multi30k/val.de.gz"
   c.data.test_files = "../shared/data/multi30k/test_2016_flickr.de.gz"
   c.data.source_lang, c.data.target_lang = "de", "en"
-  c.data.seq_len = 128  # packed rows: ~5 pairs each (the longest sentence has ~70 tokens)
+  c.data.seq_len = 128  # packed rows: ~7.7 pairs each, ~3,780 rows an epoch (the longest sentence has ~70 tokens)
   c.data.target_len = 128
   c.data.pack_pairs = True
   c.data.pack_bins = 64
@@ -55,18 +55,21 @@ def get_config():
   c.tokenizer.model_type = "unigram"
 
   c.optim.learning_rate = 2e-3
-  c.optim.schedule = "rsqrt"
-  c.optim.warmup_steps = 400
+  c.optim.schedule = "rsqrt"  # needs no total: train.steps can follow the measured speed without reshaping it
+  c.optim.warmup_steps = 100
   c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.98, 1e-9
   c.optim.weight_decay = 0.0
   c.optim.grad_clip = 1.0
 
-  c.train.steps = 3000
-  c.train.batch_size = 48  # packed rows: ~240 pairs, ~9k source + target tokens a step
-  c.train.log_every = 50
-  c.train.eval_every = 500  # dev loss, perplexity, BLEU and chrF (beam 4, the whole dev split)
+  # ~250 pairs (~7.5k source + target tokens, ~200 GFLOP) a step; 400 steps (~3.4 epochs) are 25 minutes at ~3.7 s a
+  # step, which `jaxlm bench` suggests for an idle 2-core CPU (15.9 s under a load of 6, where a matmul reached 31
+  # GFLOP/s); set train.steps to 25 minutes' worth from the run's first train_seconds rows
+  c.train.steps = 400
+  c.train.batch_size = 32
+  c.train.log_every = 25
+  c.train.eval_every = 100  # dev loss, perplexity, BLEU and chrF (beam 4, the whole dev split); not counted as training
   c.train.eval_batches = 0
-  c.checkpoint.every_steps = 500
+  c.checkpoint.every_steps = 100
   c.checkpoint.best_metric = "bleu"
   c.checkpoint.keep = 1
   c.sample.temperature = 0.0  # `jaxlm generate`: beam search like the evaluation

@@ -14,7 +14,8 @@ from jaxlm import config as config_lib
 from jaxlm.data import builders, encoder_inputs
 from jaxlm.data import seq2seq as pairs
 from jaxlm.data.sources import DataError
-from tests.conftest import BASE
+from jaxlm.tasks import make_task
+from tests.conftest import BASE, task_batches
 
 OPTIONS = {"source_lang": "de", "target_lang": "en", "input_field": "source", "target_field": "target",
            "header": True, "delimiter": "\t", "context_turns": 3, "turn_separator": " | ", "drop_duplicates": False}
@@ -25,8 +26,8 @@ def _read(path, **options):
 
 
 def _config(tmp_path, *overrides):
-  return config_lib.load(BASE, ["task.name=seq2seq", "model.family=encoder_decoder", "data.source=pairs",
-                                f"data.tfds_data_dir={tmp_path / 'tfds'}", *overrides])
+  return config_lib.load(BASE, ["task.name=seq2seq", "model.family=encoder_decoder", "model.style=t5",
+                                "data.source=pairs", f"data.tfds_data_dir={tmp_path / 'tfds'}", *overrides])
 
 
 def test_multi30k_gzip_pairs_keep_alignment_and_clean_the_odd_lines(shared_data, capfd):
@@ -170,6 +171,14 @@ def test_samsum_duplicates_dropped_on_request(shared_data):
     _read(path, input_field="dialogue", target_field="summary")
 
 
+def test_tfds_fields_and_tokenizer_text():
+  """A public dataset's example (e.g. wmt's {'de', 'en'} features) read through data.input_field / target_field."""
+  record = pairs.PAIRS.decode_named({"de": "Zwei  Hunde\u00a0laufen.".encode(), "en": b" Two dogs run. "},
+                                    ("de", "en"), None)
+  assert record == {"source": "Zwei Hunde laufen.", "target": "Two dogs run.", "where": ""}
+  assert list(pairs.PAIRS.texts_of([record])) == ["Zwei Hunde laufen.", "Two dogs run."]
+
+
 # ---- rows ----------------------------------------------------------------------------------------------------
 
 
@@ -224,6 +233,27 @@ def test_one_pair_rows_and_packed_rows_hold_every_pair():
     assert not row["encoder_input_ids"][row["encoder_segment_ids"] == 0].any()
   assert sorted(found) == sorted((tuple(ex["inputs"]), tuple(ex["targets"])) for ex in encoded)
   assert len(rows) < len(encoded) / 2  # several pairs a row
+
+
+def test_train_batches_resume_from_their_state(tmp_path):
+  """Packed train batches continue exactly from a saved iterator state, as every split's batches do."""
+  records, _ = _encoded(120, seed=5)
+  (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  c = _config(tmp_path, f"data.train_files={tmp_path / 'train.jsonl'}", "data.seq_len=32", "data.target_len=24",
+              "train.batch_size=4", "data.prefetch=0")
+  task = make_task(c)
+  first = task_batches(c, WordTokenizer(), "train", task=task)
+  for _ in range(3):
+    next(first)
+  state = json.loads(json.dumps(first.get_state()))
+  want = [next(first) for _ in range(4)]
+  resumed = task_batches(c, WordTokenizer(), "train", task=task)
+  resumed.set_state(state)
+  for w in want:
+    got = next(resumed)
+    assert (got["encoder_segment_ids"].max(axis=1) > 1).any()  # packed rows
+    for k in w:
+      np.testing.assert_array_equal(got[k], w[k])
 
 
 def test_bucketing_keeps_every_token_of_both_sides():

@@ -22,7 +22,7 @@ from jaxlm import config as config_lib
 from jaxlm import text_metrics, train
 from jaxlm.data import builders, rows
 from jaxlm.data import seq2seq as pairs_lib
-from jaxlm.tasks import make_task
+from jaxlm.tasks import make_task, seq2seq
 from tests.conftest import BASE, PLAIN_ADAM, REPO, task_batches, train_steps
 
 WORDS = [f"w{i}" for i in range(12)]
@@ -181,7 +181,8 @@ def test_metrics_equal_sacrebleu_and_rouge_score_called_directly():
     assert scores[f"bleu{n}"] == pytest.approx(sacrebleu.metrics.BLEU(max_ngram_order=n).corpus_score(
         hyps, [refs]).score)
   scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
-  split = {hyps[1]: "A dog runs in the park!\nIt is happy.", refs[1]: "A dog is running through a park.\nIt looks happy."}
+  split = {hyps[1]: "A dog runs in the park!\nIt is happy.",  # rougeLsum reads a sentence a line
+           refs[1]: "A dog is running through a park.\nIt looks happy."}
   direct = [scorer.score(split.get(r, r), split.get(h, h)) for h, r in zip(hyps, refs)]
   for t in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
     assert scores[t] == pytest.approx(100 * np.mean([d[t].fmeasure for d in direct]))
@@ -211,6 +212,20 @@ def test_lead_baseline_and_report_from_the_records(tmp_path):
     assert metrics[t] == pytest.approx(100 * np.mean([scorer.score(r["target"], h)[t].fmeasure
                                                       for r, h in zip(records, ["w2 w3", "w8"])]))
   assert "LEAD-3" in metrics["report"] and "output:    w2 w3" in metrics["report"] and "[f:2]" not in metrics["report"]
+
+
+def test_lead_baseline_of_a_split_without_a_model(tmp_path):
+  rows = [{"source": "w1: w2 w3\r\nw4: w5\r\nw6: w7", "target": "w1 w5"},
+          {"source": "w8: w9\nw10: w11", "target": "w9"}]
+  (tmp_path / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  config = _config(tmp_path, "task.metrics=rouge1,rougeL")
+  scores, report = seq2seq.lead_baseline(config, "dev", 2)
+  scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+  leads = ["w1: w2 w3 w4: w5", "w8: w9 w10: w11"]
+  for t in ("rouge1", "rougeL"):
+    assert scores[t] == pytest.approx(100 * np.mean([scorer.score(r["target"], h)[t].fmeasure
+                                                     for r, h in zip(rows, leads)]))
+  assert report.startswith("LEAD-2 on the dev split (2 examples)")
 
 
 def _loop_losses(tmp_path, mesh, steps=2):
