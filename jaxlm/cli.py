@@ -11,6 +11,7 @@ from absl import logging as absl_logging
 from jaxlm import bench, convert, distributed, export, generate, memory, plot, predict, run
 from jaxlm import config as config_lib
 from jaxlm.bench_checkpoint import bench_checkpoint
+from jaxlm.bench_generate import bench_generate
 from jaxlm.checkpoint import CorruptCheckpointError, ignore_closed_loop_callbacks
 from jaxlm.data.bench import bench_data
 from jaxlm.data.sources import DataError
@@ -25,6 +26,8 @@ def _load(args, overrides):
 
 
 def cmd_train(args, overrides):
+  if args.profile:  # --profile START:STOP is train.profile, checked with the other keys
+    overrides = [*overrides, f"train.profile={args.profile}"]
   config = _load(args, overrides)
   if args.dry_run:
     run.resolve_labels(config)  # classification/NER heads are sized by the labels the train split holds
@@ -65,6 +68,10 @@ def cmd_bench(args, overrides):
   config = _load(args, overrides)
   if args.checkpoint:
     print(json.dumps(bench_checkpoint(config, args.checkpoint)))
+    return
+  if args.generate:
+    print(json.dumps(bench_generate(config, hf_dir=args.hf, batch_sizes=tuple(args.batch_sizes),
+                                    prompt_len=args.prompt_len, new_tokens=args.new_tokens, beam_size=args.beam)))
     return
   result = bench.bench_train_step(config, steps=args.steps, warmup=args.warmup, peak_gflops=args.peak_gflops)
   if args.data:
@@ -111,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("train", help="train (or resume) a model in a workdir")
   p.add_argument("--config", required=True, help="experiment config file, e.g. configs/gpt_tiny.py")
   p.add_argument("--workdir", required=True, help="where config.json, metrics, checkpoints go")
+  p.add_argument("--profile", default="", metavar="START:STOP",
+                 help="write a jax.profiler trace of steps START..STOP-1 to WORKDIR/profile (TensorBoard, Perfetto)")
   g = p.add_argument_group("multi-process (see jaxlm/distributed.py; SLURM and Cloud TPU need none of these)")
   g.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (else $JAXLM_COORDINATOR)")
   g.add_argument("--num-processes", dest="num_processes", type=int, default=None,
@@ -176,6 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--data-batches", dest="data_batches", type=int, default=100, help="with --data: timed batches")
   p.add_argument("--checkpoint", default=None, metavar="DIR",
                  help="instead: time saving and restoring the train state under DIR, beside dd's speed on that disk")
+  g = p.add_argument_group("generation (--generate): KV-cache decoding of the config's decoder, greedy and beam")
+  g.add_argument("--generate", action="store_true", help="instead: time decoding (prefill and per-token apart)")
+  g.add_argument("--hf", default=None, metavar="DIR", help="a Hugging Face GPT-2/Llama directory to take the model and "
+                 "weights from (the same model tests/peer_hf_generate.py times in transformers)")
+  g.add_argument("--batch-sizes", dest="batch_sizes", type=int, nargs="+", default=[1, 8])
+  g.add_argument("--prompt-len", dest="prompt_len", type=int, default=32)
+  g.add_argument("--new-tokens", dest="new_tokens", type=int, default=64)
+  g.add_argument("--beam", type=int, default=4, help="beam size of the beam-search runs; 1 = greedy only")
   p.set_defaults(func=cmd_bench)
 
   p = sub.add_parser("predict", help="predictions of a fine-tuned workdir's best (else latest) checkpoint for new text")

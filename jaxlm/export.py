@@ -144,9 +144,18 @@ def _copy_tokenizer(config, workdir: str, out_dir: str, family: str, log) -> Non
   if not os.path.isfile(path):
     log(f"no tokenizer file at {path}: the exported model has none")
     return
-  if config.tokenizer.kind == "wordpiece":
-    shutil.copyfile(path, os.path.join(out_dir, "vocab.txt"))
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-      json.dump({"do_lower_case": bool(config.tokenizer.lowercase), "tokenizer_class": "BertTokenizer"}, f, indent=2)
-  else:
-    shutil.copyfile(path, os.path.join(out_dir, SENTENCEPIECE_NAMES.get(family, "spm.model")))
+  _TOKENIZER_FILES[config.tokenizer.kind](config, path, out_dir, family)
+
+
+def _wordpiece_files(config, path: str, out_dir: str, family: str) -> None:
+  shutil.copyfile(path, os.path.join(out_dir, "vocab.txt"))
+  with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+    json.dump({"do_lower_case": bool(config.tokenizer.lowercase), "tokenizer_class": "BertTokenizer"}, f, indent=2)
+
+
+def _sentencepiece_files(config, path: str, out_dir: str, family: str) -> None:
+  shutil.copyfile(path, os.path.join(out_dir, SENTENCEPIECE_NAMES.get(family, "spm.model")))
+
+
+# tokenizer.kind -> what writes the run's tokenizer file where Hugging Face's tokenizer classes look for it
+_TOKENIZER_FILES = {"wordpiece": _wordpiece_files, "sentencepiece": _sentencepiece_files}

@@ -123,6 +123,8 @@ def _residual_bytes(config, rows: int, num_layers: int, remat: str, fused: bool)
   total = 0
   for v in saved:
     shape = v.aval.shape
+    if jax.dtypes.issubdtype(v.aval.dtype, jax.dtypes.prng_key):
+      continue  # dropout's keys: a few words, and no numpy itemsize
     if fused and len(shape) >= 4 and shape[-2:] == (t, t):
       continue
     total += math.prod(shape) * np.dtype(v.aval.dtype).itemsize

@@ -18,6 +18,15 @@ def truncate_metrics(path: str, step: int) -> int:
   """Keeps the rows of metrics.jsonl up to `step` and drops the rest (a run resumed from `step` logs them again, so
   each (step, split) appears once) along with any partial line a killed process left; rewrites the file atomically.
   Returns how many lines were dropped."""
+  return _keep_rows(path, lambda row: row["step"] <= step)
+
+
+def drop_rows(path: str, step: int, splits) -> int:
+  """Drops the rows of `splits` at `step` (`jaxlm eval` writes them anew: each (step, split) appears once)."""
+  return _keep_rows(path, lambda row: not (row["step"] == step and row.get("split") in set(splits)))
+
+
+def _keep_rows(path: str, keep) -> int:
   if not os.path.isfile(path):
     return 0
   kept, dropped, changed = [], 0, False
@@ -27,7 +36,7 @@ def truncate_metrics(path: str, step: int) -> int:
         row = json.loads(line)
       except ValueError:
         row = None
-      if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+      if isinstance(row, dict) and isinstance(row.get("step"), int) and keep(row):
         changed = changed or not line.endswith("\n")  # a last row cut off before its line end: the next is appended
         kept.append(line if line.endswith("\n") else line + "\n")
       else:

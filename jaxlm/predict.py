@@ -48,11 +48,10 @@ def predict(workdir: str, input_path: str, output_path: str | None = None, input
 
   predict_fn = jax.jit(task.predict)
   batches = pipeline.batches(task, records, tokenizer, "test", data_cfg=config.data, batch_size=config.train.batch_size,
-                             seed=config.train.seed, process_index=jax.process_index(),
-                             process_count=jax.process_count())
+                             seed=config.train.seed, local_rows=setup.local_rows)
   pairs = []
   for local in batches:
-    out = predict_fn(params, train.global_batch(local, setup.batch_shardings))
+    out = predict_fn(params, run.local_batch(setup, local))
     pairs.append((local, jax.device_get(out)))
 
   jsonl = (output_path or "").endswith(".jsonl")

@@ -30,8 +30,8 @@ from jaxlm.checkpoint import (
   with_base,
 )
 from jaxlm.data import builders, pipeline
-from jaxlm.data.tokenizer import load_tokenizer, tokenizer_path, train_tokenizer
-from jaxlm.metric_writer import MetricWriter
+from jaxlm.data.tokenizer import load_tokenizer, tokenizer_path, train_tokenizer, trained_here
+from jaxlm.metric_writer import MetricWriter, drop_rows
 from jaxlm.preemption import StopRequest
 from jaxlm.tasks import task_class
 
@@ -42,7 +42,6 @@ class SetupError(ValueError):
 
 class DivergedError(FloatingPointError):
   """train.nonfinite='skip' skipped more updates than train.max_(consecutive_)nonfinite_skips allow."""
-
 
 
 # ---- the pieces of a run ------------------------------------------------------------------------------------------
@@ -60,12 +59,18 @@ def resolve_labels(config, source: builders.Source | None = None) -> None:
     config.data.labels = tuple((source or open_data(config)).labels)
 
 
-def split_batches(setup: train.Setup, source: builders.Source, tokenizer, split: str):
-  """This process's batches of one split (a resumable grain iterator)."""
+def split_batches(setup: train.Setup, source: builders.Source, tokenizer, split: str, *, start: int = 0, rows=None):
+  """This process's share of the global batches of one split, from global batch `start` on: the same global batches
+  on any number of processes, devices or workers."""
   c = setup.config
   return pipeline.batches(setup.task, source.split(split).records, tokenizer, split, data_cfg=c.data,
-                          batch_size=c.train.batch_size, seed=c.train.seed, process_index=jax.process_index(),
-                          process_count=jax.process_count())
+                          batch_size=c.train.batch_size, seed=c.train.seed, local_rows=setup.local_rows, start=start,
+                          cache_dir=source.rows_dir, fingerprint=source.fingerprint(split), rows=rows)
+
+
+def local_batch(setup: train.Setup, local: dict):
+  """A batch of this process's rows -> global arrays on the mesh."""
+  return train.global_batch(local, setup.batch_shardings, setup.local_rows, setup.config.train.batch_size)
 
 
 def check_vocab(config, tokenizer) -> None:
@@ -203,7 +208,7 @@ def evaluate(setup: train.Setup, params, batches, eval_fn, predict_fn, records, 
   for i, local in enumerate(batches):
     if max_batches and i >= max_batches:
       break
-    batch = train.global_batch(local, setup.batch_shardings)
+    batch = local_batch(setup, local)
     stats = jax.device_get(eval_fn(params, batch))
     totals = stats if totals is None else jax.tree.map(lambda a, b: a + b, totals, stats)
     predicted = predict_fn(params, batch)
@@ -228,9 +233,14 @@ class Evaluator:
   def __post_init__(self):
     self.eval_fn = train.compile_eval_step(self.setup)
     self.predict_fn = jax.jit(self.setup.task.predict)
+    self._rows = {}  # split -> its prepared rows, looked up once per run
 
   def __call__(self, params, split: str, max_batches: int = 0) -> dict:
-    batches = split_batches(self.setup, self.source, self.tokenizer, split)
+    if split not in self._rows:
+      self._rows[split] = pipeline.prepare_rows(
+          self.setup.task, self.source.split(split).records, self.tokenizer, split, self.setup.config.data,
+          self.source.rows_dir, self.source.fingerprint(split))
+    batches = split_batches(self.setup, self.source, self.tokenizer, split, rows=self._rows[split])
     records = self.source.split(split).records
     return evaluate(self.setup, params, batches, self.eval_fn, self.predict_fn, records, max_batches)
 
@@ -309,6 +319,27 @@ def run(config, workdir: str, *, stop_requested=None) -> train.TrainState:
         raise SetupError(str(e)) from e
       raise
     return loop.train(stop, signals)
+
+
+class _Profiler:
+  """train.profile = "START:STOP": a jax.profiler trace of steps START..STOP-1 (counted from 0) in WORKDIR/profile,
+  which TensorBoard's profile plugin and Perfetto (ui.perfetto.dev) open."""
+
+  def __init__(self, spec: str, workdir: str, log):
+    self.start, self.stop = (int(x) for x in spec.split(":")) if spec else (None, None)
+    self.directory, self.log, self.active = os.path.join(workdir, "profile"), log, False
+
+  def before(self, step: int) -> None:
+    if self.start is not None and step == self.start and jax.process_index() == 0:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+
+  def after(self, step: int, state, last: bool = False) -> None:
+    if self.active and (step >= self.stop or last):
+      jax.block_until_ready(state)  # the traced steps finish inside the trace
+      jax.profiler.stop_trace()
+      self.active = False
+      self.log(f"profile of steps {self.start}..{step - 1} written to {self.directory}")
 
 
 class _Clock:
@@ -424,9 +455,8 @@ class _Loop:
     notes, state, restored, base = [], None, None, None
     if not steps:  # a fresh run: pretrained weights that do not fit stop it before a tokenizer is trained
       state, base = start_state(setup, notes.append)
-    tokenizer = _tokenizer(c, workdir, source)
+    tokenizer = prepare_tokenizer(c, workdir, source)
     check_vocab(c, tokenizer)
-    train_iter = split_batches(setup, source, tokenizer, "train")
     if steps:
       if saved is not None:
         check_tokenizer(saved, tokenizer)
@@ -435,8 +465,7 @@ class _Loop:
       reader = Checkpointer(workdir, c.checkpoint, read_only=True)
       try:
         # skips damaged steps, with a warning; a step of the trained parameters alone restores those
-        restored = reader.restore_latest(trained_only_target(train.abstract_state(setup), setup.trainable),
-                                         train_iter)
+        restored = reader.restore_latest(trained_only_target(train.abstract_state(setup), setup.trainable))
       finally:
         reader.close()
     if restored is not None:
@@ -445,6 +474,8 @@ class _Loop:
       state = restored.state.replace(params=with_frozen_base(setup, restored.path, restored.state.params))
     elif state is None:
       state, base = start_state(setup, notes.append)
+    # one global batch per step: the data continues at the restored step, whatever the number of processes
+    train_iter = split_batches(setup, source, tokenizer, "train", start=int(state.step))
     # accepted: from here on the workdir is written
     is_main = jax.process_index() == 0
     if is_main:
@@ -480,16 +511,19 @@ class _Loop:
     save_due = False  # with 'skip', a checkpoint due at a skipped step is taken at the next step that updates
     eval_every = c.train.eval_every
     if c.train.eval_each_epoch:
-      eval_every = max(1, len(self.source.split("train").records) // c.train.batch_size)
+      eval_every = self.train_iter.batches_per_epoch  # an epoch is a pass over the rows made (windows included)
     throughput = _Throughput(c.train.batch_size * c.data.seq_len)
     pending = None  # (step, metrics on device, tokens/s, extra) of the last logged step, pulled after the next dispatch
     step, stopping, last_eval = int(self.state.step), False, None
 
+    profiler = _Profiler(c.train.profile, self.workdir, writer.log)
     while step < c.train.steps:
       local = next(self.train_iter)
       throughput.count(local)
-      self.state, metrics = step_fn(self.state, train.global_batch(local, setup.batch_shardings))
+      profiler.before(step)
+      self.state, metrics = step_fn(self.state, local_batch(setup, local))
       step += 1
+      profiler.after(step, self.state)
       if skipping:
         self.skips.add(step, metrics["finite"])
       # Pull the previous log step's metrics only now that this step is dispatched: the host never idles the device.
@@ -529,12 +563,13 @@ class _Loop:
           saving, ranked = False, None
       if saving or ranked is not None:
         # the final save follows the final eval, so that the last step is ranked too
-        ckpt.save(step, saved_state(self.state, setup.trainable, self.base), self.train_iter, c,
+        ckpt.save(step, saved_state(self.state, setup.trainable, self.base), None, c,
                   dict(meta, train_seconds=self.clock.train_seconds(), **{STREAK_KEY: self.skips.streak_start},
                        **({BASE_KEY: self.base} if self.base else {})), metrics=ranked)
         save_due = False
       if stopping:
         break
+    profiler.after(step, self.state, last=True)
     if pending is not None:
       self._emit(pending)
     finished = step >= c.train.steps and not stopping
@@ -639,13 +674,13 @@ class _Loop:
     return write_eval(self.writer, self.workdir, step, split, evaluator(params, split), is_main)
 
 
-def _tokenizer(c, workdir: str, source: builders.Source):
+def prepare_tokenizer(c, workdir: str, source: builders.Source):
   """The run's tokenizer; a workdir-owned sentencepiece model that does not exist yet is trained first, as
   `jaxlm tokenizer` would: by process 0, while the other processes wait for it at a barrier, then all load it."""
   path = tokenizer_path(c, workdir)
   # Decided from the config alone, so that every process takes the barrier below or none does (whether the file
   # exists yet depends on when a process looks).
-  if not c.tokenizer.path and c.tokenizer.kind == "sentencepiece":
+  if trained_here(c):
     if jax.process_index() == 0 and not os.path.isfile(path):
       print(f"training the tokenizer first: {train_tokenizer(c, workdir, source.texts())}", flush=True)
     if jax.process_count() > 1:
@@ -740,14 +775,15 @@ def run_eval_only(config, workdir: str) -> dict:
   step, params = restore_params(setup, ckpt, tokenizer=tokenizer)
   ckpt.close()
   evaluator = Evaluator(setup, source, tokenizer)
-  writer = MetricWriter(workdir, enabled=jax.process_index() == 0, progress=False)
-  results = {}
   test_split = setup.task.test_split
-  for split in setup.task.eval_splits + ((test_split,) if test_split else ()):
-    result = evaluator(params, split)
+  splits = setup.task.eval_splits + ((test_split,) if test_split else ())
+  results = {split: evaluator(params, split) for split in splits}
+  if jax.process_index() == 0:  # rows of this step written by training are replaced: each (step, split) once
+    drop_rows(os.path.join(workdir, "metrics.jsonl"), step, splits)
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0, progress=False)
+  for split, result in results.items():
     result.pop("report", None)
     writer.write(step, split, result)
-    results[split] = result
   writer.close()
   return {"step": step, **results}
 

@@ -38,6 +38,7 @@ class Setup:
   schedule: optax.Schedule
   state_shardings: Any
   batch_shardings: Any  # name -> NamedSharding for one global batch
+  local_rows: tuple[int, ...]  # positions of a global batch that this process's devices hold (its share to load)
   trainable: Any = None  # bool per parameter (peft.trainable_mask): only these get gradients and updates; None = all
 
 
@@ -60,7 +61,9 @@ def build(config, devices=None, task: Task | None = None) -> Setup:
                             jax.random.key(0), dummy)
   state_shardings = sharding.shardings_for(abstract, mesh, rules)
   batch_shardings = {k: sharding.batch_sharding(mesh, rules, v.ndim) for k, v in dummy.items()}
-  return Setup(config, task, mesh, rules, tx, schedule, state_shardings, batch_shardings,
+  rows = sharding.batch_sharding(mesh, rules, 1).addressable_devices_indices_map((config.train.batch_size,))
+  local_rows = tuple(sorted({r for index in rows.values() for r in range(*index[0].indices(config.train.batch_size))}))
+  return Setup(config, task, mesh, rules, tx, schedule, state_shardings, batch_shardings, local_rows,
                trainable=trainable)
 
 
@@ -89,7 +92,9 @@ def init_state(setup: Setup, seed: int) -> TrainState:
     return nn.meta.unbox(_boxed_state(setup.task, setup.tx, setup.trainable, setup.config.model.frozen_dtype, rng,
                                       dummy))
 
-  return jax.jit(init, out_shardings=setup.state_shardings)(jax.random.key(seed))
+  # The "rbg" generator for initialisation: XLA:CPU compiles a model's init 4x faster than with threefry (a tiny
+  # encoder: 6 s instead of 25 s), and the values do not depend on the mesh either (tests/test_sharding.py).
+  return jax.jit(init, out_shardings=setup.state_shardings)(jax.random.key(seed, impl="rbg"))
 
 
 def abstract_state(setup: Setup) -> TrainState:
@@ -177,10 +182,25 @@ def compile_eval_step(setup: Setup):
                  in_shardings=(setup.state_shardings.params, setup.batch_shardings))
 
 
-def global_batch(local: dict[str, np.ndarray], batch_shardings) -> dict[str, jax.Array]:
-  """This process's rows -> global arrays sharded over the data axes."""
-  return {k: jax.make_array_from_process_local_data(batch_shardings[k], v) for k, v in local.items()
-          if k in batch_shardings}
+def global_batch(local: dict[str, np.ndarray], batch_shardings, local_rows=None,
+                 batch_size: int | None = None) -> dict[str, jax.Array]:
+  """This process's rows -> global arrays sharded over the data axes.
+
+  With `local_rows` (the positions of the global batch of `batch_size` rows that `local` holds, in order), each device
+  gets exactly its positions whatever the device layout; without, `local` is this process's contiguous block.
+  """
+  if local_rows is None:
+    return {k: jax.make_array_from_process_local_data(batch_shardings[k], v) for k, v in local.items()
+            if k in batch_shardings}
+  where = np.full(batch_size, -1, np.int64)
+  where[np.asarray(local_rows)] = np.arange(len(local_rows))
+
+  def one(sharding, v):
+    def shard(index):
+      return v[(where[index[0]],) + tuple(index[1:])]
+    return jax.make_array_from_callback((batch_size,) + v.shape[1:], sharding, shard)
+
+  return {k: one(batch_shardings[k], v) for k, v in local.items() if k in batch_shardings}
 
 
 def count_params(params) -> int:

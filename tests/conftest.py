@@ -84,9 +84,10 @@ def documents(config, split: str) -> list[str]:
   return [r["text"] for r in open_split(config, split).records]
 
 
-def task_batches(config, tokenizer, split: str, task=None, **process):
-  """The batches a run feeds the config's task for one split (labels resolved first, as a run does). Encoder tasks
-  get the encoder family when the config leaves the decoder's."""
+def task_batches(config, tokenizer, split: str, task=None, **layout):
+  """The batches a run feeds the config's task for one split (labels resolved first, as a run does); `layout` passes
+  local_rows= / start= on to pipeline.batches. Encoder tasks get the encoder family when the config leaves the
+  decoder's."""
   c = ml_collections.ConfigDict(config.to_dict())
   if c.task.name != "lm" and c.model.family == "decoder":
     c.model.family = "encoder"
@@ -98,7 +99,7 @@ def task_batches(config, tokenizer, split: str, task=None, **process):
   else:
     records = builders.open_source(task.kind, c.data).split(split).records
   return pipeline.batches(task, records, tokenizer, split, data_cfg=c.data, batch_size=c.train.batch_size,
-                          seed=c.train.seed, **process)
+                          seed=c.train.seed, **layout)
 
 
 def sampled_batches(arrays: dict, batch_size: int):
@@ -126,7 +127,7 @@ def train_steps(config, batches, steps: int, task=None, pretrained: bool = False
   step_fn = train.compile_train_step(setup)
   losses = []
   for _ in range(steps):
-    state, metrics = step_fn(state, train.global_batch(next(batches), setup.batch_shardings))
+    state, metrics = step_fn(state, run.local_batch(setup, next(batches)))
     losses.append(float(jax.device_get(metrics["loss"])))
   return state, losses
 

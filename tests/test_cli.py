@@ -74,6 +74,10 @@ def test_train_resume_eval_generate_plot(tmp_path):
   r = jaxlm("generate", "--workdir", wd, "--prompt", "The list", "--max-new-tokens", "4", "--temperature", "0")
   assert r.returncode == 0 and "checkpoints/30 is damaged" in r.stderr, r.stderr[-3000:]
   assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["10", "20", "30"]
+  # `jaxlm eval` replaces the rows training wrote at its step: every (step, split) once
+  with open(os.path.join(wd, "metrics.jsonl")) as f:
+    keys = [(r["step"], r["split"]) for r in map(json.loads, f)]
+  assert len(keys) == len(set(keys)) and (20, "eval") in keys and (30, "eval") in keys
 
 
 def test_unknown_key_fails_before_work(tmp_path):
@@ -110,3 +114,17 @@ def test_throughput_after_an_eval_counts_the_queued_train_steps(tmp_path):
   ordinary = max(rate[s] for s in (10, 20, 30))  # rows that end where an eval starts, or at the end (it blocks)
   for step in (15, 25):  # the first rows after an eval
     assert rate[step] < 3 * ordinary, rate
+
+
+@pytest.mark.slow
+def test_profile_writes_a_trace_of_the_chosen_steps(tmp_path):
+  wd = tmp_path / "run"
+  r = jaxlm("train", "--config", TINY, "--workdir", str(wd), "--profile", "3:5", "--config.train.steps=6",
+            "--config.train.eval_every=0", "--config.train.eval_batches=1",
+            devices=1)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "profile of steps 3..4 written to" in r.stdout
+  traces = list((wd / "profile").rglob("*.xplane.pb"))
+  assert traces and traces[0].stat().st_size > 1000  # a trace TensorBoard's profile plugin reads
+  r = jaxlm("train", "--config", TINY, "--workdir", str(tmp_path / "bad"), "--profile", "5:3", devices=1)
+  assert r.returncode != 0 and "train.profile" in r.stderr

@@ -65,7 +65,24 @@ def encoder_param_counts(config) -> tuple[int, int]:
   return matrices, vectors
 
 
+def encoder_decoder_param_counts(m) -> tuple[int, int]:
+  """(matrices, vectors) of T5: a shared embedding, self-attention (+ cross-attention in the decoder) without biases,
+  a ReLU (t5) or gated-GELU (t5_v1_1) MLP, an lm_head when untied, RMS norm scales, and one relative position table
+  [buckets, heads] per stack (no d_model dimension: replicated like the vectors)."""
+  v, d, f = m.vocab_size, m.d_model, m.d_ff
+  inner = m.num_heads * (m.head_dim or d // m.num_heads)
+  mlp = (3 if m.style == "t5_v1_1" else 2) * d * f
+  enc, dec = m.num_layers, m.num_decoder_layers or m.num_layers
+  matrices = v * d + enc * (4 * d * inner + mlp) + dec * (8 * d * inner + mlp)
+  if not m.tie_embeddings:
+    matrices += d * v  # an untied output projection (t5_v1_1 sets tie_embeddings=False)
+  vectors = enc * 2 * d + d + dec * 3 * d + d + 2 * m.relative_attention_num_buckets * m.num_heads
+  return matrices, vectors
+
+
 def param_counts(config) -> tuple[int, int]:
+  if config.model.family == "encoder_decoder":
+    return encoder_decoder_param_counts(config.model)
   if config.model.family == "decoder":
     return decoder_param_counts(config.model)
   if config.model.family == "encoder":

@@ -173,7 +173,7 @@ def dot_product_attention(q, k, v, mask, implementation: str | None):
 class Mlp(nn.Module):
   """GELU MLP (gpt2, BERT) or SwiGLU (llama)."""
   d_ff: int
-  kind: str  # gelu | gelu_tanh | swiglu
+  activation: str  # gelu | gelu_tanh | swiglu
   use_bias: bool
   init_std: float
   out_std: float
@@ -183,7 +183,7 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x):  # x [B, T, D]
     d, dt = x.shape[-1], self.dtype
-    if self.kind == "swiglu":
+    if self.activation == "swiglu":
       gate_up = project(self, "wi", "btd,dcf->btcf", x, normal(self.init_std), (d, 2, self.d_ff),
                         ("embed", None, "mlp"), dt, self.lora)  # [B, T, 2, F]
       h = nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
@@ -192,7 +192,7 @@ class Mlp(nn.Module):
                   self.lora)  # [B, T, F]
       if self.use_bias:
         h = h + param(self, "bi", nn.initializers.zeros, (self.d_ff,), ("mlp",)).astype(dt)
-      h = nn.gelu(h, approximate=self.kind == "gelu_tanh")
+      h = nn.gelu(h, approximate=self.activation == "gelu_tanh")
     y = project(self, "wo", "btf,fd->btd", h, normal(self.out_std), (self.d_ff, d), ("mlp", "embed"), dt,
                 self.lora)  # [B, T, D]
     if self.use_bias:
