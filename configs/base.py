@@ -238,6 +238,11 @@ def get_config() -> ml_collections.ConfigDict:
   CHECKS["data.packing"] = one_of("first_fit", "concat")
   c.data.pack_bins = 32  # first_fit: rows filled at once; more = less padding, but documents wait longer to be emitted
   CHECKS["data.pack_bins"] = at_least(1)
+  # classification, ner, relation: first-fit pack whole examples (over data.pack_bins open rows) into rows of seq_len,
+  # with segment ids and per-example positions; train.batch_size then counts rows, each holding several examples
+  c.data.pack_examples = False
+  c.data.pack_max_examples = 16  # packed rows: examples a row at most (per-example arrays [rows, this]); <= seq_len/2
+  CHECKS["data.pack_max_examples"] = at_least(1)
   c.data.add_eos = True  # append the tokenizer's EOS id to each document
   c.data.mlm_probability = 0.15  # mlm_nsp: share of tokens to predict; of those 80% become [MASK], 10% random, 10% kept
   CHECKS["data.mlm_probability"] = probability()
@@ -399,6 +404,10 @@ def get_config() -> ml_collections.ConfigDict:
   CHECKS["train.sample_every"] = at_least(0)
   c.train.sample_prompt = "The"  # prompt for those samples
   CHECKS["train.sample_prompt"] = FREE
+  c.train.profile = ""  # "START:STOP": a jax.profiler trace of steps START..STOP-1 in WORKDIR/profile; "" = none
+  CHECKS["train.profile"] = satisfies(lambda v: v == "" or (len(v.split(":")) == 2 and all(
+      p.strip().isdigit() for p in v.split(":")) and int(v.split(":")[0]) < int(v.split(":")[1])), "'' or START:STOP "
+      "with START < STOP, e.g. 10:15")
   c.train.nonfinite = "skip"  # NaN/Inf loss or grad norm: skip (keep params, count it) | stop (keep last good checkpoint)
   CHECKS["train.nonfinite"] = one_of("skip", "stop")
   # train.nonfinite='skip' stops the run (exit 1) past either limit; checkpoints wait for a step that updates, so the

@@ -155,3 +155,65 @@ def test_jit_and_sharded_batch():
   ll, got_tags = fn(put(emissions), put(tags), put(mask))
   np.testing.assert_allclose(ll, want, rtol=1e-6)
   np.testing.assert_array_equal(got_tags, want_tags)
+
+
+def _packed_instance(seed, rows, t=8, n=3):
+  """Rows of examples laid side by side (`rows`: the word counts of each row's examples), as a packed NER row's
+  compacted chain: emissions [B, T, N], tags, mask, restarts (from the examples' segment ids) and the examples."""
+  rng = np.random.default_rng(seed)
+  emissions = rng.normal(size=(len(rows), t, n)) * 2.0
+  tags = rng.integers(0, n, size=(len(rows), t))
+  segments = np.zeros((len(rows), t), np.int32)
+  examples = []  # (row, first position, length)
+  for r, lengths in enumerate(rows):
+    pos = 0
+    for k, length in enumerate(lengths):
+      segments[r, pos:pos + length] = k + 1
+      examples.append((r, pos, length))
+      pos += length
+  mask = segments > 0
+  restarts = crf.segment_restarts(jnp.asarray(segments))
+  return (jnp.asarray(emissions, jnp.float32), jnp.asarray(tags, jnp.int32), jnp.asarray(mask), restarts, examples)
+
+
+def test_restarts_factorise_a_packed_row_into_its_examples():
+  """A packed row's chain with restarts: log Z, the log-likelihood of a path and the best path are those of its
+  examples taken alone, by brute force over each example's paths and by the one-chain functions."""
+  _, transitions, start, end = _instance(8, n=3)
+  rows = [[3, 1, 2], [2, 4], [5]]
+  emissions, tags, mask, restarts, examples = _packed_instance(9, rows)
+  np.testing.assert_array_equal(restarts[0], [False, False, False, True, True, False, True, False])
+  log_z = crf.log_partition(emissions, mask, transitions, start, end, restarts)
+  ll = crf.log_likelihood(emissions, tags, mask, transitions, start, end, restarts)
+  best_tags, best = crf.viterbi(emissions, mask, transitions, start, end, restarts)
+  want_z, want_ll, want_best = np.zeros(3), np.zeros(3), np.zeros(3)
+  want_tags = np.zeros((3, 8), np.int64)
+  for r, first, length in examples:
+    paths, scores = _enumerate(emissions[r, first:first + length], length, transitions, start, end)
+    gold = tuple(int(x) for x in tags[r, first:first + length])
+    want_z[r] += np.logaddexp.reduce(scores)
+    want_ll[r] += scores[paths.index(gold)] - np.logaddexp.reduce(scores)
+    want_best[r] += scores.max()
+    want_tags[r, first:first + length] = paths[int(np.argmax(scores))]
+    # the one-chain functions on the example alone agree
+    alone = emissions[r, first:first + length][None]
+    alone_tags, _ = crf.viterbi(alone, jnp.ones((1, length), bool), transitions, start, end)
+    np.testing.assert_array_equal(best_tags[r, first:first + length], alone_tags[0])
+  np.testing.assert_allclose(log_z, want_z, rtol=1e-5)
+  np.testing.assert_allclose(ll, want_ll, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(best, want_best, rtol=1e-5)
+  np.testing.assert_array_equal(best_tags, want_tags)
+  # without restarts the same rows are one chain each: a different distribution, so the restarts above matter
+  assert not np.allclose(crf.log_partition(emissions, mask, transitions, start, end), want_z, rtol=1e-3)
+
+
+def test_restarts_gradients_match_finite_differences():
+  _, transitions, start, end = _instance(10, n=3)
+  emissions, tags, mask, restarts, _ = _packed_instance(11, [[2, 3], [1, 1, 2]], t=6)
+
+  def f(e, tr, s, en):
+    return jnp.sum(crf.log_likelihood(e, tags, mask, tr, s, en, restarts))
+
+  with jax.enable_x64(True):
+    args = tuple(jnp.asarray(a, jnp.float64) for a in (emissions, transitions, start, end))
+    check_grads(f, args, order=1, modes=["rev"], eps=1e-4, atol=1e-5, rtol=1e-5)

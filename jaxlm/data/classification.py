@@ -8,6 +8,7 @@ import grain
 import numpy as np
 
 from jaxlm.data import encoder_inputs
+from jaxlm.data.example_packing import Layout
 
 
 @dataclasses.dataclass
@@ -32,3 +33,6 @@ class EncodeClassification(grain.transforms.Map):
 
 # Filler rows of an eval batch: no example.
 PAD_VALUES = {"example_ids": -1}
+# EncodeClassification's rows for data.pack_examples
+LAYOUT = Layout(token_keys=("input_ids", "token_type_ids", "attention_mask"),
+                example_keys=("labels", "example_weights", "example_ids"))

@@ -9,6 +9,7 @@ import grain
 import numpy as np
 
 from jaxlm.data import encoder_inputs
+from jaxlm.data.example_packing import Layout
 
 
 @dataclasses.dataclass
@@ -74,3 +75,6 @@ class AlignTags(grain.experimental.FlatMapTransform):
 
 # Filler rows of an eval batch: no word, no example.
 PAD_VALUES = {"word_index": -1, "example_ids": -1}
+# AlignTags' rows for data.pack_examples (a window of a long sentence is one example)
+LAYOUT = Layout(token_keys=("input_ids", "token_type_ids", "attention_mask", "labels", "label_weights", "word_index",
+                            "word_context"), example_keys=("example_ids", "num_words"))

@@ -13,6 +13,7 @@ import grain
 import numpy as np
 
 from jaxlm.data import encoder_inputs
+from jaxlm.data.example_packing import Layout
 from jaxlm.data.sources import DataError, _snippet
 
 SEMEVAL_RELATIONS = ("Cause-Effect", "Component-Whole", "Content-Container", "Entity-Destination", "Entity-Origin",
@@ -339,3 +340,9 @@ class EncodeRelation(grain.transforms.Map):
     out.update(labels=np.int32(self.label_ids[record["label"]]), example_weights=np.float32(1.0),
                example_ids=np.int32(index))
     return out
+
+
+# EncodeRelation's rows for data.pack_examples: the marker positions move with their example
+LAYOUT = Layout(token_keys=("input_ids", "token_type_ids", "attention_mask"),
+                example_keys=("e1_start", "e2_start", "labels", "example_weights", "example_ids"),
+                offset_keys=("e1_start", "e2_start"))

@@ -4,6 +4,11 @@ Sub-word models tag the first sub-word of each word only, so the chain runs over
 positions to the front of the row in their original order (a stable gather), the CRF runs on the compacted
 prefix, and `scatter_back` puts decoded tags at their original positions. Letters: B batch, T positions,
 N tags. Every function treats `mask` [B, T] as a prefix of real positions (what `compact` produces).
+
+A row packed with several examples holds one chain per example: `restarts` [B, T] marks the positions where a new
+chain begins, and there the transition score transitions[i, j] is replaced by end[i] + start[j] (the first chain's
+end, the next one's start). Path scores, the partition function and Viterbi then factorise over the examples: a
+packed row's log-likelihood is the sum of its examples' and its best path is theirs side by side.
 """
 
 from __future__ import annotations
@@ -76,56 +81,79 @@ def prefix_mask(count, length: int):
   return jnp.arange(length)[None, :] < count[:, None]  # [B, T]
 
 
-def log_partition(emissions, mask, transitions, start, end):
-  """log Z [B] by the forward algorithm. emissions [B, T, N] float, mask [B, T] bool (a prefix)."""
+def segment_restarts(segments):
+  """segments [B, T] (e.g. the segment ids at the compacted positions) -> restarts [B, T]: True where the segment
+  differs from the previous position's (never at t = 0)."""
+  return jnp.concatenate([jnp.zeros_like(segments[:, :1], bool), segments[:, 1:] != segments[:, :-1]], axis=1)
+
+
+def _scan_inputs(emissions, mask, restarts):
+  """Steps 1..T-1 time-major: (emissions [T-1, B, N], mask [T-1, B], restarts [T-1, B])."""
+  if restarts is None:
+    restarts = jnp.zeros(mask.shape, bool)
+  return tuple(jnp.swapaxes(x[:, 1:], 0, 1) for x in (emissions, mask, restarts))
+
+
+def _step_transitions(transitions, start, end, restart):
+  """[B, N(from), N(to)]: transitions, or end[i] + start[j] in rows where a new chain begins (restart [B])."""
+  return jnp.where(restart[:, None, None], (end[:, None] + start[None, :])[None], transitions[None])
+
+
+def log_partition(emissions, mask, transitions, start, end, restarts=None):
+  """log Z [B] by the forward algorithm. emissions [B, T, N] float, mask [B, T] bool (a prefix), restarts [B, T]
+  bool or None (one chain a row)."""
   emissions = _at_least_f32(emissions)
   alpha0 = start[None, :] + emissions[:, 0]  # [B, N]
 
   def step(alpha, xs):
-    emit, m = xs  # [B, N], [B]
-    nxt = jax.nn.logsumexp(alpha[:, :, None] + transitions[None], axis=1) + emit  # [B, N(to)]
+    emit, m, restart = xs  # [B, N], [B], [B]
+    trans = _step_transitions(transitions, start, end, restart)  # [B, N, N]
+    nxt = jax.nn.logsumexp(alpha[:, :, None] + trans, axis=1) + emit  # [B, N(to)]
     return jnp.where(m[:, None], nxt, alpha), None
 
-  alpha, _ = jax.lax.scan(step, alpha0, (jnp.swapaxes(emissions[:, 1:], 0, 1), jnp.swapaxes(mask[:, 1:], 0, 1)))
+  alpha, _ = jax.lax.scan(step, alpha0, _scan_inputs(emissions, mask, restarts))
   return jax.nn.logsumexp(alpha + end[None, :], axis=-1)
 
 
-def path_score(emissions, tags, mask, transitions, start, end):
-  """Score [B] of the tag path `tags` [B, T] over the masked prefix."""
+def path_score(emissions, tags, mask, transitions, start, end, restarts=None):
+  """Score [B] of the tag path `tags` [B, T] over the masked prefix (a sum over its chains with `restarts`)."""
   emissions = _at_least_f32(emissions)
   tags = jnp.where(mask, tags, 0)  # whatever fills the padding (e.g. -100) never indexes
   m = mask.astype(jnp.float32)
   emit = jnp.take_along_axis(emissions, tags[..., None], axis=-1)[..., 0]  # [B, T]
   trans = transitions[tags[:, :-1], tags[:, 1:]]  # [B, T-1]
+  if restarts is not None:
+    trans = jnp.where(restarts[:, 1:], end[tags[:, :-1]] + start[tags[:, 1:]], trans)
   count = jnp.sum(mask.astype(jnp.int32), axis=-1)
   last = jnp.take_along_axis(tags, jnp.maximum(count - 1, 0)[:, None], axis=-1)[:, 0]
   return start[tags[:, 0]] + jnp.sum(emit * m, -1) + jnp.sum(trans * m[:, 1:], -1) + end[last]
 
 
-def log_likelihood(emissions, tags, mask, transitions, start, end):
-  """log p(tags | emissions) [B]; 0 for rows without any real position."""
-  ll = path_score(emissions, tags, mask, transitions, start, end) - log_partition(
-      emissions, mask, transitions, start, end)
+def log_likelihood(emissions, tags, mask, transitions, start, end, restarts=None):
+  """log p(tags | emissions) [B] (with `restarts`, the sum over a row's chains); 0 for rows without any real
+  position."""
+  ll = path_score(emissions, tags, mask, transitions, start, end, restarts) - log_partition(
+      emissions, mask, transitions, start, end, restarts)
   return jnp.where(jnp.any(mask, axis=-1), ll, 0.0)
 
 
-def viterbi(emissions, mask, transitions, start, end):
-  """Best tag path [B, T] (int32, 0 past the prefix) and its score [B]."""
+def viterbi(emissions, mask, transitions, start, end, restarts=None):
+  """Best tag path [B, T] (int32, 0 past the prefix) and its score [B] (with `restarts`: each chain's best path, and
+  the sum of their scores)."""
   emissions = _at_least_f32(emissions)
   n = emissions.shape[-1]
   delta0 = start[None, :] + emissions[:, 0]  # [B, N]
 
   def forward(delta, xs):
-    emit, m = xs
-    cand = delta[:, :, None] + transitions[None]  # [B, N(from), N(to)]
+    emit, m, restart = xs
+    cand = delta[:, :, None] + _step_transitions(transitions, start, end, restart)  # [B, N(from), N(to)]
     best_prev = jnp.argmax(cand, axis=1).astype(jnp.int32)  # [B, N]
     nxt = jnp.max(cand, axis=1) + emit
     # a padded step keeps delta and points each tag at itself, so backtracking walks through it unchanged
     keep = m[:, None]
     return jnp.where(keep, nxt, delta), jnp.where(keep, best_prev, jnp.arange(n, dtype=jnp.int32)[None])
 
-  delta, backpointers = jax.lax.scan(
-      forward, delta0, (jnp.swapaxes(emissions[:, 1:], 0, 1), jnp.swapaxes(mask[:, 1:], 0, 1)))
+  delta, backpointers = jax.lax.scan(forward, delta0, _scan_inputs(emissions, mask, restarts))
   final = delta + end[None, :]
   last = jnp.argmax(final, axis=-1).astype(jnp.int32)  # [B]
 

@@ -1,5 +1,10 @@
 """Sequence classification (single sentences or pairs through token_type_ids) on the BERT encoder's pooled output:
-cross-entropy, accuracy, and macro-F1 over the labels present (as sklearn's f1_score(average="macro"))."""
+cross-entropy, accuracy, and macro-F1 over the labels present (as sklearn's f1_score(average="macro")).
+
+Batches: encoder inputs, `labels`, `example_weights` (0 on padding) and `example_ids` (-1 on padding), [B] with one
+example a row; with data.pack_examples (jaxlm/data/example_packing.py) [B, M], each example classified from its own
+[CLS] (at `example_starts` [B, M]), and the loss still a mean over examples.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.data import classification, records, rows, sources
+from jaxlm.data import classification, example_packing, records, rows, sources
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.models.encoder import INPUT_NAMES, dummy_inputs
 from jaxlm.models.heads import SequenceClassifier
@@ -47,13 +52,23 @@ class ClassificationTask:
     self.head = check_head(self.name, config.task.head, HEADS)
     self.labels = resolved_labels(config)
     self.model = SequenceClassifier(self.model_cfg, len(self.labels), config.task.head_dropout)
+    self.max_examples = example_packing.max_examples(config.data) if config.data.pack_examples else 0
 
   def dummy_batch(self, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
-    return {**dummy_inputs(batch_size, seq_len), "labels": np.zeros((batch_size,), np.int32),
-            "example_weights": np.ones((batch_size,), np.float32)}
+    per_row = (batch_size, self.max_examples) if self.max_examples else (batch_size,)  # [B, M] packed, else [B]
+    out = {**dummy_inputs(batch_size, seq_len), "labels": np.zeros(per_row, np.int32),
+           "example_weights": np.ones(per_row, np.float32)}
+    if self.max_examples:
+      out.update(example_packing.dummy_arrays(batch_size, seq_len, self.max_examples))
+    return out
+
+  def _inputs(self, batch) -> dict:
+    """The model's keyword inputs beyond INPUT_NAMES: a packed batch's segments and each example's [CLS]."""
+    packed = example_packing.encoder_inputs(batch)
+    return {**packed, "cls_positions": batch["example_starts"]} if packed else {}
 
   def init_params(self, rng, batch):
-    return self.model.init({"params": rng}, *(batch[k] for k in INPUT_NAMES))["params"]
+    return self.model.init({"params": rng}, *(batch[k] for k in INPUT_NAMES), **self._inputs(batch))["params"]
 
   def pretrained_source(self):
     """init.hf_path's encoder (the head stays fresh), or None."""
@@ -61,12 +76,12 @@ class ClassificationTask:
 
   def loss_fn(self, params, batch, rng, train: bool):
     logits = self.model.apply({"params": params}, *(batch[k] for k in INPUT_NAMES), deterministic=not train,
-                              rngs={"dropout": rng} if train else None)  # [B, C]
+                              rngs={"dropout": rng} if train else None, **self._inputs(batch))  # [B, (M,) C]
     ce = cross_entropy(logits, batch["labels"], batch["example_weights"])
     return ce.loss / jnp.maximum(ce.count, 1.0), {"loss": (ce.loss, ce.count), "accuracy": (ce.correct, ce.count)}
 
   def predict(self, params, batch):
-    logits = self.model.apply({"params": params}, *(batch[k] for k in INPUT_NAMES))
+    logits = self.model.apply({"params": params}, *(batch[k] for k in INPUT_NAMES), **self._inputs(batch))
     return {"labels": jnp.argmax(logits, axis=-1).astype(jnp.int32), "probs": jax.nn.softmax(logits, axis=-1)}
 
   def host_metrics(self, pairs, records_) -> dict[str, float]:
@@ -85,10 +100,11 @@ class ClassificationTask:
   def row_steps(self, ctx):
     tokenizer_lib.require_ids(ctx.tokenizer, ("cls", "sep"), self.name)
     label_ids = {label: i for i, label in enumerate(self.labels)}
-    return [rows.Map(classification.EncodeClassification(ctx.tokenizer, ctx.data_cfg.seq_len, label_ids))]
+    return [rows.Map(classification.EncodeClassification(ctx.tokenizer, ctx.data_cfg.seq_len, label_ids)),
+            *example_packing.steps(ctx.data_cfg, classification.LAYOUT, self.pad_values(ctx.tokenizer))]
 
   def pad_values(self, tokenizer):
-    return {"input_ids": tokenizer.pad_id, **classification.PAD_VALUES}
+    return {"input_ids": tokenizer.pad_id, **classification.PAD_VALUES, **example_packing.PAD_VALUES}
 
   def bucketed(self) -> bool:
     return True
@@ -105,8 +121,10 @@ class ClassificationTask:
     """'label<TAB>text' lines, or JSON lines with the label's probability, in input order."""
     by_example = {}
     for batch, o in pairs:
-      for row in np.flatnonzero(np.asarray(batch["example_ids"]) >= 0):
-        by_example[int(batch["example_ids"][row])] = (int(o["labels"][row]), float(o["probs"][row, o["labels"][row]]))
+      ids = np.asarray(batch["example_ids"])  # [B], or [B, M] packed: o["labels"] has its shape
+      for at in zip(*np.nonzero(ids >= 0)):
+        label = int(o["labels"][at])
+        by_example[int(ids[at])] = (label, float(o["probs"][at][label]))
     for i, record in enumerate(records_):
       if i not in by_example:
         continue

@@ -6,6 +6,11 @@ Batches: encoder inputs, `labels` [B, L] (a tag id on first sub-words), `label_w
 the word sees in this row), `example_ids` [B] (-1 on padding rows) and `num_words` [B]. A sentence longer than a row
 is split into overlapping windows (data.ner_stride); each word takes its prediction from the window where it sees the
 most context, so every word is tagged once and every gold word is scored.
+
+With data.pack_examples a row holds several sentences (or windows; jaxlm/data/example_packing.py): `example_ids` and
+`num_words` are [B, M], and `segment_ids` / `positions` / `position_example_ids` [B, L] say whose each position is.
+The encoder keeps attention inside a sentence, and the CRF restarts its chain at each sentence, so a packed row's loss
+is the sum of its sentences' and its decode is theirs.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from seqeval import metrics as seqeval_metrics
 from seqeval import scheme as seqeval_scheme
 from seqeval.metrics.sequence_labeling import get_entities
 
-from jaxlm.data import ner, records, rows, sources
+from jaxlm.data import example_packing, ner, records, rows, sources
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.models import crf
 from jaxlm.models.encoder import INPUT_NAMES, dummy_inputs
@@ -62,16 +67,29 @@ class NerTask:
       allowed = (tuple(map(tuple, transitions.tolist())), tuple(start.tolist()))
     self.model = TokenClassifier(self.model_cfg, len(self.labels), config.task.head_dropout,
                                  crf=self.head == "crf", allowed_transitions=allowed[0], allowed_start=allowed[1])
+    self.max_examples = example_packing.max_examples(config.data) if config.data.pack_examples else 0
 
   def dummy_batch(self, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
     ints = np.zeros((batch_size, seq_len), np.int32)
-    return {**dummy_inputs(batch_size, seq_len), "labels": ints, "label_weights": np.ones_like(ints, np.float32),
-            "word_index": np.broadcast_to(np.arange(seq_len, dtype=np.int32), ints.shape).copy(),
-            "word_context": np.zeros((batch_size, seq_len), np.float32),
-            "example_ids": np.arange(batch_size, dtype=np.int32), "num_words": np.full((batch_size,), seq_len, np.int32)}
+    per_row = (batch_size, self.max_examples) if self.max_examples else (batch_size,)  # [B, M] packed, else [B]
+    out = {**dummy_inputs(batch_size, seq_len), "labels": ints, "label_weights": np.ones_like(ints, np.float32),
+           "word_index": np.broadcast_to(np.arange(seq_len, dtype=np.int32), ints.shape).copy(),
+           "word_context": np.zeros((batch_size, seq_len), np.float32),
+           "example_ids": np.arange(np.prod(per_row), dtype=np.int32).reshape(per_row),
+           "num_words": np.full(per_row, seq_len, np.int32)}
+    if self.max_examples:
+      out.update(example_packing.dummy_arrays(batch_size, seq_len, self.max_examples))
+    return out
 
   def init_params(self, rng, batch):
-    return self.model.init({"params": rng}, *(batch[k] for k in INPUT_NAMES))["params"]
+    return self.model.init({"params": rng}, *(batch[k] for k in INPUT_NAMES),
+                           **example_packing.encoder_inputs(batch))["params"]
+
+  def _chains(self, batch, order):
+    """The CRF's restarts at the compacted positions of a packed batch (a new sentence begins); None unpacked."""
+    if "segment_ids" not in batch:
+      return None
+    return crf.segment_restarts(crf.gather(batch["segment_ids"], order))
 
   def pretrained_source(self):
     """init.hf_path's encoder (the head stays fresh), or None."""
@@ -79,7 +97,8 @@ class NerTask:
 
   def loss_fn(self, params, batch, rng, train: bool):
     logits, scores = self.model.apply({"params": params}, *(batch[k] for k in INPUT_NAMES), deterministic=not train,
-                                      rngs={"dropout": rng} if train else None)  # [B, L, N]
+                                      rngs={"dropout": rng} if train else None,
+                                      **example_packing.encoder_inputs(batch))  # [B, L, N]
     w = batch["label_weights"]
     words = jnp.sum(w)
     if scores is None:
@@ -88,34 +107,40 @@ class NerTask:
     # the chain runs over words: every first sub-word takes part, weighted per sentence; the loss is per word
     emissions, mask, order, _ = crf.compact_emissions(logits, batch["word_index"] >= 0)
     tags = crf.gather(batch["labels"], order)
-    ll = crf.log_likelihood(emissions, tags, mask, scores["transitions"], scores["start"], scores["end"])  # [B]
-    total = -jnp.sum(ll * (batch["example_ids"] >= 0))
+    ll = crf.log_likelihood(emissions, tags, mask, scores["transitions"], scores["start"], scores["end"],
+                            self._chains(batch, order))  # [B]: a packed row's, the sum of its sentences'
+    real = jnp.any((batch["example_ids"] >= 0).reshape(ll.shape[0], -1), axis=-1)  # [B]
+    total = -jnp.sum(ll * real)
     return total / jnp.maximum(words, 1.0), {"loss": (total, words)}
 
   def predict(self, params, batch):
     """tags [B, L]: a tag id at each first sub-word (word_index >= 0), -1 elsewhere."""
-    logits, scores = self.model.apply({"params": params}, *(batch[k] for k in INPUT_NAMES))
+    logits, scores = self.model.apply({"params": params}, *(batch[k] for k in INPUT_NAMES),
+                                      **example_packing.encoder_inputs(batch))
     first = batch["word_index"] >= 0
     if scores is None:
       return {"tags": jnp.where(first, jnp.argmax(logits, axis=-1), -1).astype(jnp.int32)}
     emissions, mask, order, count = crf.compact_emissions(logits, first)
-    tags, _ = crf.viterbi(emissions, mask, scores["transitions"], scores["start"], scores["end"])
+    tags, _ = crf.viterbi(emissions, mask, scores["transitions"], scores["start"], scores["end"],
+                          self._chains(batch, order))
     return {"tags": crf.scatter_back(tags, order, count, -1)}
 
   def words(self, pairs) -> dict[int, dict[int, tuple[int, int]]]:
     """example id -> word index -> (gold tag id, predicted tag id), over the rows (windows) of an eval pass: a word in
-    several windows takes the prediction of the one where its word_context is highest (the first of equals)."""
+    several windows takes the prediction of the one where its word_context is highest (the first of equals). A
+    position's example is position_example_ids in packed rows, its row's example_ids otherwise."""
     best: dict[int, dict[int, tuple[float, int, int]]] = {}
     for batch, out in pairs:
-      ids, word_index = np.asarray(batch["example_ids"]), np.asarray(batch["word_index"])
+      word_index = np.asarray(batch["word_index"])
+      ids = (np.asarray(batch["position_example_ids"]) if "position_example_ids" in batch else
+             np.broadcast_to(np.asarray(batch["example_ids"])[:, None], word_index.shape))  # [B, L]
       gold, pred = np.asarray(batch["labels"]), np.asarray(out["tags"])
       context = np.asarray(batch["word_context"]) if "word_context" in batch else np.zeros(word_index.shape)
-      for row in np.flatnonzero(ids >= 0):
-        sentence = best.setdefault(int(ids[row]), {})
-        for pos in np.flatnonzero(word_index[row] >= 0):
-          w, score = int(word_index[row, pos]), float(context[row, pos])
-          if w not in sentence or score > sentence[w][0]:
-            sentence[w] = (score, int(gold[row, pos]), int(pred[row, pos]))
+      for row, pos in zip(*np.nonzero((word_index >= 0) & (ids >= 0))):  # row-major: rows in order, positions too
+        sentence = best.setdefault(int(ids[row, pos]), {})
+        w, score = int(word_index[row, pos]), float(context[row, pos])
+        if w not in sentence or score > sentence[w][0]:
+          sentence[w] = (score, int(gold[row, pos]), int(pred[row, pos]))
     return {example: {w: (g, p) for w, (_, g, p) in sentence.items()} for example, sentence in best.items()}
 
   def sentences(self, pairs) -> tuple[list[list[str]], list[list[str]]]:
@@ -158,10 +183,11 @@ class NerTask:
   def row_steps(self, ctx):
     tokenizer_lib.require_ids(ctx.tokenizer, ("cls", "sep"), self.name)
     label_ids = {label: i for i, label in enumerate(self.labels)}
-    return [rows.FlatMap(ner.AlignTags(ctx.tokenizer, ctx.data_cfg.seq_len, label_ids, ctx.data_cfg.ner_stride))]
+    return [rows.FlatMap(ner.AlignTags(ctx.tokenizer, ctx.data_cfg.seq_len, label_ids, ctx.data_cfg.ner_stride)),
+            *example_packing.steps(ctx.data_cfg, ner.LAYOUT, self.pad_values(ctx.tokenizer))]
 
   def pad_values(self, tokenizer):
-    return {"input_ids": tokenizer.pad_id, **ner.PAD_VALUES}
+    return {"input_ids": tokenizer.pad_id, **ner.PAD_VALUES, **example_packing.PAD_VALUES}
 
   def bucketed(self) -> bool:
     return True

@@ -3,7 +3,8 @@ around the two arguments, the "entity start" head (the hidden states at [E1] and
 dense), cross-entropy, and the official SemEval scorer (macro-F1 over the relations, Other left out) as the metric.
 
 Batches: encoder inputs, `e1_start` / `e2_start` [B] (positions of the [E1] and [E2] markers), `labels` [B],
-`example_weights` [B] (0 on padding rows) and `example_ids` [B] (-1 on padding rows).
+`example_weights` [B] (0 on padding rows) and `example_ids` [B] (-1 on padding rows). With data.pack_examples
+(jaxlm/data/example_packing.py) a row holds several sentences and these are [B, M] (marker positions in the row).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxlm.data import records, relations, rows, sources
+from jaxlm.data import example_packing, records, relations, rows, sources
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.data.sources import DataError
 from jaxlm.models.encoder import INPUT_NAMES, Encoder, EncoderConfig, dummy_inputs
@@ -100,18 +101,21 @@ RELATION = RelationRecords()
 
 class EntityStartClassifier(nn.Module):
   """hidden states at the [E1] and [E2] markers, concatenated -> dropout -> dense: logits [B, C] (the "entity start"
-  representation of Baldini Soares et al., 2019)."""
+  representation of Baldini Soares et al., 2019). Packed rows (segment_ids, positions) give the markers of each of
+  their examples, e1_start / e2_start [B, M]: logits [B, M, C]."""
   cfg: EncoderConfig
   num_labels: int
   dropout: float
 
   @nn.compact
-  def __call__(self, input_ids, token_type_ids, attention_mask, e1_start, e2_start, deterministic: bool = True):
+  def __call__(self, input_ids, token_type_ids, attention_mask, e1_start, e2_start, deterministic: bool = True,
+               segment_ids=None, positions=None):
     c = self.cfg
-    hidden, _ = Encoder(c, name="encoder")(input_ids, token_type_ids, attention_mask, deterministic)  # [B, L, D]
-    starts = jnp.stack([e1_start, e2_start], axis=1)  # [B, 2]
-    pair = jnp.take_along_axis(hidden, starts[:, :, None], axis=1)  # [B, 2, D]
-    pair = pair.reshape(pair.shape[0], 2 * c.d_model)  # [B, 2D]: [E1] state, then [E2] state
+    hidden, _ = Encoder(c, name="encoder")(input_ids, token_type_ids, attention_mask, deterministic, segment_ids,
+                                           positions)  # [B, L, D]
+    starts = jnp.stack([e1_start, e2_start], axis=-1)  # [B, (M,) 2]
+    pair = jnp.take_along_axis(hidden, starts.reshape(starts.shape[0], -1, 1), axis=1)  # [B, (M *) 2, D]
+    pair = pair.reshape(*starts.shape[:-1], 2 * c.d_model)  # [B, (M,) 2D]: [E1] state, then [E2] state
     pair = nn.Dropout(self.dropout)(pair, deterministic=deterministic)
     return Dense(self.num_labels, c.init_std, c.compute_dtype, name="classifier")(pair).astype(jnp.float32)
 
@@ -150,20 +154,26 @@ class RelationTask:
     self.head = check_head(self.name, config.task.head, HEADS)
     self.labels = resolved_labels(config)
     self.model = EntityStartClassifier(self.model_cfg, len(self.labels), config.task.head_dropout)
+    self.max_examples = example_packing.max_examples(config.data) if config.data.pack_examples else 0
 
   def _apply(self, params, batch, train: bool = False, rng=None):
     return self.model.apply({"params": params}, *(batch[k] for k in INPUT_NAMES), batch["e1_start"],
-                            batch["e2_start"], deterministic=not train, rngs={"dropout": rng} if train else None)
+                            batch["e2_start"], deterministic=not train, rngs={"dropout": rng} if train else None,
+                            **example_packing.encoder_inputs(batch))
 
   def dummy_batch(self, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
-    ints = np.zeros((batch_size,), np.int32)
-    return {**dummy_inputs(batch_size, seq_len), "e1_start": ints, "e2_start": ints.copy(), "labels": ints.copy(),
-            "example_weights": np.ones((batch_size,), np.float32),
-            "example_ids": np.arange(batch_size, dtype=np.int32)}
+    per_row = (batch_size, self.max_examples) if self.max_examples else (batch_size,)  # [B, M] packed, else [B]
+    ints = np.zeros(per_row, np.int32)
+    out = {**dummy_inputs(batch_size, seq_len), "e1_start": ints, "e2_start": ints.copy(), "labels": ints.copy(),
+           "example_weights": np.ones(per_row, np.float32),
+           "example_ids": np.arange(np.prod(per_row), dtype=np.int32).reshape(per_row)}
+    if self.max_examples:
+      out.update(example_packing.dummy_arrays(batch_size, seq_len, self.max_examples))
+    return out
 
   def init_params(self, rng, batch):
     return self.model.init({"params": rng}, *(batch[k] for k in INPUT_NAMES), batch["e1_start"],
-                           batch["e2_start"])["params"]
+                           batch["e2_start"], **example_packing.encoder_inputs(batch))["params"]
 
   def pretrained_source(self):
     """init.hf_path's encoder, its marker rows of the word embeddings set to the mean embedding of their tags' pieces
@@ -181,7 +191,7 @@ class RelationTask:
     return name, {**tree, "encoder": encoder}
 
   def loss_fn(self, params, batch, rng, train: bool):
-    logits = self._apply(params, batch, train, rng)  # [B, C]
+    logits = self._apply(params, batch, train, rng)  # [B, (M,) C]
     ce = cross_entropy(logits, batch["labels"], batch["example_weights"])
     return ce.loss / jnp.maximum(ce.count, 1.0), {"loss": (ce.loss, ce.count), "accuracy": (ce.correct, ce.count)}
 
@@ -193,10 +203,10 @@ class RelationTask:
     """example id -> (gold label id, predicted label id, its probability), over the real rows of an eval pass."""
     out = {}
     for batch, o in pairs:
-      ids = np.asarray(batch["example_ids"])
-      for row in np.flatnonzero(ids >= 0):
-        label = int(o["labels"][row])
-        out[int(ids[row])] = (int(batch["labels"][row]), label, float(o["probs"][row, label]))
+      ids = np.asarray(batch["example_ids"])  # [B], or [B, M] packed: the labels and predictions have its shape
+      for at in zip(*np.nonzero(ids >= 0)):
+        label = int(o["labels"][at])
+        out[int(ids[at])] = (int(batch["labels"][at]), label, float(o["probs"][at][label]))
     return out
 
   def host_metrics(self, pairs, records_) -> dict:
@@ -219,10 +229,11 @@ class RelationTask:
     markers = relations.entity_markers(ctx.tokenizer)
     _check_markers(markers, ctx.tokenizer)
     label_ids = {label: i for i, label in enumerate(self.labels)}
-    return [rows.Map(relations.EncodeRelation(ctx.tokenizer, ctx.data_cfg.seq_len, label_ids, markers))]
+    return [rows.Map(relations.EncodeRelation(ctx.tokenizer, ctx.data_cfg.seq_len, label_ids, markers)),
+            *example_packing.steps(ctx.data_cfg, relations.LAYOUT, self.pad_values(ctx.tokenizer))]
 
   def pad_values(self, tokenizer):
-    return {"input_ids": tokenizer.pad_id, "example_ids": -1}
+    return {"input_ids": tokenizer.pad_id, "example_ids": -1, **example_packing.PAD_VALUES}
 
   def bucketed(self) -> bool:
     return True
