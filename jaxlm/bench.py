@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import run, train
+from jaxlm import train
+from jaxlm import workdir as workdir_lib
 
 
 def measure_peak_gflops(n: int = 2048, reps: int = 5) -> float:
@@ -35,7 +36,7 @@ def flops_params(config, params) -> int:
 
 
 def bench_train_step(config, *, steps: int = 10, warmup: int = 3, peak_gflops: float | None = None) -> dict:
-  run.resolve_labels(config)  # a fine-tuning config sizes its head from the train split's labels
+  workdir_lib.resolve_labels(config)  # a fine-tuning config sizes its head from the train split's labels
   setup = train.build(config)
   state = train.init_state(setup, config.train.seed)
   n_params = train.count_params(state.params)

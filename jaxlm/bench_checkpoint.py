@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm import checkpoint as ckpt_lib
-from jaxlm import run, train
+from jaxlm import checksums, train
+from jaxlm import workdir as workdir_lib
 
 MB = 1e6
 
@@ -83,12 +84,12 @@ def bench_checkpoint(config, parent: str, *, repeats: int = 3) -> dict:
   setup = train.build(config)
   state = jax.block_until_ready(randomised(setup, train.init_state(setup, config.train.seed)))
   state_mb = sum(x.nbytes for x in jax.tree.leaves(state)) / MB
-  meta = run.metadata(config, setup)
+  meta = workdir_lib.metadata(config, setup)
   shutil.rmtree(directory, ignore_errors=True)
   os.makedirs(directory)
 
   t0 = time.perf_counter()
-  ckpt_lib.checksums(state)
+  checksums.checksums(state)
   checksum_s = time.perf_counter() - t0
 
   def saves(async_save: bool) -> tuple[list[float], list[float], list[float], ckpt_lib.Checkpointer]:

@@ -8,8 +8,9 @@ import sys
 
 from absl import logging as absl_logging
 
-from jaxlm import bench, convert, distributed, export, generate, memory, plot, predict, run
+from jaxlm import bench, convert, distributed, evaluation, export, generate, memory, plot, predict, run
 from jaxlm import config as config_lib
+from jaxlm import workdir as workdir_lib
 from jaxlm.bench_checkpoint import bench_checkpoint
 from jaxlm.bench_generate import bench_generate
 from jaxlm.checkpoint import CorruptCheckpointError, ignore_closed_loop_callbacks
@@ -30,7 +31,7 @@ def cmd_train(args, overrides):
     overrides = [*overrides, f"train.profile={args.profile}"]
   config = _load(args, overrides)
   if args.dry_run:
-    run.resolve_labels(config)  # classification/NER heads are sized by the labels the train split holds
+    workdir_lib.resolve_labels(config)  # classification/NER heads are sized by the labels the train split holds
     print(memory.dry_run(config, args.devices, args.device_memory_gib, args.compile, args.topology))
     return
   distributed.initialize(config.distributed, coordinator=args.coordinator, num_processes=args.num_processes,
@@ -40,7 +41,7 @@ def cmd_train(args, overrides):
 
 def cmd_eval(args, overrides):
   config = _load(args, overrides)
-  print(json.dumps(run.run_eval_only(config, args.workdir)))
+  print(json.dumps(evaluation.run_eval_only(config, args.workdir)))
 
 
 def cmd_generate(args, overrides):
@@ -60,7 +61,7 @@ def cmd_generate(args, overrides):
 
 def cmd_tokenizer(args, overrides):
   config = _load(args, overrides)
-  path = train_tokenizer(config, args.workdir, run.open_data(config).texts())
+  path = train_tokenizer(config, args.workdir, workdir_lib.open_data(config).texts())
   print(f"tokenizer written to {path}")
 
 
@@ -230,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Failures a user causes (a config, a file, a workdir, data, a checkpoint that does not fit): their message is the
 # whole story. Any other exception is reported in one line too, marked unexpected; --debug shows its traceback.
 USER_ERRORS = (config_lib.ConfigError, MeshError, DistributedError, FloatingPointError, DataError, ConvertError,
-               run.SetupError, OSError, ValueError, KeyError, CorruptCheckpointError)
+               workdir_lib.SetupError, OSError, ValueError, KeyError, CorruptCheckpointError)
 
 
 def error_line(e: BaseException) -> str:

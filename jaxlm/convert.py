@@ -12,9 +12,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxlm import __version__, checkpoint, run, sharding, train
+from jaxlm import __version__, checkpoint, sharding, train, warm_start
 from jaxlm import config as config_lib
 from jaxlm import hf as hf_lib
+from jaxlm import workdir as workdir_lib
 from jaxlm.hf import bert as hf_bert
 from jaxlm.hf import decoders as hf_decoders
 from jaxlm.models.encdec import EncDec
@@ -105,7 +106,7 @@ def place(family: str, cfg, params, config, devices=None):
 def _save(workdir: str, config, params) -> str:
   """config.json and a step-0 checkpoint of the parameters alone (no optimiser state: fine-tuning reads params)."""
   os.makedirs(workdir, exist_ok=True)
-  run.write_config(config, workdir)
+  workdir_lib.write_config(config, workdir)
   state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state={},
                            nonfinite_skips=jnp.zeros((), jnp.int32))
   meta = {"jaxlm_version": __version__, "name": config.name, "process_count": jax.process_count(),
@@ -127,14 +128,14 @@ def _convert_bert(hf_dir: str, workdir: str, overrides: tuple[str, ...], log) ->
       f"name=converted:{os.path.basename(hf_dir.rstrip('/'))}", "checkpoint.async_save=False", *overrides])
   setup = train.build(config)
   state = train.init_state(setup, 0)
-  params, report = checkpoint.init_from_tree(state.params, hf_bert.source_tree(hf_dir, with_heads=True),
+  params, report = warm_start.init_from_tree(state.params, hf_bert.source_tree(hf_dir, with_heads=True),
                                              source_name=hf_dir, key="--hf")
   state = state.replace(params=params)
   os.makedirs(workdir, exist_ok=True)
   shutil.copyfile(vocab_path, vocab_copy)
-  run.write_config(config, workdir)
+  workdir_lib.write_config(config, workdir)
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
-  ckpt.save(0, state, None, config, run.metadata(config, setup))
+  ckpt.save(0, state, None, config, workdir_lib.metadata(config, setup))
   ckpt.close()
   log(report.describe())
   return ckpt.step_path(0)

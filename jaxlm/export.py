@@ -19,7 +19,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from safetensors.numpy import save_file
 
-from jaxlm import peft, peft_format, run, train
+from jaxlm import evaluation, peft, peft_format, train
+from jaxlm import workdir as workdir_lib
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.tokenizer import tokenizer_path
 from jaxlm.hf import bert as hf_bert
@@ -41,10 +42,10 @@ SENTENCEPIECE_NAMES = {"llama": "tokenizer.model", "t5": "spiece.model"}  # the 
 def export(workdir: str, out_dir: str, *, merge: bool = False, log=print) -> str:
   """Writes the workdir's best-or-latest checkpoint to `out_dir` as a Hugging Face model (see the module docstring);
   returns out_dir."""
-  config = run.read_config(workdir)
+  config = workdir_lib.read_config(workdir)
   setup = train.build(config)
   ckpt = Checkpointer(workdir, config.checkpoint, read_only=True)
-  step, params = run.restore_params(setup, ckpt)
+  step, params = evaluation.restore_params(setup, ckpt)
   ckpt.close()
   family = peft_format.family_of(config.model)
   spec = peft.lora_spec(config.peft)

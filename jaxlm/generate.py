@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import config as config_lib
-from jaxlm import generation, run, train
+from jaxlm import evaluation, generation, train
+from jaxlm import workdir as workdir_lib
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data import chat
 from jaxlm.data.sources import DataError
@@ -25,7 +26,7 @@ from jaxlm.models.encdec import EncDec
 
 
 def load_config_for_sampling(workdir: str, overrides=()):
-  return config_lib.apply_overrides(run.read_config(workdir), overrides)
+  return config_lib.apply_overrides(workdir_lib.read_config(workdir), overrides)
 
 
 def sample(model: Decoder, params, prompt, rng, *, max_new_tokens: int, temperature: float, top_k: int):
@@ -39,7 +40,7 @@ def load_params(config, workdir: str, tokenizer=None):
   one the checkpoint was trained with."""
   setup = train.build(config)
   ckpt = Checkpointer(workdir, config.checkpoint, read_only=True)
-  step, params = run.restore_params(setup, ckpt, tokenizer=tokenizer)
+  step, params = evaluation.restore_params(setup, ckpt, tokenizer=tokenizer)
   ckpt.close()
   return setup.task.model, params, step
 
@@ -62,7 +63,7 @@ def generate_text(config, workdir: str, prompt: str) -> str:
   """A decoder's continuation of `prompt` (returned with the prompt), or an encoder-decoder's output for it as input
   (task.prefix put before it, as in training)."""
   tokenizer = load_tokenizer(config, workdir)
-  run.check_vocab(config, tokenizer)
+  workdir_lib.check_vocab(config, tokenizer)
   model, params, _ = load_params(config, workdir, tokenizer)
   s = config.sample
   eos_id, pad_id = tokenizer.eos_id, max(tokenizer.pad_id, 0)
@@ -95,7 +96,7 @@ class ChatSession:
     if config.model.family != "decoder":
       raise ValueError(f"--chat needs a decoder; {workdir} holds a model.family='{config.model.family}' model")
     self.tokenizer = load_tokenizer(config, workdir)
-    run.check_vocab(config, self.tokenizer)
+    workdir_lib.check_vocab(config, self.tokenizer)
     self.model, self.params, _ = load_params(config, workdir, self.tokenizer)
     self.encoder = chat.ChatEncoder(self.tokenizer, chat.ChatTemplate.from_config(config.data))
     self.sample = config.sample

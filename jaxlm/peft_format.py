@@ -255,7 +255,7 @@ def family_of(model_cfg) -> str:
 
 def source_tree(config, params, adapter_dir: str) -> dict:
   """The parameters init.peft_path gives a fresh run (adapters, and the heads PEFT saved whole), as a nested tree for
-  checkpoint.init_from_tree; `params` is the run's (per-layer) tree, whose fresh adapters fill unused rank."""
+  warm_start.init_from_tree; `params` is the run's (per-layer) tree, whose fresh adapters fill unused rank."""
   if config.model.scan_layers:
     raise ConvertError("init.peft_path with model.scan_layers=True is not supported: load the adapters into a run "
                        "with per-layer parameters")

@@ -9,7 +9,8 @@ import sys
 
 import jax
 
-from jaxlm import run, train
+from jaxlm import evaluation, train
+from jaxlm import workdir as workdir_lib
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data import pipeline
 from jaxlm.data.sources import DataError
@@ -34,16 +35,16 @@ def predict(workdir: str, input_path: str, output_path: str | None = None, input
     raise DataError(f"--input-format={input_format!r}: expected one of {', '.join(INPUT_FORMATS)}")
   if output_path:
     _check_writable(output_path)
-  config = run.read_config(workdir)
+  config = workdir_lib.read_config(workdir)
   setup = train.build(config)
   task = setup.task
   tokenizer = load_tokenizer(config, workdir)
-  run.check_vocab(config, tokenizer)
+  workdir_lib.check_vocab(config, tokenizer)
   records = task.read_predict_input(input_path, input_format)
   if not records:
     raise PredictError(f"{input_path}: no input to predict for")
   ckpt = Checkpointer(workdir, config.checkpoint, read_only=True)
-  _, params = run.restore_params(setup, ckpt, tokenizer=tokenizer)
+  _, params = evaluation.restore_params(setup, ckpt, tokenizer=tokenizer)
   ckpt.close()
 
   predict_fn = jax.jit(task.predict)
@@ -51,7 +52,7 @@ def predict(workdir: str, input_path: str, output_path: str | None = None, input
                              seed=config.train.seed, local_rows=setup.local_rows)
   pairs = []
   for local in batches:
-    out = predict_fn(params, run.local_batch(setup, local))
+    out = predict_fn(params, evaluation.local_batch(setup, local))
     pairs.append((local, jax.device_get(out)))
 
   jsonl = (output_path or "").endswith(".jsonl")

@@ -5,297 +5,37 @@ everything that touches files, data and checkpoints for a run lives here."""
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 import time
 
 import jax
-from jax.experimental import multihost_utils
 
-from jaxlm import __version__, peft, peft_format, sharding, train
-from jaxlm import config as config_lib
-from jaxlm.checkpoint import (
-  BASE_KEY,
-  Checkpointer,
-  base_reference,
-  check_config,
-  checkpoint_dir,
-  finalized_steps,
-  init_from_checkpoint,
-  init_from_tree,
-  read_json_item,
-  saved_state,
-  trained_only_target,
-  with_base,
-)
-from jaxlm.data import builders, pipeline
-from jaxlm.data.tokenizer import load_tokenizer, tokenizer_path, train_tokenizer, trained_here
-from jaxlm.metric_writer import MetricWriter, drop_rows
+from jaxlm import sharding, train
+from jaxlm.checkpoint import Checkpointer, check_config, checkpoint_dir, finalized_steps
+from jaxlm.data import builders
+from jaxlm.evaluation import Evaluator, local_batch, restore_params, split_batches, write_eval
+from jaxlm.metric_writer import MetricWriter
 from jaxlm.preemption import StopRequest
-from jaxlm.tasks import task_class
-
-
-class SetupError(ValueError):
-  """Input that cannot be trained on (labels, vocabulary, head, data, workdir), found before the first step."""
+from jaxlm.warm_start import BASE_KEY, saved_state, start_state, trained_only_target, with_frozen_base
+from jaxlm.workdir import (
+  SetupError,
+  check_same_model,
+  check_tokenizer,
+  check_tokenizer_to_train,
+  check_vocab,
+  check_workdir,
+  metadata,
+  newest_saved_step,
+  open_data,
+  prepare_tokenizer,
+  resolve_labels,
+  saved_step,
+  write_config,
+)
 
 
 class DivergedError(FloatingPointError):
   """train.nonfinite='skip' skipped more updates than train.max_(consecutive_)nonfinite_skips allow."""
-
-
-# ---- the pieces of a run ------------------------------------------------------------------------------------------
-
-
-def open_data(config) -> builders.Source:
-  """The data of the config's task (its record kind), prepared or opened once for the whole run."""
-  return builders.open_source(task_class(config.task.name).kind, config.data, f"task.name='{config.task.name}'")
-
-
-def resolve_labels(config, source: builders.Source | None = None) -> None:
-  """Fills data.labels from the train split when the task sizes its head by them and they are not set. The config
-  written to the workdir then carries them, so eval and predict build the same head with the same ids."""
-  if task_class(config.task.name).labels_from_data and not config.data.labels:
-    config.data.labels = tuple((source or open_data(config)).labels)
-
-
-def split_batches(setup: train.Setup, source: builders.Source, tokenizer, split: str, *, start: int = 0, rows=None):
-  """This process's share of the global batches of one split, from global batch `start` on: the same global batches
-  on any number of processes, devices or workers."""
-  c = setup.config
-  return pipeline.batches(setup.task, source.split(split).records, tokenizer, split, data_cfg=c.data,
-                          batch_size=c.train.batch_size, seed=c.train.seed, local_rows=setup.local_rows, start=start,
-                          cache_dir=source.rows_dir, fingerprint=source.fingerprint(split), rows=rows)
-
-
-def local_batch(setup: train.Setup, local: dict):
-  """A batch of this process's rows -> global arrays on the mesh."""
-  return train.global_batch(local, setup.batch_shardings, setup.local_rows, setup.config.train.batch_size)
-
-
-def check_vocab(config, tokenizer) -> None:
-  if tokenizer.vocab_size != config.model.vocab_size:
-    raise ValueError(
-        f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={config.model.vocab_size}; "
-        f"set --config.model.vocab_size={tokenizer.vocab_size} (or retrain the tokenizer)")
-
-
-def write_config(config, workdir: str) -> None:
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "config.json")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(config_lib.to_json(config))
-  os.replace(tmp, path)
-
-
-def read_config(workdir: str):
-  """WORKDIR/config.json, the config of the last run accepted there, over base.py's defaults (keys added since take
-  their default) and validated like a loaded config."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise SetupError(f"--workdir {workdir} is a file, not a jaxlm workdir")
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} not found: is {workdir} a jaxlm workdir (made by `jaxlm train`)?")
-  try:
-    with open(path, encoding="utf-8") as f:
-      saved = json.load(f)
-  except UnicodeDecodeError as e:
-    raise config_lib.ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
-  except json.JSONDecodeError as e:
-    raise config_lib.ConfigError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
-  if not isinstance(saved, dict):
-    raise config_lib.ConfigError(f"{path}: expected a JSON object of config groups, got {type(saved).__name__}")
-  return config_lib.from_saved(saved, path)
-
-
-def check_workdir(workdir: str) -> None:
-  """A workdir to train in is a directory, or a path one can be made at, and writable: checked before any work."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise SetupError(f"--workdir {workdir} is a file, not a directory")
-  probe = os.path.abspath(workdir)
-  while not os.path.exists(probe):
-    probe = os.path.dirname(probe)
-  if not os.path.isdir(probe):
-    raise SetupError(f"--workdir {workdir}: {probe} is a file, not a directory")
-  for path in (probe, checkpoint_dir(workdir)):
-    if os.path.isdir(path) and not os.access(path, os.W_OK | os.X_OK):
-      raise SetupError(f"--workdir {workdir}: {path} is not writable")
-
-
-# ---- what a checkpoint was saved with -----------------------------------------------------------------------------
-
-# Keys whose change makes a checkpoint mean something else: the shapes of its arrays (model.*), what token ids stand
-# for (tokenizer.*; the tokenizer file itself is compared by fingerprint), what the head's outputs stand for (task,
-# labels). A checkpoint restored under a config that differs in one of them is refused, naming each difference.
-SAME_AS_CHECKPOINT = ("model.", "tokenizer.", "task.name", "task.head", "data.labels", "data.tag_scheme", "peft.",
-                      "optim.trainable", "optim.frozen")
-# ... except these, which change how the same arrays are computed or trained, or how a new tokenizer would be made.
-FREE_ON_RESUME = ("model.dropout", "model.attention_dropout", "model.dtype", "model.remat", "model.attention",
-                  "model.init_std", "model.init_factor", "tokenizer.path", "tokenizer.max_sentences", "peft.dropout")
-
-
-@dataclasses.dataclass
-class SavedStep:
-  """The JSON items saved with one checkpoint step (None where missing or unreadable)."""
-  path: str
-  config: dict | None
-  metadata: dict | None
-
-
-def saved_step(step_dir: str) -> SavedStep:
-  return SavedStep(step_dir, read_json_item(step_dir, "config"), read_json_item(step_dir, "metadata"))
-
-
-def newest_saved_step(workdir: str) -> SavedStep | None:
-  """The newest step of the workdir whose config item reads (a damaged step is the restore's to report)."""
-  for step in finalized_steps(checkpoint_dir(workdir)):
-    saved = saved_step(os.path.join(checkpoint_dir(workdir), str(step)))
-    if saved.config is not None:
-      return saved
-  return None
-
-
-def _shown(value) -> str:
-  return repr(value) if isinstance(value, str) else str(tuple(value) if isinstance(value, list) else value)
-
-
-def check_same_model(config, saved: SavedStep) -> None:
-  """Refuses `config` where it differs from the config saved with the checkpoint in a key of SAME_AS_CHECKPOINT;
-  the message names each key: 'model.d_model: checkpoint 64, config 128'."""
-  if saved.config is None:
-    return
-  before = config_lib.from_json_dict(saved.config)
-  differences = []
-  for key in config_lib.all_keys(config):
-    if not key.startswith(SAME_AS_CHECKPOINT) or key in FREE_ON_RESUME:
-      continue
-    try:
-      old = config_lib.get_key(before, key)
-    except (KeyError, AttributeError):
-      continue  # a key added since the checkpoint was saved
-    new = config_lib.get_key(config, key)
-    if (tuple(old) if isinstance(old, list) else old) != (tuple(new) if isinstance(new, list) else new):
-      differences.append(f"{key}: checkpoint {_shown(old)}, config {_shown(new)}")
-  if differences:
-    raise SetupError(f"{saved.path} was saved with another model: {'; '.join(differences)} (set these back, or use "
-                     "another --workdir)")
-
-
-def check_tokenizer(saved: SavedStep, tokenizer) -> None:
-  """The tokenizer must be the one the checkpoint was trained with (its recorded fingerprint), or every token id
-  would stand for another piece of text."""
-  recorded = (saved.metadata or {}).get("tokenizer_fingerprint", "")
-  if recorded and recorded != tokenizer.fingerprint():
-    raise SetupError(f"{saved.path} was trained with tokenizer {recorded} but the tokenizer loaded now is "
-                     f"{tokenizer.fingerprint()}: its token ids would mean other text (set tokenizer.path to the "
-                     "tokenizer it was trained with)")
-
-
-def metadata(config, setup: train.Setup, tokenizer_fingerprint: str = "") -> dict:
-  """What a checkpoint records besides the state: version, mesh, processes and the tokenizer it was trained with."""
-  return {"jaxlm_version": __version__, "mesh": dict(setup.mesh.shape), "name": config.name,
-          "process_count": jax.process_count(), "tokenizer_fingerprint": tokenizer_fingerprint}
-
-
-# ---- evaluation ---------------------------------------------------------------------------------------------------
-
-
-def evaluate(setup: train.Setup, params, batches, eval_fn, predict_fn, records, max_batches: int = 0) -> dict:
-  """One eval pass: the task's stats averaged exactly (they are sums), perplexity from the loss, and the task's
-  host-side metrics from its predictions and the split's records."""
-  totals, pairs = None, []
-  for i, local in enumerate(batches):
-    if max_batches and i >= max_batches:
-      break
-    batch = local_batch(setup, local)
-    stats = jax.device_get(eval_fn(params, batch))
-    totals = stats if totals is None else jax.tree.map(lambda a, b: a + b, totals, stats)
-    predicted = predict_fn(params, batch)
-    if predicted is not None:
-      pairs.append((local, jax.device_get(predicted)))
-  if totals is None:
-    raise ValueError("the eval split produced no batches")
-  out = {k: float(s) / max(float(n), 1.0) for k, (s, n) in totals.items()}
-  if "loss" in out:
-    out["perplexity"] = float(math.exp(min(out["loss"], 80.0)))
-  out.update(setup.task.host_metrics(pairs, records))
-  return out
-
-
-@dataclasses.dataclass
-class Evaluator:
-  """Evaluates a split of one run: compiled steps, data and tokenizer, built once."""
-  setup: train.Setup
-  source: builders.Source
-  tokenizer: object
-
-  def __post_init__(self):
-    self.eval_fn = train.compile_eval_step(self.setup)
-    self.predict_fn = jax.jit(self.setup.task.predict)
-    self._rows = {}  # split -> its prepared rows, looked up once per run
-
-  def __call__(self, params, split: str, max_batches: int = 0) -> dict:
-    if split not in self._rows:
-      self._rows[split] = pipeline.prepare_rows(
-          self.setup.task, self.source.split(split).records, self.tokenizer, split, self.setup.config.data,
-          self.source.rows_dir, self.source.fingerprint(split))
-    batches = split_batches(self.setup, self.source, self.tokenizer, split, rows=self._rows[split])
-    records = self.source.split(split).records
-    return evaluate(self.setup, params, batches, self.eval_fn, self.predict_fn, records, max_batches)
-
-
-def write_eval(writer: MetricWriter, workdir: str, step: int, split: str, result: dict, write_report: bool) -> dict:
-  """An eval result -> a metrics.jsonl row and a log line; a text report (seqeval's) is printed and written to
-  WORKDIR/report_{split}_step{step}.txt. Returns the numeric metrics."""
-  result = dict(result)
-  report = result.pop("report", None)
-  writer.write(step, split, result)
-  writer.log(f"step {step} {split}: " + " ".join(f"{k}={v:.4f}" for k, v in result.items()))
-  if report and write_report:
-    writer.log(report)
-    with open(os.path.join(workdir, f"report_{split}_step{step}.txt"), "w") as f:
-      f.write(report)
-  return result
-
-
-def best_or_latest_step(ckpt: Checkpointer, config) -> int | None:
-  """The checkpoint predictions and the test split use: the best by checkpoint.best_metric, else the latest."""
-  ckpt.wait()
-  step = ckpt.best_step() if config.checkpoint.best_metric else None
-  return step if step is not None else ckpt.latest_step()
-
-
-def restore_params(setup: train.Setup, ckpt: Checkpointer, *, log=None, tokenizer=None) -> tuple[int, object]:
-  """(step, parameters) of the best (by checkpoint.best_metric) else latest checkpoint, restored onto this run's
-  mesh; a damaged step is named and skipped for the newest intact one before it. For eval, test, predict and
-  generate alike. The config must agree with the checkpoint's on the keys that give its arrays their shapes and
-  meaning, and `tokenizer` (if given) must be the one it was trained with."""
-  step = best_or_latest_step(ckpt, setup.config)
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: run `jaxlm train` first")
-  saved = saved_step(ckpt.step_path(step))
-  check_same_model(setup.config, saved)
-  if tokenizer is not None:
-    check_tokenizer(saved, tokenizer)
-  kwargs = {"log": log} if log is not None else {}
-  target = trained_only_target(train.abstract_state(setup).params, setup.trainable, params_only=True)
-  step, params = ckpt.restore_params_falling_back(step, target, **kwargs)
-  return step, with_frozen_base(setup, ckpt.step_path(step), params, log)
-
-
-def with_frozen_base(setup: train.Setup, step_dir: str, params, log=None):
-  """The parameters of a step that holds the trained ones only (peft): the frozen ones loaded again from the source
-  it names (the config's init.hf_path / init.checkpoint_dir), checked against its fingerprint, the saved on top.
-  Parameters of a full step are returned as they are."""
-  reference = (read_json_item(step_dir, "metadata") or {}).get(BASE_KEY)
-  if reference is None:
-    return params
-  # loaded straight into the target shapes and shardings: no parameter is initialised only to be overwritten
-  base, report, _ = pretrained_params(train.abstract_state(setup).params, setup.task, setup.config)
-  if report is not None and log is not None:
-    log(report.describe())
-  return with_base(params, base, setup.trainable, reference, step_dir)
 
 
 # ---- training -----------------------------------------------------------------------------------------------------
@@ -451,7 +191,7 @@ class _Loop:
     saved = newest_saved_step(workdir)
     if saved is not None:
       check_same_model(c, saved)  # names the keys, instead of every step failing to restore
-    _check_tokenizer_to_train(c, workdir, steps)
+    check_tokenizer_to_train(c, workdir, steps)
     notes, state, restored, base = [], None, None, None
     if not steps:  # a fresh run: pretrained weights that do not fit stop it before a tokenizer is trained
       state, base = start_state(setup, notes.append)
@@ -672,118 +412,3 @@ class _Loop:
     self.writer.log(f"test split: the checkpoint of step {step} ({chosen})")
     split = self.setup.task.test_split
     return write_eval(self.writer, self.workdir, step, split, evaluator(params, split), is_main)
-
-
-def prepare_tokenizer(c, workdir: str, source: builders.Source):
-  """The run's tokenizer; a workdir-owned sentencepiece model that does not exist yet is trained first, as
-  `jaxlm tokenizer` would: by process 0, while the other processes wait for it at a barrier, then all load it."""
-  path = tokenizer_path(c, workdir)
-  # Decided from the config alone, so that every process takes the barrier below or none does (whether the file
-  # exists yet depends on when a process looks).
-  if trained_here(c):
-    if jax.process_index() == 0 and not os.path.isfile(path):
-      print(f"training the tokenizer first: {train_tokenizer(c, workdir, source.texts())}", flush=True)
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices("jaxlm: the workdir's tokenizer is ready")
-      if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: process 0 trained the tokenizer there, but process {jax.process_index()} "
-                                "does not see it: the workdir must be one directory shared by every process (or run "
-                                "`jaxlm tokenizer` first and set tokenizer.path to its file)")
-  return load_tokenizer(c, workdir)
-
-
-def _check_tokenizer_to_train(c, workdir: str, steps: list[int]) -> None:
-  """When the run will train its tokenizer into the workdir: never where checkpoints exist (they were trained with the
-  one that is missing), and only one that will fit model.vocab_size (checked before, not after, it is written)."""
-  path = tokenizer_path(c, workdir)
-  if c.tokenizer.path or c.tokenizer.kind != "sentencepiece" or os.path.isfile(path):
-    return  # nothing is trained: load_tokenizer reads the file, or names the one that is missing
-  if steps:
-    raise SetupError(f"{path} is missing but {checkpoint_dir(workdir)} holds checkpoints trained with it: a newly "
-                     "trained tokenizer would give other token ids (put the file back, or set tokenizer.path to it)")
-  if c.tokenizer.vocab_size != c.model.vocab_size:
-    raise SetupError(f"tokenizer.vocab_size={c.tokenizer.vocab_size} but model.vocab_size={c.model.vocab_size}: the "
-                     f"tokenizer this run would train does not fit the model; set --config.model.vocab_size="
-                     f"{c.tokenizer.vocab_size}")
-
-
-def pretrained_params(params, task, config):
-  """(params, report, key): `params` with the pretrained ones a fresh run starts from where they match, a jaxlm
-  checkpoint's (init.checkpoint_dir) or a converted one's (the task's pretrained_source(), e.g. from init.hf_path);
-  report and key are None when the config names no source."""
-  source = task.pretrained_source()
-  if source is not None and config.init.checkpoint_dir:
-    raise ValueError(f"init.checkpoint_dir={config.init.checkpoint_dir} and {source[0]} both name the parameters "
-                     "to start from: set one")
-  if config.init.checkpoint_dir:
-    return (*init_from_checkpoint(params, config.init.checkpoint_dir), "init.checkpoint_dir")
-  if source is not None:
-    return (*init_from_tree(params, source[1], source_name=source[0], key="init.hf_path"), "init.hf_path")
-  return params, None, None
-
-
-def init_from_pretrained(state: train.TrainState, task, config, log) -> train.TrainState:
-  """A fresh run starts from pretrained parameters where they match (pretrained_params). Optimiser state and step stay
-  fresh."""
-  params, report, _ = pretrained_params(state.params, task, config)
-  if report is None:
-    return state
-  log(report.describe())
-  return state.replace(params=params)
-
-
-def start_state(setup: train.Setup, log) -> tuple[train.TrainState, dict | None]:
-  """A fresh run's first state, and the base reference its checkpoints carry instead of the frozen parameters (None
-  when they hold everything): pretrained weights where they match, then LoRA adapters (and heads) from
-  init.peft_path. Checkpoints leave the frozen parameters out when every one of them came from the pretrained
-  source and checkpoint.save_frozen is off."""
-  c = setup.config
-  state = train.init_state(setup, c.train.seed)
-  params, report, key = pretrained_params(state.params, setup.task, c)
-  if report is not None:
-    log(report.describe())
-  if c.init.peft_path:
-    if peft.lora_spec(c.peft) is None:
-      raise peft.PeftError(f"init.peft_path={c.init.peft_path} holds LoRA adapters: set peft.method=lora")
-    params, adapters = init_from_tree(params, peft_format.source_tree(c, params, c.init.peft_path),
-                                      source_name=c.init.peft_path, key="init.peft_path")
-    log(adapters.describe())
-  base = None
-  if setup.trainable is not None and report is not None and not c.checkpoint.save_frozen:
-    loaded = set(report.loaded)
-    frozen = [p for p, m in zip(peft.paths(params), jax.tree.leaves(setup.trainable)) if not m]
-    if all(p in loaded for p in frozen):
-      base = base_reference(key, report.source, peft.split(params, setup.trainable)[1])
-  return state.replace(params=params), base
-
-
-# ---- jaxlm eval ---------------------------------------------------------------------------------------------------
-
-
-def run_eval_only(config, workdir: str) -> dict:
-  """`jaxlm eval`: evaluates the best (by checkpoint.best_metric) else the latest checkpoint in workdir on the task's
-  eval splits and its test split."""
-  if not os.path.isdir(workdir):
-    raise SetupError(f"--workdir {workdir} is a file, not a jaxlm workdir" if os.path.exists(workdir) else
-                     f"--workdir {workdir} does not exist")
-  source = open_data(config)
-  resolve_labels(config, source)
-  setup = train.build(config)
-  tokenizer = load_tokenizer(config, workdir)
-  check_vocab(config, tokenizer)
-  ckpt = Checkpointer(workdir, config.checkpoint, read_only=True)
-  step, params = restore_params(setup, ckpt, tokenizer=tokenizer)
-  ckpt.close()
-  evaluator = Evaluator(setup, source, tokenizer)
-  test_split = setup.task.test_split
-  splits = setup.task.eval_splits + ((test_split,) if test_split else ())
-  results = {split: evaluator(params, split) for split in splits}
-  if jax.process_index() == 0:  # rows of this step written by training are replaced: each (step, split) once
-    drop_rows(os.path.join(workdir, "metrics.jsonl"), step, splits)
-  writer = MetricWriter(workdir, enabled=jax.process_index() == 0, progress=False)
-  for split, result in results.items():
-    result.pop("report", None)
-    writer.write(step, split, result)
-  writer.close()
-  return {"step": step, **results}
-

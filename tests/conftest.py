@@ -33,7 +33,8 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxlm import run, train  # noqa: E402
+from jaxlm import evaluation, train, warm_start  # noqa: E402
+from jaxlm import workdir as workdir_lib
 from jaxlm.data import builders, pipeline  # noqa: E402
 from jaxlm.data import tokenizer as tokenizer_lib  # noqa: E402
 from jaxlm.tasks import make_task  # noqa: E402
@@ -77,7 +78,7 @@ def with_keys(config: ml_collections.ConfigDict, **overrides) -> ml_collections.
 
 def open_split(config, split: str):
   """The records (and labels) of one split of the config's task, read as a run reads them."""
-  return run.open_data(config).split(split)
+  return workdir_lib.open_data(config).split(split)
 
 
 def documents(config, split: str) -> list[str]:
@@ -91,9 +92,9 @@ def task_batches(config, tokenizer, split: str, task=None, **layout):
   c = ml_collections.ConfigDict(config.to_dict())
   if c.task.name != "lm" and c.model.family == "decoder":
     c.model.family = "encoder"
-  source = run.open_data(c) if task is None else None
+  source = workdir_lib.open_data(c) if task is None else None
   if task is None:
-    run.resolve_labels(c, source)
+    workdir_lib.resolve_labels(c, source)
     task = make_task(c)
     records = source.split(split).records
   else:
@@ -123,15 +124,15 @@ def train_steps(config, batches, steps: int, task=None, pretrained: bool = False
   setup = train.build(config, task=task)
   state = train.init_state(setup, config.train.seed)
   if pretrained:
-    state = run.init_from_pretrained(state, setup.task, config, log=lambda message: None)
+    state = warm_start.init_from_pretrained(state, setup.task, config, log=lambda message: None)
   step_fn = train.compile_train_step(setup)
   losses = []
   for _ in range(steps):
-    state, metrics = step_fn(state, run.local_batch(setup, next(batches)))
+    state, metrics = step_fn(state, evaluation.local_batch(setup, next(batches)))
     losses.append(float(jax.device_get(metrics["loss"])))
   return state, losses
 
 
 def train_tokenizer(config, workdir: str) -> str:
   """Trains the config's sentencepiece model on the train split of its task's data, as `jaxlm tokenizer` does."""
-  return tokenizer_lib.train_tokenizer(config, workdir, run.open_data(config).texts())
+  return tokenizer_lib.train_tokenizer(config, workdir, workdir_lib.open_data(config).texts())

@@ -15,8 +15,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxlm import checkpoint as ckpt_lib
+from jaxlm import checksums, train
 from jaxlm import config as config_lib
-from jaxlm import run, train
+from jaxlm import workdir as workdir_lib
 from tests.conftest import REPO
 
 TINY = str(REPO / "configs" / "gpt_tiny.py")
@@ -58,7 +59,7 @@ def test_one_checkpoint_holds_state_data_config_and_metadata(one_device, tmp_pat
   seen = [next(it) for _ in range(5)]
   ckpt = ckpt_lib.Checkpointer(str(tmp_path), config.checkpoint)
   assert config.checkpoint.async_save
-  meta = run.metadata(config, setup, "spm:abc")
+  meta = workdir_lib.metadata(config, setup, "spm:abc")
   assert ckpt.save(7, state, it, config, meta)
   expected_next = [next(it) for _ in range(3)]  # the iterator moves on while the write finishes
   ckpt.close()
@@ -75,7 +76,7 @@ def test_one_checkpoint_holds_state_data_config_and_metadata(one_device, tmp_pat
   assert restored.metadata["jaxlm_version"] == __version__
   assert restored.metadata["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
   assert restored.metadata["tokenizer_fingerprint"] == "spm:abc"
-  assert restored.metadata[ckpt_lib.CHECKSUM_KEY] == ckpt_lib.checksums(state)
+  assert restored.metadata[ckpt_lib.CHECKSUM_KEY] == checksums.checksums(state)
   assert trees_equal(ckpt.restore_params(7, train.abstract_state(setup).params), state.params)
   ckpt.close()
 
@@ -121,23 +122,23 @@ def test_checksums_agree_on_host_device_and_any_mesh():
   sharded = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in host.items()}
   assert not sharded["w"].sharding.is_fully_replicated
   on_one = jax.device_put(host, jax.devices()[0])
-  sums = ckpt_lib.checksums(sharded)
-  assert ckpt_lib.checksums(on_one) == ckpt_lib.checksums(host) == sums
-  assert np.asarray(ckpt_lib.device_checksums(jax.tree.leaves(sharded))).tolist() == [sums[k] for k in sorted(sums)]
+  sums = checksums.checksums(sharded)
+  assert checksums.checksums(on_one) == checksums.checksums(host) == sums
+  assert np.asarray(checksums.device_checksums(jax.tree.leaves(sharded))).tolist() == [sums[k] for k in sorted(sums)]
   # swapping two rows keeps the plain sum but not the row-weighted one
-  swapped = ckpt_lib.checksums({"w": host["w"][[1, 0, *range(2, 16)]]})["w"]
+  swapped = checksums.checksums({"w": host["w"][[1, 0, *range(2, 16)]]})["w"]
   assert swapped[0] == sums["w"][0] and swapped[1] != sums["w"][1]
 
 
 def test_verify_checksums_names_the_changed_array(one_device):
   _, state = one_device
-  expected = ckpt_lib.checksums(state)
-  ckpt_lib.verify_checksums(state, expected, "here")
+  expected = checksums.checksums(state)
+  checksums.verify_checksums(state, expected, "here")
   w = state.params["block_1"]["mlp"]["wo"]
   flipped = state.replace(params={**state.params, "block_1": {
       **state.params["block_1"], "mlp": {**state.params["block_1"]["mlp"], "wo": w.at[3, 5].set(-w[3, 5])}}})
   with pytest.raises(ckpt_lib.CorruptCheckpointError, match="here: restored values of params/block_1/mlp/wo differ"):
-    ckpt_lib.verify_checksums(flipped, expected, "here")
+    checksums.verify_checksums(flipped, expected, "here")
 
 
 def _largest_array_file(step_dir):

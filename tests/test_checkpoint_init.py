@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from jaxlm import checkpoint as ckpt_lib
+from jaxlm import checksums, train, warm_start
 from jaxlm import config as config_lib
-from jaxlm import run, train
 from tests.conftest import REPO
 from tests.test_fault_resume import Train, common  # noqa: F401 - `common` is a fixture used here too
 
@@ -54,15 +54,15 @@ def pretrained(tmp_path_factory, tied):
 def test_partial_restore_into_a_model_with_a_new_head(pretrained, untied4):
   workdir, source = pretrained
   setup, state = untied4
-  params, report = ckpt_lib.init_from_checkpoint(state.params, str(workdir))
+  params, report = warm_start.init_from_checkpoint(state.params, str(workdir))
   assert report.source == str(workdir / "checkpoints" / "3")
   assert report.new == ["lm_head"] and report.unused == []
   assert len(report.loaded) == len(jax.tree.leaves(source)) and "block_1/mlp/wo" in report.loaded
-  targets = ckpt_lib._flat(setup.state_shardings.params)
+  targets = warm_start._flat(setup.state_shardings.params)
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    name = ckpt_lib.path_name(path)
+    name = checksums.path_name(path)
     assert leaf.sharding == targets[name]  # restored straight onto the fine-tuning mesh
-    want = ckpt_lib._flat(state.params)[name] if name == "lm_head" else ckpt_lib._flat(source)[name]
+    want = warm_start._flat(state.params)[name] if name == "lm_head" else warm_start._flat(source)[name]
     np.testing.assert_array_equal(np.asarray(leaf), np.asarray(want))
   text = report.describe()
   assert "1 newly initialised" in text and "newly initialised: lm_head" in text and "loaded: block_0/attn/o" in text
@@ -71,7 +71,7 @@ def test_partial_restore_into_a_model_with_a_new_head(pretrained, untied4):
 def test_parameters_left_out_of_the_model_are_reported_unused(tied, tmp_path):
   head = np.full((64, 512), 0.5, np.float32)
   save(tmp_path, tied.replace(params={**tied.params, "lm_head": head}), 5)
-  params, report = ckpt_lib.init_from_checkpoint(tied.params, str(tmp_path / "checkpoints" / "5"))
+  params, report = warm_start.init_from_checkpoint(tied.params, str(tmp_path / "checkpoints" / "5"))
   assert report.unused == ["lm_head"] and report.new == [] and len(report.loaded) == len(jax.tree.leaves(params))
 
 
@@ -80,15 +80,15 @@ def test_shape_mismatch_names_the_parameter(pretrained, tied):
   smaller = {**tied.params, "embedding": jax.ShapeDtypeStruct((256, 64), np.float32)}  # model.vocab_size=256
   with pytest.raises(ValueError, match=r"init.checkpoint_dir: parameter 'embedding' has shape \(512, 64\) in .*"
                                        r"checkpoints/3 but \(256, 64\) in this model"):
-    ckpt_lib.init_from_checkpoint(smaller, str(workdir))
+    warm_start.init_from_checkpoint(smaller, str(workdir))
 
 
 def test_missing_checkpoint_is_a_clear_error(tied, tmp_path):
   with pytest.raises(FileNotFoundError, match="init.checkpoint_dir=.*does not exist"):
-    ckpt_lib.init_from_checkpoint(tied.params, str(tmp_path / "nowhere"))
+    warm_start.init_from_checkpoint(tied.params, str(tmp_path / "nowhere"))
   (tmp_path / "empty").mkdir()
   with pytest.raises(FileNotFoundError, match="holds no finalised jaxlm checkpoint"):
-    ckpt_lib.init_from_checkpoint(tied.params, str(tmp_path / "empty"))
+    warm_start.init_from_checkpoint(tied.params, str(tmp_path / "empty"))
 
 
 def test_init_from_a_converted_params_tree(untied4):
@@ -98,7 +98,7 @@ def test_init_from_a_converted_params_tree(untied4):
   source = {"embedding": rng.normal(size=(512, 64)).astype(np.float16),
             "block_0": {"mlp": {"wi": rng.normal(size=(64, 256)).astype(np.float32)}},
             "pooler": {"kernel": np.zeros((64, 64), np.float32)}}
-  params, report = ckpt_lib.init_from_tree(state.params, source, source_name="hf:bert-tiny")
+  params, report = warm_start.init_from_tree(state.params, source, source_name="hf:bert-tiny")
   assert report.loaded == ["block_0/mlp/wi", "embedding"] and report.unused == ["pooler/kernel"]
   assert len(report.new) == len(jax.tree.leaves(state.params)) - 2
   assert params["embedding"].dtype == np.float32 and params["embedding"].sharding == state.params["embedding"].sharding
@@ -106,7 +106,7 @@ def test_init_from_a_converted_params_tree(untied4):
   np.testing.assert_array_equal(np.asarray(params["block_1"]["mlp"]["wi"]),
                                 np.asarray(state.params["block_1"]["mlp"]["wi"]))
   with pytest.raises(ValueError, match="init.hf_path: parameter 'embedding' has shape"):
-    ckpt_lib.init_from_tree(state.params, {"embedding": np.zeros((3, 64))}, source_name="x", key="init.hf_path")
+    warm_start.init_from_tree(state.params, {"embedding": np.zeros((3, 64))}, source_name="x", key="init.hf_path")
 
 
 class ConvertingTask:
@@ -123,12 +123,12 @@ class PlainTask:
 
 def test_the_loop_starts_from_a_tasks_converted_checkpoint(tied):
   lines = []
-  state = run.init_from_pretrained(tied, ConvertingTask(), tiny(), lines.append)
+  state = warm_start.init_from_pretrained(tied, ConvertingTask(), tiny(), lines.append)
   np.testing.assert_array_equal(np.asarray(state.params["embedding"]), np.ones((512, 64), np.float32))
   assert lines[0].startswith("initialised from hf:tiny: 1 parameters loaded") and "unused: cls/kernel" in lines[0]
-  assert run.init_from_pretrained(tied, PlainTask(), tiny(), lines.append) is tied and len(lines) == 1
+  assert warm_start.init_from_pretrained(tied, PlainTask(), tiny(), lines.append) is tied and len(lines) == 1
   with pytest.raises(ValueError, match="init.checkpoint_dir=/x and hf:tiny both name the parameters to start from"):
-    run.init_from_pretrained(tied, ConvertingTask(), tiny("init.checkpoint_dir=/x"), lines.append)
+    warm_start.init_from_pretrained(tied, ConvertingTask(), tiny("init.checkpoint_dir=/x"), lines.append)
 
 
 @pytest.mark.slow

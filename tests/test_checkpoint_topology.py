@@ -8,7 +8,8 @@ import pytest
 
 from jaxlm import checkpoint as ckpt_lib
 from jaxlm import config as config_lib
-from jaxlm import run, train
+from jaxlm import train
+from jaxlm import workdir as workdir_lib
 from tests.conftest import REPO
 
 TINY = str(REPO / "configs" / "gpt_tiny.py")
@@ -55,7 +56,7 @@ def saved(tmp_path_factory):
     state, _ = step_fn(state, train.global_batch(batch, setup.batch_shardings))
   assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(state.params))
   ckpt = ckpt_lib.Checkpointer(str(workdir), setup.config.checkpoint)
-  ckpt.save(2, state, None, setup.config, run.metadata(setup.config, setup))
+  ckpt.save(2, state, None, setup.config, workdir_lib.metadata(setup.config, setup))
   ckpt.close()
   host = jax.device_get(state)
   return workdir, host, continue_training(setup, state, data[2:]), data[2:]

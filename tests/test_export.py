@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm import checkpoint, cli, convert, export, peft, peft_format, run, train
+from jaxlm import checkpoint, cli, convert, export, peft, peft_format, train, warm_start
 from jaxlm import config as config_lib
+from jaxlm import workdir as workdir_lib
 from jaxlm.hf import ConvertError, family_module
 from jaxlm.hf import bert as hf_bert
 from jaxlm.models.encdec import EncDec
@@ -89,7 +90,7 @@ def test_convert_writes_the_model_keys_task_tokenizer_and_parameters(tmp_path, f
     (tmp_path / "hf" / spm).write_bytes(b"a sentencepiece model")
   notes = []
   step_dir = convert.convert_to_workdir(hf_dir, str(tmp_path / "w"), log=notes.append)
-  config = run.read_config(str(tmp_path / "w"))
+  config = workdir_lib.read_config(str(tmp_path / "w"))
   module = family_module(family)
   cfg, params = module.load(hf_dir)
   assert config_lib.apply_overrides(config, module.model_overrides(cfg)).to_dict() == config.to_dict()
@@ -133,7 +134,7 @@ def _lora_workdir(config, workdir, seed=0):
   """A LoRA run's workdir as training leaves it (trained-only checkpoint, base reference), with random adapters and
   head: returns the task model and the full parameters."""
   setup = train.build(config)
-  state, base = run.start_state(setup, lambda message: None)
+  state, base = warm_start.start_state(setup, lambda message: None)
   rng = np.random.default_rng(seed)
   mask = setup.trainable
   params = peft.map_paths(lambda p, x: jnp.asarray(rng.normal(0, 0.1, x.shape), x.dtype) if peft.is_adapter(p)
@@ -141,9 +142,9 @@ def _lora_workdir(config, workdir, seed=0):
   params = jax.device_put(params, setup.state_shardings.params)
   state = state.replace(params=params, step=jnp.ones((), jnp.int32))
   os.makedirs(workdir, exist_ok=True)
-  run.write_config(config, workdir)
+  workdir_lib.write_config(config, workdir)
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
-  ckpt.save(1, checkpoint.saved_state(state, mask, base), None, config, {checkpoint.BASE_KEY: base} if base else {})
+  ckpt.save(1, warm_start.saved_state(state, mask, base), None, config, {warm_start.BASE_KEY: base} if base else {})
   ckpt.close()
   return setup.task.model, jax.device_get(params), base
 
@@ -262,7 +263,7 @@ def test_peft_adapters_with_separate_q_k_v_load_into_a_lora_run(tmp_path):
   config = _bert_config(hf_dir, f"init.peft_path={tmp_path / 'adapter'}", "peft.rank=12", "peft.alpha=6",
                         "peft.targets=attn/(qkv|o)$|mlp/(wi|wo)$|pooler$")
   setup = train.build(config)
-  state, _ = run.start_state(setup, lambda message: None)
+  state, _ = warm_start.start_state(setup, lambda message: None)
   ids, types, mask = _bert_inputs()
   ours = np.asarray(setup.task.model.apply({"params": state.params}, ids, types, mask))
   kw = {"token_type_ids": torch.tensor(types, dtype=torch.int64), "attention_mask": torch.tensor(mask)}

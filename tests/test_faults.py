@@ -23,6 +23,7 @@ import pytest
 from jaxlm import checkpoint as ckpt_lib
 from jaxlm import cli, run, train
 from jaxlm import config as config_lib
+from jaxlm import workdir as workdir_lib
 from jaxlm.data.tokenizer import load_tokenizer
 from jaxlm.metric_writer import truncate_metrics
 from jaxlm.tasks import known_tasks
@@ -502,9 +503,9 @@ def classifier_workdir(tmp_path_factory):
   tokenizer = load_tokenizer(config, str(workdir))
   ckpt = ckpt_lib.Checkpointer(str(workdir), config.checkpoint)
   zeros = jax.tree.map(lambda a: jax.device_put(np.zeros(a.shape, a.dtype), a.sharding), train.abstract_state(setup))
-  ckpt.save(0, zeros, None, config, run.metadata(config, setup, tokenizer.fingerprint()))
+  ckpt.save(0, zeros, None, config, workdir_lib.metadata(config, setup, tokenizer.fingerprint()))
   ckpt.close()
-  run.write_config(config, str(workdir))
+  workdir_lib.write_config(config, str(workdir))
   return workdir
 
 

@@ -7,8 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import checkpoint, cli, run, train
+from jaxlm import checkpoint, checksums, cli, train, warm_start
 from jaxlm import config as config_lib
+from jaxlm import workdir as workdir_lib
 from jaxlm.models.encoder import Encoder, EncoderConfig
 from tests.conftest import REPO
 from tests.test_convert import _batch, _small_hf_config, _torch
@@ -32,7 +33,7 @@ def test_convert_workdir_reproduces_transformers_and_starts_fine_tuning(tmp_path
   out = tmp_path / "converted"
   cli.main(["convert", "--hf", hf_dir, "--workdir", str(out), "--config.train.batch_size=8"])
 
-  config = run.read_config(str(out))
+  config = workdir_lib.read_config(str(out))
   assert config.tokenizer.kind == "wordpiece" and (out / "vocab.txt").read_text() == open(f"{hf_dir}/vocab.txt").read()
   assert config.tokenizer.lowercase  # no upper-case piece in this vocabulary
   setup = train.build(config)
@@ -57,10 +58,10 @@ def test_convert_workdir_reproduces_transformers_and_starts_fine_tuning(tmp_path
                                                                 "d_model", "num_heads", "d_ff", "norm_eps"))])
   ner_setup = train.build(ner)
   state = train.init_state(ner_setup, 0)
-  loaded, report = checkpoint.init_from_checkpoint(state.params, str(out))
+  loaded, report = warm_start.init_from_checkpoint(state.params, str(out))
   assert report.loaded and all(k.startswith("encoder/") for k in report.loaded)
   assert report.new and all(not k.startswith("encoder/") for k in report.new)
-  flat = lambda tree: {checkpoint.path_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}  # noqa: E731
+  flat = lambda tree: {checksums.path_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}  # noqa: E731
   converted = flat({"encoder": params["encoder"]})
   started = flat(loaded)
   for key in report.loaded:

@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 
-from jaxlm import checkpoint, sharding
+from jaxlm import checksums, sharding, warm_start
 from jaxlm import config as config_lib
 from jaxlm.hf import ConvertError, decoders, detect_family, family_module, gpt2, llama
 from jaxlm.models.decoder import Decoder, DecoderConfig
@@ -169,8 +169,8 @@ def test_llama_placed_on_a_2x2x2_mesh(tmp_path):
           "attn/q": P("fsdp", "tensor", None), "attn/kv": P("fsdp", None, "tensor", None),
           "attn/o": P("tensor", None, "fsdp"), "mlp/wi": P("fsdp", None, "tensor"), "mlp/wo": P("tensor", "fsdp"),
           "ln_attn/scale": P(None), "ln_mlp/scale": P(None)}
-  flat = {checkpoint.path_name(k): v for k, v in jax.tree_util.tree_leaves_with_path(placed)}
-  host = {checkpoint.path_name(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)}
+  flat = {checksums.path_name(k): v for k, v in jax.tree_util.tree_leaves_with_path(placed)}
+  host = {checksums.path_name(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)}
   assert len(flat) == 3 + 2 * 7
   for name, arr in flat.items():
     spec = want[name.split("/", 1)[1] if name.startswith("block_") else name]
@@ -180,10 +180,10 @@ def test_llama_placed_on_a_2x2x2_mesh(tmp_path):
     assert split == (1 if spec == P(None) else 4), name  # two mesh axes of 2 split every weight matrix
     np.testing.assert_array_equal(np.asarray(arr), host[name])
 
-  # the same through checkpoint.init_from_tree onto sharded parameters, as a run starting from the checkpoint does
+  # the same through warm_start.init_from_tree onto sharded parameters, as a run starting from the checkpoint does
   shardings = sharding.shardings_for(decoders.abstract_params(cfg), mesh, rules)
   fresh = jax.tree.map(lambda a, s: jax.device_put(np.zeros_like(a), s), params, shardings)
-  from_tree, report = checkpoint.init_from_tree(fresh, params, source_name="llama")
+  from_tree, report = warm_start.init_from_tree(fresh, params, source_name="llama")
   assert not report.new and not report.unused
   for a, b in zip(jax.tree.leaves(from_tree), jax.tree.leaves(placed)):
     assert a.sharding.is_equivalent_to(b.sharding, a.ndim)

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import checkpoint, peft, run, train
+from jaxlm import checkpoint, evaluation, peft, run, train, warm_start
 from jaxlm import config as config_lib
 from jaxlm.hf import bert as hf_bert
 from tests.conftest import BASE, REPO
@@ -74,7 +74,7 @@ def test_checkpoints_hold_the_trained_parameters_and_a_base_reference(lora_confi
   config, _ = lora_config
   workdir, _ = straight
   meta = _metadata(workdir, 6)
-  base = meta[checkpoint.BASE_KEY]
+  base = meta[warm_start.BASE_KEY]
   assert base["key"] == "init.hf_path" and base["source"] == os.path.abspath(config.init.hf_path)
   saved = {k[len("params/"):] for k in meta[checkpoint.CHECKSUM_KEY] if k.startswith("params/")}
   mask = train.build(config).trainable
@@ -100,7 +100,7 @@ def test_eval_restores_the_base_under_the_adapters_and_refuses_a_changed_base(lo
   workdir, final = straight
   setup = train.build(config)
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint, read_only=True)
-  step, params = run.restore_params(setup, ckpt)
+  step, params = evaluation.restore_params(setup, ckpt)
   assert step == 6
   for a, b in zip(jax.tree.leaves(jax.device_get(params)), jax.tree.leaves(final)):
     np.testing.assert_array_equal(a, b)
@@ -111,8 +111,8 @@ def test_eval_restores_the_base_under_the_adapters_and_refuses_a_changed_base(lo
   moved = _hf_bert(tmp_path / "other", seed=1)  # the same shapes, other values
   shutil.copyfile(os.path.join(config.init.hf_path, "vocab.txt"), os.path.join(moved, "vocab.txt"))
   other = config_lib.apply_overrides(config, [f"init.hf_path={moved}"])
-  with pytest.raises(checkpoint.BaseMismatchError, match="init.hf_path=.*fingerprint") as err:
-    run.restore_params(train.build(other), ckpt)
+  with pytest.raises(warm_start.BaseMismatchError, match="init.hf_path=.*fingerprint") as err:
+    evaluation.restore_params(train.build(other), ckpt)
   assert "\n" not in str(err.value)
   ckpt.close()
 
@@ -130,7 +130,7 @@ def test_trained_only_checkpoint_leaves_the_frozen_bytes_out_on_disk(lora_config
   sizes = {}
   for name, base in (("full", None), ("trained", {"key": "init.hf_path", "source": "x", "fingerprint": "0"})):
     ckpt = checkpoint.Checkpointer(str(tmp_path / name), config.checkpoint)
-    ckpt.save(1, checkpoint.saved_state(state, setup.trainable, base), None, config, {})
+    ckpt.save(1, warm_start.saved_state(state, setup.trainable, base), None, config, {})
     ckpt.close()
     sizes[name] = _dir_bytes(tmp_path / name / "checkpoints" / "1" / "state")
   # every frozen byte is left out (with each array's own files, a few kB each at this size)
@@ -153,5 +153,5 @@ def test_minilm_sst2_lora_recipe_budget(minilm):
       int(np.prod(x.shape)) for p, x in zip(peft.paths(lora.params), jax.tree.leaves(lora.params))
       if peft.is_adapter(p))
   assert train.state_bytes(lora.opt_state) <= 0.05 * train.state_bytes(full.opt_state)
-  saved = checkpoint.saved_state(lora, setup.trainable, {"key": "init.hf_path"})
+  saved = warm_start.saved_state(lora, setup.trainable, {"key": "init.hf_path"})
   assert train.state_bytes(saved) <= 0.05 * train.state_bytes(full)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score
 
-from jaxlm import checkpoint
 from jaxlm import config as config_lib
+from jaxlm import warm_start
 from jaxlm.hf import bert as hf_bert
 from jaxlm.models.encoder import Encoder
 from jaxlm.tasks import make_task
@@ -88,7 +88,7 @@ def _hf_dir(tmp_path, vocab_size=256) -> str:
 def _from_hf(task, params):
   """What the train loop does with task.pretrained_source(): copy the tree onto the initialised parameters."""
   name, tree = task.pretrained_source()
-  return checkpoint.init_from_tree(params, tree, source_name=name)
+  return warm_start.init_from_tree(params, tree, source_name=name)
 
 
 def test_starts_from_an_hf_checkpoint_and_refuses_one_that_does_not_fit(tmp_path):

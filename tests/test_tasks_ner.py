@@ -13,7 +13,8 @@ import pytest
 from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
 
 from jaxlm import config as config_lib
-from jaxlm import predict, run, train
+from jaxlm import evaluation, predict, run, train
+from jaxlm import workdir as workdir_lib
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data import ner
 from jaxlm.data import tokenizer as tokenizer_lib
@@ -384,7 +385,7 @@ def test_conll_at_32_tokens_every_test_word_predicted_and_scored(shared_data, mi
   assert predict.predict(str(workdir), str(test_file), str(out), "conll") == len(sentences)
   written = [line.split("\t") for line in out.read_text().splitlines() if line]
   assert [w for w, _ in written] == [w for s in sentences for w, _ in s]  # a tag for every word, in order
-  config = run.read_config(str(workdir))
+  config = workdir_lib.read_config(str(workdir))
   assert {t for _, t in written} <= set(config.data.labels)
 
   # evaluation of that file as a split: every gold word and entity counts
@@ -392,7 +393,7 @@ def test_conll_at_32_tokens_every_test_word_predicted_and_scored(shared_data, mi
   task = make_task(config)
   batches = list(task_batches(config, tokenizer, "dev", task=task))
   assert sum(int(b["label_weights"].sum()) for b in batches) > n_words  # overlapping windows repeat words
-  _, params = run.restore_params(train.build(config), Checkpointer(str(workdir), config.checkpoint, read_only=True))
+  _, params = evaluation.restore_params(train.build(config), Checkpointer(str(workdir), config.checkpoint, read_only=True))
   predict_fn = jax.jit(task.predict)
   pairs = [(b, jax.device_get(predict_fn(params, b))) for b in batches]
   y_true, y_pred = task.sentences(pairs)

@@ -12,6 +12,7 @@ import pytest
 
 from jaxlm import config as config_lib
 from jaxlm import predict, run
+from jaxlm import workdir as workdir_lib
 from jaxlm.data import relations
 from jaxlm.data.sources import DataError
 from jaxlm.data.wordpiece import WordPieceTokenizer
@@ -90,7 +91,7 @@ def test_records_labels_and_stratified_dev_split(tmp_path):
   test.write_text("".join(json.dumps({"text": s, "label": lab, "id": f"t{i}"}) + "\n"
                           for i, (s, lab) in enumerate(_sentence(rng) for _ in range(10))))
   config = _config(tmp_path, f"data.train_files={train}", f"data.test_files={test}", "data.eval_fraction=0.25")
-  source = run.open_data(config)
+  source = workdir_lib.open_data(config)
   want = relations.read_semeval(str(train))
   want_train, want_dev = relations.dev_split(want, 0.25)
   got_train, got_dev = source.split("train").records, source.split("dev").records
@@ -113,7 +114,7 @@ def test_real_semeval_splits(shared_data, tmp_path):
   task8 = shared_data / "semeval2010_task8"
   config = _config(tmp_path, f"data.train_files={task8 / 'TRAIN_FILE.TXT'}", "data.eval_fraction=0.1",
                    f"data.test_files={task8 / 'TEST_FILE_FULL.TXT'}")
-  source = run.open_data(config)
+  source = workdir_lib.open_data(config)
   want_train, want_dev = relations.dev_split(relations.read_semeval(str(task8 / "TRAIN_FILE.TXT")), 0.1)
   assert [r["id"] for r in source.split("dev").records] == [r["id"] for r in want_dev]
   assert [r["id"] for r in source.split("train").records] == [r["id"] for r in want_train]
@@ -182,7 +183,7 @@ def test_learns_generated_relations_through_the_pipeline(tmp_path):
                    *PLAIN_ADAM)
   tokenizer = WordPieceTokenizer.from_file(config.tokenizer.path, lowercase=True)
   assert tokenizer.vocab_size == config.model.vocab_size
-  run.resolve_labels(config)
+  workdir_lib.resolve_labels(config)
   task = make_task(config)
   batch = next(task_batches(config, tokenizer, "train"))
   first = batch["input_ids"][np.arange(32), batch["e1_start"]]
@@ -250,7 +251,7 @@ def test_train_then_predict_writes_one_label_per_sentence(tmp_path):
   assert predict.predict(str(workdir), str(lines), str(out)) == 5
   got = [json.loads(line) for line in out.read_text().splitlines()]
   assert [g["id"] for g in got] == ["1", "2", "3", "5", "6"] and [g["text"] for g in got] == sentences
-  labels = make_task(run.read_config(str(workdir))).labels
+  labels = make_task(workdir_lib.read_config(str(workdir))).labels
   assert all(g["label"] in labels and 0 < g["probability"] <= 1 for g in got)
   jsonl_in = tmp_path / "in.jsonl"
   jsonl_in.write_text("".join(json.dumps({"id": f"s{i}", "text": s}) + "\n" for i, s in enumerate(sentences)))

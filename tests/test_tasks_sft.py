@@ -16,7 +16,8 @@ import pytest
 import sacrebleu
 
 from jaxlm import config as config_lib
-from jaxlm import generate, run, text_metrics, train
+from jaxlm import evaluation, generate, text_metrics, train
+from jaxlm import workdir as workdir_lib
 from jaxlm.data import builders, chat
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.tasks import make_task
@@ -104,10 +105,10 @@ def test_a_tiny_decoder_learns_a_toy_chat_task(tmp_path):
   # the dev pass of a run: response perplexity, and every assistant turn generated from its context
   setup = train.build(config, task=task)
   source = builders.open_source(task.kind, config.data)
-  evaluator = run.Evaluator(setup, source, tok)
+  evaluator = evaluation.Evaluator(setup, source, tok)
   result = evaluator(state.params, "dev")
   records = source.split("dev").records
-  pairs = [(b, jax.device_get(evaluator.predict_fn(state.params, run.local_batch(setup, b))))
+  pairs = [(b, jax.device_get(evaluator.predict_fn(state.params, evaluation.local_batch(setup, b))))
            for b in task_batches(config, tok, "dev", task=task)]
   replies = task.replies(pairs)
   assert sorted(replies) == [(i, 1) for i in range(len(records))]
@@ -189,7 +190,7 @@ def test_train_then_chat_from_a_file_of_turns(tmp_path):
   lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
   assert len(lines) == len(turns)
 
-  config = run.read_config(wd)
+  config = workdir_lib.read_config(wd)
   config.mesh.data = -1  # this process's 8 devices
   tok = tokenizer_lib.load_tokenizer(config, wd)
   task = make_task(config)

@@ -157,7 +157,7 @@ def check_compatible(model: EncoderConfig, hf_dir: str) -> EncoderConfig:
 
 
 def source_tree(hf_dir: str, with_heads: bool = False) -> dict:
-  """The checkpoint as a task model's parameter tree, for jaxlm.checkpoint.init_from_tree: {"encoder": ...} plus,
+  """The checkpoint as a task model's parameter tree, for jaxlm.warm_start.init_from_tree: {"encoder": ...} plus,
   with_heads, the pretraining heads where the checkpoint has them."""
   _, encoder, _, heads = load_hf_bert(hf_dir, with_heads=True)
   return {"encoder": encoder, **(heads if with_heads and heads else {})}

@@ -49,7 +49,7 @@ def resolved_labels(config) -> tuple[str, ...]:
   labels = tuple(config.data.labels)
   if not labels:
     raise ValueError(f"task.name='{config.task.name}' needs its label names to size the head: set data.labels, or "
-                     "resolve them from the train split first (jaxlm.run.resolve_labels)")
+                     "resolve them from the train split first (jaxlm.workdir.resolve_labels)")
   if len(set(labels)) != len(labels):
     raise ValueError(f"data.labels lists a label more than once: {labels}")
   return labels
