@@ -400,10 +400,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.progress_bar = True
   c.train.progress_every = 100  # stderr not a terminal: steps between those plain lines (0 = at every train row)
   CHECKS["train.progress_every"] = at_least(0)
-  c.train.sample_every = 0  # steps between text samples written to the log; 0 = never
-  CHECKS["train.sample_every"] = at_least(0)
-  c.train.sample_prompt = "The"  # prompt for those samples
-  CHECKS["train.sample_prompt"] = FREE
   c.train.profile = ""  # "START:STOP": a jax.profiler trace of steps START..STOP-1 in WORKDIR/profile; "" = none
   CHECKS["train.profile"] = satisfies(lambda v: v == "" or (len(v.split(":")) == 2 and all(
       p.strip().isdigit() for p in v.split(":")) and int(v.split(":")[0]) < int(v.split(":")[1])), "'' or START:STOP "

@@ -52,13 +52,13 @@ def bench_generate(config, *, hf_dir: str | None = None, batch_sizes=(1, 8), pro
     timing = generation.time_decoding(decoding, params, batch_size=b, prompt_len=prompt_len, new_tokens=new_tokens,
                                       repeats=repeats)
     greedy = _clock(lambda p=prompt: generation.sample(decoding, params, p, max_new_tokens=new_tokens), repeats)
-    out["runs"].append({"search": "greedy", "batch": b, "seconds": round(greedy, 4),
+    out["runs"].append({"search": "greedy", "batch": b, "seconds": float(f"{greedy:.6g}"),
                         "tokens_per_s": round(b * new_tokens / greedy, 1),
                         "prefill_ms": round(timing.prefill_seconds * 1e3, 2),
                         "per_token_ms": round(timing.per_token_seconds * 1e3, 3)})
     if beam_size > 1:
       beam = _clock(lambda p=prompt: generation.beam_search(decoding, params, p, beam_size=beam_size,
                                                             max_new_tokens=new_tokens), repeats)
-      out["runs"].append({"search": f"beam{beam_size}", "batch": b, "seconds": round(beam, 4),
+      out["runs"].append({"search": f"beam{beam_size}", "batch": b, "seconds": float(f"{beam:.6g}"),
                           "tokens_per_s": round(b * new_tokens / beam, 1)})
   return out

@@ -114,7 +114,7 @@ def train_step(state: TrainState, batch, *, task, tx, schedule, accum_steps: int
                trainable=None):
   """One optimiser step. Pure: (state, batch) -> (state, metrics). With a `trainable` mask, gradients are taken with
   respect to the trained parameters only (frozen weights get no gradient buffers) and only they change."""
-  rng = jax.random.fold_in(jax.random.key(seed), state.step)  # dropout noise depends on the step only: exact resume
+  rng = jax.random.fold_in(jax.random.key(seed, impl="rbg"), state.step)  # dropout noise depends on the step only: exact resume
   trained, frozen = peft.split(state.params, trainable)
   grad_fn = jax.value_and_grad(lambda p, b, r: task.loss_fn(peft.join(p, frozen, trainable), b, r, True),
                                has_aux=True)

@@ -203,7 +203,7 @@ def test_tpu_vm_runs_jaxlm_train_on_every_worker(fakes, tmp_path):
   repo.mkdir(parents=True)
   env.update(TPU_NAME="v5p-64", ZONE="us-east5-a", PROJECT="proj", CONFIG="configs/llama_7b.py",
              WORKDIR="/mnt/shared/run", REPO_DIR=str(repo), GCLOUD_ARGS="--internal-ip")
-  override = "--config.train.sample_prompt=It's a test"
+  override = "--config.name=It's a test"
   result = run("tpu_vm.sh", [override], env)
   assert result.returncode == 0, result.stderr
   [(argv, _)] = recorded(record, "gcloud")

@@ -144,14 +144,16 @@ def test_learns_generated_squad_with_unanswerable_questions_through_windows():
   train, _ = _featurize(_squad(1, 2000, unanswerable=0.3))  # enough contexts that memorising them does not pay
   dev, dev_records = _featurize(_squad(2, 64, unanswerable=0.3))
   assert np.any(train["start_positions"] == 0) and np.any(train["start_positions"] > 0)
-  state, _ = train_steps(config, sampled_batches(train, 32), 550, task=task)
+  state, _ = train_steps(config, sampled_batches(train, 32), 800, task=task)
   pairs = [(dev, jax.device_get(jax.jit(task.predict)(state.params, dev)))]
   # SQuAD 2.0: the null span answers the questions without 'key', at the default threshold and at the best one
   metrics = task.host_metrics(pairs, dev_records)
   print(f"generated SQuAD 2.0 dev: {metrics}")
   assert 10 <= metrics["NoAns_total"] <= 30 and metrics["HasAns_total"] + metrics["NoAns_total"] == 64
   assert metrics["NoAns_exact"] > 0.8 and metrics["HasAns_exact"] > 0.8, metrics
-  assert metrics["best_f1"] >= metrics["f1"] > 0.8 and metrics["best_exact"] >= metrics["exact_match"]
+  # the best threshold's scores are at least the default's (summed in another order: equal up to rounding)
+  assert metrics["best_f1"] >= metrics["f1"] - 1e-12 and metrics["f1"] > 0.8
+  assert metrics["best_exact"] >= metrics["exact_match"] - 1e-12
   answers = task.answers(pairs, dev_records, allow_null=True)
   assert np.mean([(answers[i] == "") == (not r["answers"]) for i, r in enumerate(dev_records)]) > 0.8
   # SQuAD v1.1 (every question answered): the best span always answers, scored by the v1.1 metrics

@@ -152,7 +152,7 @@ def test_a_tiny_t5_learns_to_copy_and_its_outputs_score_with_sacrebleu(tmp_path)
                    "model.head_dim=16", "model.d_ff=128", "task.max_decode_len=6", "task.metrics=bleu,chrf")
   task = make_task(config)
   tok = WordTokenizer()
-  state, losses = train_steps(config, task_batches(config, tok, "train", task=task), 150, task=task)
+  state, losses = train_steps(config, task_batches(config, tok, "train", task=task), 250, task=task)
   assert losses[-1] < 0.15 * losses[0]
   records = builders.open_source(task.kind, config.data).split("dev").records
   refs = [r["target"] for r in records]
@@ -165,7 +165,7 @@ def test_a_tiny_t5_learns_to_copy_and_its_outputs_score_with_sacrebleu(tmp_path)
     metrics = task.host_metrics(pairs, records)
     assert metrics["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
     assert metrics["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score)
-    assert metrics["bleu"] > 60, metrics["report"]  # copied, mostly: 2000 pairs of 2-4 words seen 2.5 times
+    assert metrics["bleu"] > 60, metrics["report"]  # copied, mostly: 2000 pairs of 2-4 words seen 4 times
     assert "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:" in metrics["report"]
 
 
