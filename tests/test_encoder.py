@@ -78,7 +78,7 @@ def _losses(mesh, steps=2, extra=()):
 def test_sharded_losses_equal_single_device():
   base = _losses((1, 1, 1))
   assert np.all(np.isfinite(base)) and base[-1] < base[0]
-  for mesh in [(8, 1, 1), (2, 2, 2), (1, 1, 8)]:
+  for mesh in [(2, 2, 2), (1, 1, 8)]:  # (8, 1, 1), plain data parallel, is the decoder tests' (test_sharding.py)
     np.testing.assert_allclose(_losses(mesh), base, rtol=1e-5, err_msg=f"mesh {mesh}")
   # dropout on the attention probabilities draws the same noise on any mesh too
   with_attn = _losses((1, 1, 1), extra=["model.attention_dropout=0.1"])

@@ -21,7 +21,7 @@ from jaxlm import workdir as workdir_lib
 from jaxlm.data import builders, chat
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.tasks import make_task
-from tests.conftest import BASE, PLAIN_ADAM, REPO, task_batches, train_steps
+from tests.conftest import BASE, PLAIN_ADAM, REPO, devices_for, task_batches, train_steps
 from tests.test_data_chat import WordTokenizer
 
 TINY = ["task.name=sft", "model.style=llama", "model.vocab_size=64", "model.max_len=48", "model.num_layers=2",
@@ -103,7 +103,7 @@ def test_a_tiny_decoder_learns_a_toy_chat_task(tmp_path):
   state, losses = train_steps(config, task_batches(config, tok, "train", task=task), 80, task=task)
   assert np.mean(losses[-5:]) < 0.15 * losses[0], losses
   # the dev pass of a run: response perplexity, and every assistant turn generated from its context
-  setup = train.build(config, task=task)
+  setup = train.build(config, devices_for(config), task=task)  # where train_steps put the parameters
   source = builders.open_source(task.kind, config.data)
   evaluator = evaluation.Evaluator(setup, source, tok)
   result = evaluator(state.params, "dev")
@@ -128,7 +128,7 @@ def test_lora_trains_the_adapters_only(tmp_path):
   task = make_task(config)
   batches = task_batches(config, WordTokenizer(), "train", task=task)
   first = next(batches)
-  setup = train.build(config, task=task)
+  setup = train.build(config, devices_for(config), task=task)
   before = train.init_state(setup, config.train.seed).params
   state, losses = train_steps(config, iter([first] * 8), 8, task=task)
   assert losses[-1] < losses[0]
