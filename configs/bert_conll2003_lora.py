@@ -4,7 +4,7 @@ recipe (configs/bert_conll2003_crf.py), at the higher learning rate adapters wan
 
     jaxlm train --config configs/bert_conll2003_lora.py --workdir /tmp/conll_lora
 
-Measured: PLACEHOLDER, to be filled from the measured run on the idle 2-core CPU (dev F1 per epoch, test entity F1
+Not measured yet: to come from a run on the idle 2-core CPU (dev F1 per epoch, test entity F1
 with the best checkpoint, training seconds).
 """
 

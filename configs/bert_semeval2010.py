@@ -9,7 +9,7 @@ split, evaluated each epoch; the best checkpoint by dev macro-F1 is scored on TE
 the end, with the scorer's report (per-relation P/R/F1, confusion matrix) in WORKDIR/report_test_step*.txt.
 Peer: the Hugging Face Trainer ([CLS] classification, all 8,000 sentences, lr 5e-5, batch 32, 3 epochs) reaches
 official macro-F1 0.828 after 730 s on this 2-core CPU.
-Measured result: TODO — to be filled in from a measured run on the idle machine (training seconds, dev macro-F1 per
+Not measured yet: to come from a run on the idle machine (training seconds, dev macro-F1 per
 epoch, test macro-F1 with the best checkpoint); nothing here has been measured yet.
 """
 

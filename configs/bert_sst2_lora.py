@@ -5,7 +5,7 @@ learning rate adapters want.
 
     jaxlm train --config configs/bert_sst2_lora.py --workdir /tmp/sst2_lora
 
-Measured: PLACEHOLDER, to be filled from the measured run on the idle 2-core CPU (dev accuracy per evaluation,
+Not measured yet: to come from a run on the idle 2-core CPU (dev accuracy per evaluation,
 training seconds). Targets: dev accuracy >= 0.88, training time no worse than the full fine-tune's 725 s.
 """
 

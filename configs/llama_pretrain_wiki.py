@@ -9,7 +9,7 @@ with the pydoc topics added to the train split (data.add_pydoc); eval is a fixed
 tokenizer, trained on first use, holds the chat template's markers (data.chat_*) as single pieces, so the chat
 recipes fine-tune with the same vocabulary.
 
-Result: PLACEHOLDER, to be filled from the measured run on an idle machine (eval loss / perplexity at the last step,
+Not measured yet: to come from a run on an idle machine (eval loss / perplexity at the last step,
 train_seconds, tokens/s).
 """
 

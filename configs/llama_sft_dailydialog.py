@@ -11,7 +11,7 @@ Dev (DailyDialog validation: 3,851 assistant turns, the first 512 of them at eac
 assistant turn generated greedily from its context, scored by BLEU-1/2 and distinct-1/2 (jaxlm/text_metrics.py, as
 the T5 dialogue task scores). The best checkpoint by dev loss is evaluated on the whole test split at the end.
 
-Result: PLACEHOLDER, to be filled from the measured run on an idle machine (test perplexity, bleu1, bleu2, distinct1,
+Not measured yet: to come from a run on an idle machine (test perplexity, bleu1, bleu2, distinct1,
 distinct2 of the best-dev checkpoint, its step, train_seconds, tokens/s).
 """
 

@@ -7,7 +7,7 @@ pretrained weights stay frozen (and out of the checkpoints, which name the pretr
 The same as the full fine-tune with --config.peft.method=lora, with a learning rate for adapters. The chat markers'
 embeddings and output rows stay as pretraining left them (never seen there): the adapters learn to use them.
 
-Result: PLACEHOLDER, to be filled from the measured run on an idle machine, beside the full fine-tune's (test
+Not measured yet: to come from a run on an idle machine, beside the full fine-tune's (test
 perplexity, bleu1, bleu2, distinct1, distinct2, trained parameters, train_seconds, tokens/s).
 """
 

@@ -7,7 +7,7 @@ dev-perplexity checkpoint is the one tested.
 WORKDIR/report_test_step*.txt holds the scores with sacreBLEU's signature and ten (context, reference, response)
 examples. The run trains its 8k sentencepiece model on both sides of the train pairs first.
 
-Result: PLACEHOLDER, to be filled from the measured run on an idle machine (test perplexity, bleu1, bleu2, distinct1,
+Not measured yet: to come from a run on an idle machine (test perplexity, bleu1, bleu2, distinct1,
 distinct2, steps and train_seconds).
 """
 

@@ -8,7 +8,7 @@ reference (3+3-layer d=256 transformer, joint sentencepiece 8k, Adam with invers
 token-bucketed batches) reached test BLEU 29.9 greedy after 25 minutes at ~3,700 tokens/s on this 2-core CPU; the
 target here is test BLEU >= 33 with beam 4 within 25 minutes of training (train_seconds).
 
-Result: PLACEHOLDER, to be filled from the measured run on an idle machine (test bleu / chrf of the best-dev-BLEU
+Not measured yet: to come from a run on an idle machine (test bleu / chrf of the best-dev-BLEU
 checkpoint, its step and train_seconds, tokens/s).
 """
 

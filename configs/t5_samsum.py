@@ -18,7 +18,7 @@ print(seq2seq.lead_baseline(config.load('configs/t5_samsum.py'), 'test', 3)[1])"
 
 Every dev/test row of metrics.jsonl also carries lead3_rouge1 .. lead3_rougeLsum (task.lead_turns=3).
 
-Result: PLACEHOLDER, to be filled from the measured runs on an idle machine (test rouge1/2/L/Lsum from scratch and
+Not measured yet: to come from runs on an idle machine (test rouge1/2/L/Lsum from scratch and
 from the pretrained model, LEAD-3's beside them, steps and train_seconds).
 """
 

@@ -7,7 +7,7 @@ The run trains its 8k sentencepiece model with 32 sentinels (<extra_id_0> ..) on
 loss and perplexity of the decoder targets on a held-out 3% of the lines. Try it: `jaxlm generate --workdir
 /tmp/t5_span --prompt 'The <extra_id_0> of the river' --temperature 0`.
 
-Result: PLACEHOLDER, to be filled from the measured run on an idle machine (eval loss / perplexity at the last step,
+Not measured yet: to come from a run on an idle machine (eval loss / perplexity at the last step,
 train_seconds, tokens/s).
 """
 

@@ -181,6 +181,11 @@ def _data_case(tmp_path, name: str):
       "tsv_label": ("train.tsv", b"sentence\tlabel\na fine film\t1\nno label here\n",
                     ["task.name=classification", "data.source=tsv", "model.family=encoder"],
                     "train.tsv:3: row without a label"),
+      # one stray row among many would add a third class to the head: refused, naming the row
+      "tsv_stray_label": ("train.tsv", ("sentence\tlabel\n" + "".join(f"film number {i}\t{i % 2}\n" for i in range(24))
+                                        + "a fine film\tpositive\n").encode(),
+                          ["task.name=classification", "data.source=tsv", "model.family=encoder"],
+                          "train.tsv:26: label 'positive' appears in this one train record only"),
       "squad_json": ("train.json", b'{"data": [\n{"title": "t",\n', ["task.name=qa", "data.source=squad",
                                                                      "model.family=encoder"],
                      "train.json:3: invalid JSON"),
@@ -202,6 +207,7 @@ def _data_case(tmp_path, name: str):
 
 
 @pytest.mark.parametrize("case", ["text_bytes", "jsonl_json", "jsonl_field", "conll_tag", "conll_columns", "tsv_label",
+                                  "tsv_stray_label",
                                   "squad_json", "squad_shape", "squad_answer", "semeval_tag", "pairs_json"])
 def test_bad_input_data(tmp_path, case):
   name, data, overrides, expect = _data_case(tmp_path, case)

@@ -4,6 +4,7 @@ user has prepared. A run opens its data once (`open_source`) and reads each spli
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import fcntl
@@ -200,9 +201,13 @@ def _derived_labels(cache_dir: str, records: Records, kind: RecordKind) -> tuple
   if os.path.isfile(cache):
     with open(cache) as f:
       return tuple(json.load(f))
-  seen = set()
+  counts, where = collections.Counter(), {}
   for r in records:
-    seen.update(kind.labels_of(r))
+    for label in kind.labels_of(r):
+      counts[label] += 1
+      where.setdefault(label, r.get("where") or (f"line {r['line']}" if r.get("line") else "the train split"))
+  check_rare_labels(counts, where, kind)
+  seen = set(counts)
   first = [kind.outside_label] if kind.outside_label else []
   labels = tuple(first + sorted(seen - set(first)))
   tmp = cache + f".{os.getpid()}.tmp"
@@ -210,6 +215,22 @@ def _derived_labels(cache_dir: str, records: Records, kind: RecordKind) -> tuple
     json.dump(labels, f)
   os.replace(tmp, cache)
   return labels
+
+
+RARE_LABEL_MIN_RECORDS = 20  # below this many train records a label seen once is no evidence of a typo
+
+
+def check_rare_labels(counts: collections.Counter, where: dict, kind: RecordKind) -> None:
+  """Labels read from the data: in a kind with one label a record, a label that a single record of many carries is
+  refused (one stray row would add a class to the head), naming that record; data.labels accepts it."""
+  total = sum(counts.values())
+  if not kind.one_label_per_record or total < RARE_LABEL_MIN_RECORDS:
+    return
+  for label, n in sorted(counts.items()):
+    if n == 1 and label != kind.outside_label:
+      common = ", ".join(f"{k!r} ({v})" for k, v in counts.most_common(4))
+      raise DataError(f"{where[label]}: label {label!r} appears in this one train record only, against {common} in "
+                      f"the other {total - 1}: a typo? (set data.labels to the full label set to accept it)")
 
 
 def check_labels(records: Sequence, labels: tuple[str, ...], kind: RecordKind, split: str) -> None:

@@ -40,6 +40,9 @@ class RecordKind:
   name: str = ""
   local_source: str = ""  # the data.source value that reads local files of this kind
   has_labels: bool = False  # records carry label names (the head is sized from them)
+  # one label a record (classes, not tags): a label that only one train record carries, among many records, is taken
+  # for a typo when the labels come from the data (builders.check_rare_labels)
+  one_label_per_record: bool = False
   outside_label: str = ""  # a label listed first whether or not the data has it ('O' for tags)
 
   def features(self) -> dict:
@@ -146,6 +149,7 @@ class ClassificationRecords(RecordKind):
   name = "classification"
   local_source = "tsv"
   has_labels = True
+  one_label_per_record = True
 
   def features(self):
     return {"text_a": _TEXT, "text_b": _TEXT, "label": _TEXT, "where": _TEXT}

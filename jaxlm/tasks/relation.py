@@ -56,6 +56,7 @@ class RelationRecords(records.RecordKind):
   name = "relation"
   local_source = "semeval"
   has_labels = True
+  one_label_per_record = True
   outside_label = OTHER
 
   def features(self):
