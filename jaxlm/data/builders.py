@@ -228,7 +228,7 @@ def check_rare_labels(counts: collections.Counter, where: dict, kind: RecordKind
     return
   for label, n in sorted(counts.items()):
     if n == 1 and label != kind.outside_label:
-      common = ", ".join(f"{k!r} ({v})" for k, v in counts.most_common(4))
+      common = ", ".join(f"{k!r} ({v})" for k, v in counts.most_common(5) if k != label)
       raise DataError(f"{where[label]}: label {label!r} appears in this one train record only, against {common} in "
                       f"the other {total - 1}: a typo? (set data.labels to the full label set to accept it)")
 
