@@ -40,8 +40,8 @@ class RecordKind:
   name: str = ""
   local_source: str = ""  # the data.source value that reads local files of this kind
   has_labels: bool = False  # records carry label names (the head is sized from them)
-  # one label a record (classes, not tags): a label that only one train record carries, among many records, is taken
-  # for a typo when the labels come from the data (builders.check_rare_labels)
+  # one free-form label a record (classes, not tags): a label that only one train record carries, among many records,
+  # is taken for a typo when the labels come from the data (builders.check_rare_labels)
   one_label_per_record: bool = False
   outside_label: str = ""  # a label listed first whether or not the data has it ('O' for tags)
 
