@@ -205,7 +205,7 @@ def _derived_labels(cache_dir: str, records: Records, kind: RecordKind) -> tuple
   for r in records:
     for label in kind.labels_of(r):
       counts[label] += 1
-      where.setdefault(label, r.get("where") or (f"line {r['line']}" if r.get("line") else "the train split"))
+      where.setdefault(label, r.get("where") or "the train split")
   check_rare_labels(counts, where, kind)
   seen = set(counts)
   first = [kind.outside_label] if kind.outside_label else []
