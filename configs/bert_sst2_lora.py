@@ -5,8 +5,11 @@ learning rate adapters want.
 
     jaxlm train --config configs/bert_sst2_lora.py --workdir /tmp/sst2_lora
 
-Not measured yet: to come from a run on the idle 2-core CPU (dev accuracy per evaluation,
-training seconds). Targets: dev accuracy >= 0.88, training time no worse than the full fine-tune's 725 s.
+Measured (2026-11-30, an idle 2-core machine of this kind whose jitted float32 matmul peak was 151-153 GFLOP/s):
+dev accuracy 0.8635 / 0.8853 / 0.8739 / 0.8922 at steps 263 / 526 / 789 / 1052 (1 epoch), 1432.6 s of training;
+301,826 of 23,015,042 parameters trained (1.31%), optimiser state 2.30 MiB (the full fine-tune's: 173.40 MiB), the
+checkpoint 3,955,596 bytes (the full fine-tune's: 272,863,315). Slower than the full fine-tune's 725 s (measured on a
+faster machine): on XLA:CPU an adapter step costs about what a full step does (README, LoRA recipes).
 """
 
 import bert_sst2
