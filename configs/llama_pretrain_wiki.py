@@ -1,5 +1,5 @@
 """A small Llama-style decoder (6 layers, d_model 256, grouped-query attention, 8k sentencepiece vocabulary) pretrained
-on WikiText-2 and CPython's pydoc topics, sized to train in 20-30 minutes on the 2-core CPU: the base of the
+on WikiText-2 and CPython's pydoc topics, sized to train in about 10 minutes on the 2-core CPU: the base of the
 DailyDialog chat recipes (configs/llama_sft_dailydialog.py, configs/llama_sft_dailydialog_lora.py).
 
     jaxlm train --config configs/llama_pretrain_wiki.py --workdir runs/llama_pretrain_wiki
@@ -49,15 +49,15 @@ def get_config():
   c.tokenizer.user_defined_symbols = CHAT_MARKERS
 
   c.optim.learning_rate = 1e-3
-  c.optim.warmup_steps = 60
+  c.optim.warmup_steps = 20
   c.optim.schedule = "cosine"
   c.optim.weight_decay = 0.1
 
-  c.train.steps = 600  # ~2.5M tokens: ~3.3 passes over the 2,901 packed rows (~0.74M tokens) of the train split
+  c.train.steps = 200  # ~0.8M tokens: ~1.1 passes over the 2,901 packed rows (~0.74M tokens) of the train split
   c.train.batch_size = 16
   c.train.log_every = 20
-  c.train.eval_every = 200
+  c.train.eval_every = 100
   c.train.eval_batches = 16
-  c.checkpoint.every_steps = 200
+  c.checkpoint.every_steps = 100
   c.sample.max_new_tokens = 48
   return c

@@ -44,16 +44,16 @@ def get_config():
   c.data.pack_bins = 32
 
   c.optim.learning_rate = 3e-4
-  c.optim.warmup_steps = 30
+  c.optim.warmup_steps = 12
   c.optim.schedule = "cosine"
   c.optim.weight_decay = 0.1
 
-  c.train.steps = 600  # ~1.5 passes over the 6,403 packed rows of the train split
+  c.train.steps = 120  # 1,920 of the 6,403 packed rows of the train split: ~7 minutes on the 2-core CPU
   c.train.batch_size = 16
   c.train.log_every = 20
-  c.train.eval_every = 200
+  c.train.eval_every = 60
   c.train.eval_batches = 32  # 512 dev turns a time; the test split is evaluated whole
-  c.checkpoint.every_steps = 200
+  c.checkpoint.every_steps = 60
   c.checkpoint.best_metric = "loss"
   c.checkpoint.best_mode = "min"
 
