@@ -9,8 +9,9 @@ with the pydoc topics added to the train split (data.add_pydoc); eval is a fixed
 tokenizer, trained on first use, holds the chat template's markers (data.chat_*) as single pieces, so the chat
 recipes fine-tune with the same vocabulary.
 
-Not measured yet: to come from a run on an idle machine (eval loss / perplexity at the last step,
-train_seconds, tokens/s).
+Measured (2026-11-30, an idle 2-core machine of this kind, jitted float32 matmul peak 151-153 GFLOP/s): 200 steps in
+559.7 s of training (~1,500 tokens/s in the steady rows), held-out loss 4.8183 / 4.5008 (perplexity 123.76 / 90.09)
+at steps 100 / 200.
 """
 
 import base
