@@ -4,8 +4,10 @@ recipe (configs/bert_conll2003_crf.py), at the higher learning rate adapters wan
 
     jaxlm train --config configs/bert_conll2003_lora.py --workdir /tmp/conll_lora
 
-Not measured yet: to come from a run on the idle 2-core CPU (dev F1 per epoch, test entity F1
-with the best checkpoint, training seconds).
+Measured (2026-11-30, a 2-core machine of this kind, jitted float32 matmul peak 151-153 GFLOP/s): 298,476 of
+23,011,692 parameters trained (1.30%), dev F1 0.8532 / 0.8819 / 0.8994 after epochs 1 / 2 / 3, 1314 steps in 1465.4 s
+of training; test entity F1 0.8571 (P 0.8602, R 0.8541) with the best checkpoint (step 1314), beside the full CRF
+fine-tune's 0.8719.
 """
 
 import bert_conll2003_crf
