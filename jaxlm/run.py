@@ -93,12 +93,14 @@ class _Clock:
 
 
 class _Throughput:
-  """Token counts since the last train row: slots run (bucketed batches vary) and, for fine-tuning batches that carry
-  attention_mask, non-padding tokens."""
+  """Token counts and device time between train rows: slots run (bucketed batches vary) and, for fine-tuning batches
+  that carry attention_mask, non-padding tokens. The host dispatches up to a log interval ahead of the device, so a
+  row's interval ends when its step's metrics come back from the device (the step is then done), not when the host
+  dispatched it."""
 
   def __init__(self, tokens_per_step: int):
     self.tokens_per_step = tokens_per_step
-    self.since = time.time()
+    self.done_at = time.time()  # when the last row's step was seen done (or the loop started)
     self.real = self.slots = 0
 
   def count(self, local: dict) -> None:
@@ -108,14 +110,27 @@ class _Throughput:
     else:
       self.slots += self.tokens_per_step // jax.process_count()
 
-  def row(self) -> tuple[float, dict]:
-    """(tokens/s, extra row values) since the last row; starts the next interval."""
+  def start(self) -> None:
+    """The first step is compiled and dispatched: the first interval starts here (its work is still to run)."""
+    self.done_at = time.time()
+
+  def cut(self) -> tuple[int, int]:
+    """(slots, non-padding tokens) dispatched since the last cut: the tokens of the row at this step."""
+    counts, self.real, self.slots = (self.slots, self.real), 0, 0
+    return counts
+
+  def rate(self, counts: tuple[int, int]) -> tuple[float, dict]:
+    """(tokens/s, extra row values) of a row whose step has just been seen done; starts the next interval."""
     now = time.time()
-    elapsed = max(now - self.since, 1e-9)
-    extra = {"nonpad_tokens_per_s": self.real * jax.process_count() / elapsed} if self.real else {}
-    rate = self.slots * jax.process_count() / elapsed
-    self.since, self.real, self.slots = now, 0, 0
-    return rate, extra
+    elapsed = max(now - self.done_at, 1e-9)
+    self.done_at = now
+    slots, real = counts
+    extra = {"nonpad_tokens_per_s": real * jax.process_count() / elapsed} if real else {}
+    return slots * jax.process_count() / elapsed, extra
+
+  def pause(self, seconds: float) -> None:
+    """Leaves `seconds` (an evaluation) out of the current interval."""
+    self.done_at += seconds
 
 
 STREAK_KEY = "nonfinite_streak_start"  # checkpoint metadata: first step of the run of skipped updates it is in; 0 = none
@@ -176,6 +191,7 @@ class _Loop:
   clock: _Clock
   skips: _Skips
   base: dict | None = None  # where the frozen parameters come from, when checkpoints leave them out
+  throughput: _Throughput | None = None  # set when the loop starts
 
   @classmethod
   def set_up(cls, c, workdir: str) -> _Loop:
@@ -252,9 +268,10 @@ class _Loop:
     eval_every = c.train.eval_every
     if c.train.eval_each_epoch:
       eval_every = self.train_iter.batches_per_epoch  # an epoch is a pass over the rows made (windows included)
-    throughput = _Throughput(c.train.batch_size * c.data.seq_len)
-    pending = None  # (step, metrics on device, tokens/s, extra) of the last logged step, pulled after the next dispatch
+    self.throughput = throughput = _Throughput(c.train.batch_size * c.data.seq_len)
+    pending = None  # (step, metrics on device, token counts) of the last logged step, pulled after the next dispatch
     step, stopping, last_eval = int(self.state.step), False, None
+    first_step = step
 
     profiler = _Profiler(c.train.profile, self.workdir, writer.log)
     while step < c.train.steps:
@@ -262,6 +279,8 @@ class _Loop:
       throughput.count(local)
       profiler.before(step)
       self.state, metrics = step_fn(self.state, local_batch(setup, local))
+      if step == first_step:
+        throughput.start()  # compiled: the rows count device time from here
       step += 1
       profiler.after(step, self.state)
       if skipping:
@@ -274,10 +293,10 @@ class _Loop:
           self._count_skips(pending[0], None)  # the steps up to the row just pulled are done: no extra sync
         pending = None
       if step % c.train.log_every == 0 or step == c.train.steps:
-        if step == c.train.steps:
-          jax.block_until_ready(metrics)  # the last row's train_seconds counts the last step's work
-        rate, extra = throughput.row()
-        pending = (step, metrics, rate, {"train_seconds": self.clock.train_seconds(), **extra})
+        pending = (step, metrics, throughput.cut())
+        if step == c.train.steps:  # the last row is stamped when its step is done, before the final save and eval
+          nonfinite = self._emit(pending)["nonfinite_skips"] > nonfinite_seen or nonfinite
+          pending = None
       stopping = stop_requested(step)  # every process asks at every step: the multi-process sync point needs it
       save_due = save_due or step % c.checkpoint.every_steps == 0
       saving = stopping or save_due or step == c.train.steps
@@ -289,10 +308,7 @@ class _Loop:
         self._stop_nonfinite(step, pending)
       ranked = None  # the dev metrics a best-by-metric checkpoint is ranked by
       if not stopping and (step == c.train.steps or (eval_every and step % eval_every == 0)):
-        if pending is not None and step == c.train.steps:  # the last train row comes before the last eval rows
-          self._emit(pending)
-          pending = None
-        results = self._evaluate(evaluator, step, throughput, is_main)
+        results = self._evaluate(evaluator, step, is_main)
         last_eval = step
         ranked = results[setup.task.eval_splits[0]] if c.checkpoint.best_metric else None
       if skipping and (saving or ranked is not None):
@@ -314,7 +330,7 @@ class _Loop:
       self._emit(pending)
     finished = step >= c.train.steps and not stopping
     if finished and last_eval != step:
-      self._evaluate(evaluator, step, throughput, is_main)
+      self._evaluate(evaluator, step, is_main)
     if finished:
       writer.log(f"trained {step} steps in {self.clock.train_seconds():.1f} s (evaluation excluded)")
       if setup.task.test_split:
@@ -325,7 +341,7 @@ class _Loop:
     writer.close()
     return self.state
 
-  def _evaluate(self, evaluator: Evaluator, step: int, throughput: _Throughput, is_main: bool) -> dict:
+  def _evaluate(self, evaluator: Evaluator, step: int, is_main: bool) -> dict:
     # The host runs up to a log interval ahead of the device: the train steps still queued are training time, so
     # they finish before the evaluation clock starts.
     jax.block_until_ready(self.state)
@@ -336,14 +352,18 @@ class _Loop:
       results[split] = write_eval(self.writer, self.workdir, step, split, result, is_main)
     spent = time.time() - t_eval
     self.clock.eval_seconds += spent
-    throughput.since += spent  # the next row's throughput counts training time only
+    self.throughput.pause(spent)  # the row pulled after an eval counts training time only
     return results
 
   def _emit(self, pending) -> dict:
-    step, metrics, tokens_per_s, extra = pending
+    """Writes the train row of a logged step once its metrics are back from the device: its tokens/s and
+    train_seconds are stamped then, when the step is done."""
+    step, metrics, counts = pending
     m = jax.device_get(metrics)
+    tokens_per_s, extra = self.throughput.rate(counts)
     row = {"loss": m["loss"], "learning_rate": m["learning_rate"], "grad_norm": m["grad_norm"],
-           "tokens_per_s": tokens_per_s, "nonfinite_skips": m["nonfinite_skips"], **extra}
+           "tokens_per_s": tokens_per_s, "nonfinite_skips": m["nonfinite_skips"],
+           "train_seconds": self.clock.train_seconds(), **extra}
     row.update({k: v for k, v in m.items() if k.endswith("_mean")})
     self.writer.write(step, "train", row)
     self.writer.progress_bar(step, float(m["loss"]), tokens_per_s)

@@ -102,18 +102,25 @@ def test_bench_prints_one_json_line():
   assert result["mfu"] == pytest.approx(6 * result["params_6n"] * result["tokens_per_s"] / 100e9, rel=1e-3)
 
 
-def test_throughput_after_an_eval_counts_the_queued_train_steps(tmp_path):
-  """The host dispatches up to a log interval ahead of the device; the steps still queued when an eval starts are
-  training time, so the row after an eval reports an ordinary throughput, not the dispatch rate."""
+def test_train_rows_time_the_device_not_the_host(tmp_path):
+  """The host dispatches up to a log interval ahead of the device. A row's tokens/s covers the steps between two rows
+  as the device ran them: the first row is not the dispatch rate, the rows after an eval (whose steps were still
+  queued when it started) are ordinary, and the last row does not cover two intervals."""
   wd = str(tmp_path / "run")
-  r = jaxlm("train", "--config", TINY, "--workdir", wd, "--config.train.steps=30", "--config.train.log_every=5",
-            "--config.train.eval_every=10", "--config.train.batch_size=64", "--config.checkpoint.every_steps=100",
+  r = jaxlm("train", "--config", TINY, "--workdir", wd, "--config.train.steps=40", "--config.train.log_every=5",
+            "--config.train.eval_every=20", "--config.train.batch_size=64", "--config.checkpoint.every_steps=100",
             devices=1)
   assert r.returncode == 0, r.stderr[-3000:]
-  rate = {row["step"]: row["tokens_per_s"] for row in rows(wd, "train")}
-  ordinary = max(rate[s] for s in (10, 20, 30))  # rows that end where an eval starts, or at the end (it blocks)
-  for step in (15, 25):  # the first rows after an eval
-    assert rate[step] < 3 * ordinary, rate
+  train_rows = rows(wd, "train")
+  rate = {row["step"]: row["tokens_per_s"] for row in train_rows}
+  assert sorted(rate) == list(range(5, 45, 5))
+  typical = sorted(rate.values())[len(rate) // 2]
+  for step in (5, 25, 40):  # the first row, the first after an eval, the last
+    assert typical / 2 < rate[step] < 2 * typical, rate
+  # train_seconds is stamped with the rate: a row's tokens over its rate is the time since the row before
+  seconds = [row["train_seconds"] for row in train_rows]
+  for before, after, row in zip(seconds, seconds[1:], train_rows[1:]):
+    assert after - before == pytest.approx(5 * 64 * 64 / row["tokens_per_s"], rel=0.05, abs=0.01), train_rows
 
 
 @pytest.mark.slow
