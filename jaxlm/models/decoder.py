@@ -160,10 +160,10 @@ class Block(nn.Module):
     norm = (lambda name: layers.LayerNorm(c.norm_eps, True, c.compute_dtype, name=name)) if c.style == "gpt2" \
         else (lambda name: layers.RMSNorm(c.norm_eps, c.compute_dtype, name=name))
     h = Attention(c, name="attn")(norm("ln_attn")(x), positions, segment_ids, decode)
-    x = x + nn.Dropout(c.dropout)(h, deterministic=deterministic)
+    x = x + layers.Dropout(c.dropout)(h, deterministic=deterministic)
     h = layers.Mlp(c.ffn_dim, c.hidden_act if c.style == "gpt2" else "swiglu", c.use_bias, c.init_std,
                    c.init_std / math.sqrt(2 * c.num_layers), c.compute_dtype, c.lora, name="mlp")(norm("ln_mlp")(x))
-    x = x + nn.Dropout(c.dropout)(h, deterministic=deterministic)
+    x = x + layers.Dropout(c.dropout)(h, deterministic=deterministic)
     return x
 
 
@@ -196,7 +196,7 @@ class Decoder(nn.Module):
     if c.style == "gpt2":
       pos_emb = layers.param(self, "pos_embedding", layers.normal(c.init_std), (c.max_len, c.d_model), (None, "embed"))
       x = x + jnp.take(pos_emb, positions, axis=0).astype(c.compute_dtype)
-    x = nn.Dropout(c.dropout)(x, deterministic=deterministic)
+    x = layers.Dropout(c.dropout)(x, deterministic=deterministic)
 
     block = Block
     if c.remat != "none":

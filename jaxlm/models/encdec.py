@@ -237,7 +237,7 @@ class Mlp(nn.Module):
       h = nn.relu(wi("wi"))
     else:
       h = nn.gelu(wi("wi_0"), approximate=True) * wi("wi_1")
-    h = nn.Dropout(c.dropout)(h, deterministic=self.deterministic)
+    h = layers.Dropout(c.dropout)(h, deterministic=self.deterministic)
     return layers.project(self, "wo", "btf,fd->btd", h, layers.normal(c.init_factor * f ** -0.5), (f, d),
                           ("mlp", "embed"), dt, c.lora)  # [B, T, D]
 
@@ -252,7 +252,7 @@ class EncoderLayer(nn.Module):
     mask, bias = inputs
     c = self.cfg
     norm = lambda name: layers.RMSNorm(c.norm_eps, c.compute_dtype, name=name)
-    drop = lambda h: nn.Dropout(c.dropout)(h, deterministic=self.deterministic)
+    drop = lambda h: layers.Dropout(c.dropout)(h, deterministic=self.deterministic)
     x = x + drop(SelfAttention(c, name="attn")(norm("ln_attn")(x), mask, bias))
     x = x + drop(Mlp(c, self.deterministic, name="mlp")(norm("ln_mlp")(x)))
     return x, None
@@ -269,7 +269,7 @@ class DecoderLayer(nn.Module):
     self_mask, self_bias, encoded, cross_mask, cache_index = inputs
     c = self.cfg
     norm = lambda name: layers.RMSNorm(c.norm_eps, c.compute_dtype, name=name)
-    drop = lambda h: nn.Dropout(c.dropout)(h, deterministic=self.deterministic)
+    drop = lambda h: layers.Dropout(c.dropout)(h, deterministic=self.deterministic)
     h = SelfAttention(c, self.decode, name="self_attn")(norm("ln_self_attn")(x), self_mask, self_bias, cache_index)
     x = x + drop(h)
     x = x + drop(CrossAttention(c, self.decode, name="cross_attn")(norm("ln_cross_attn")(x), encoded, cross_mask))
@@ -307,12 +307,12 @@ class EncoderStack(nn.Module):
     segment_ids = jnp.ones((b, s), jnp.int32) if segment_ids is None else segment_ids
     positions = _default_positions(positions, s)
     x = jnp.take(embedding, tokens, axis=0).astype(c.compute_dtype)  # [B, S, D]
-    x = nn.Dropout(c.dropout)(x, deterministic=deterministic)
+    x = layers.Dropout(c.dropout)(x, deterministic=deterministic)
     bias = RelativePositionBias(c, bidirectional=True, name="relpos_bias")(positions, positions)  # [B|1, H, S, S]
     mask = layers.attention_mask(segment_ids, segment_ids, causal=False)  # [B, 1, S, S]
     x = _run_layers(EncoderLayer, c, c.num_encoder_layers, x, (mask, bias), deterministic=deterministic)
     x = layers.RMSNorm(c.norm_eps, c.compute_dtype, name="ln_final")(x)
-    return nn.Dropout(c.dropout)(x, deterministic=deterministic)
+    return layers.Dropout(c.dropout)(x, deterministic=deterministic)
 
 
 class DecoderStack(nn.Module):
@@ -335,14 +335,14 @@ class DecoderStack(nn.Module):
       segment_ids_k = segment_ids
 
     x = jnp.take(embedding, tokens, axis=0).astype(c.compute_dtype)  # [B, T, D]
-    x = nn.Dropout(c.dropout)(x, deterministic=deterministic)
+    x = layers.Dropout(c.dropout)(x, deterministic=deterministic)
     self_bias = RelativePositionBias(c, bidirectional=False, name="relpos_bias")(positions, positions_k)
     self_mask = layers.attention_mask(segment_ids, segment_ids_k, positions, positions_k, causal=True)
     cross_mask = layers.attention_mask(segment_ids, encoder_segment_ids, causal=False)  # [B, 1, T, S]
     x = _run_layers(DecoderLayer, c, c.num_decoder_layers, x, (self_mask, self_bias, encoded, cross_mask, cache_index),
                     deterministic=deterministic, decode=decode)
     x = layers.RMSNorm(c.norm_eps, c.compute_dtype, name="ln_final")(x)
-    x = nn.Dropout(c.dropout)(x, deterministic=deterministic)
+    x = layers.Dropout(c.dropout)(x, deterministic=deterministic)
 
     if c.tied:  # T5's tied output rescales by d_model**-0.5 before reusing the embedding
       logits = jnp.einsum("btd,vd->btv", x * c.d_model ** -0.5, embedding.astype(c.compute_dtype))  # [B, T, V]

@@ -124,7 +124,7 @@ class SelfAttention(nn.Module):
     qkv = qkv + layers.param(self, "qkv_bias", nn.initializers.zeros, (3, h, e), (None, "heads", "head_dim")).astype(dt)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if c.attention_dropout > 0 and not deterministic:  # the fused kernel has no dropout: spelled out in training
-      drop = nn.Dropout(c.attention_dropout, name="attention_dropout")
+      drop = layers.Dropout(c.attention_dropout, name="attention_dropout")
       y = attention_with_dropout(q, k, v, mask, lambda p: drop(p, deterministic=False))
     else:
       y = layers.dot_product_attention(q, k, v, mask, c.attention_impl)  # [B, T, H, E]
@@ -142,10 +142,10 @@ class Block(nn.Module):
     c = self.cfg
     h = SelfAttention(c, name="attn")(x, mask, deterministic)
     x = layers.LayerNorm(c.norm_eps, True, c.compute_dtype, name="ln_attn")(
-        x + nn.Dropout(c.dropout)(h, deterministic=deterministic))
+        x + layers.Dropout(c.dropout)(h, deterministic=deterministic))
     h = layers.Mlp(c.ffn_dim, c.hidden_act, True, c.init_std, c.init_std, c.compute_dtype, c.lora, name="mlp")(x)
     return layers.LayerNorm(c.norm_eps, True, c.compute_dtype, name="ln_mlp")(
-        x + nn.Dropout(c.dropout)(h, deterministic=deterministic))
+        x + layers.Dropout(c.dropout)(h, deterministic=deterministic))
 
 
 class Encoder(nn.Module):
@@ -166,7 +166,7 @@ class Encoder(nn.Module):
     self.type_embeddings = layers.param(
         self, "type_embeddings", layers.normal(c.init_std), (c.type_vocab_size, c.d_model), (None, "embed"))
     self.ln_embed = layers.LayerNorm(c.norm_eps, True, c.compute_dtype)
-    self.drop = nn.Dropout(c.dropout)
+    self.drop = layers.Dropout(c.dropout)
     block = Block if c.remat == "none" else nn.remat(Block, policy=REMAT_POLICIES[c.remat], static_argnums=(3,))
     self.blocks = [block(c) for _ in range(c.num_layers)]
     if c.pooler:

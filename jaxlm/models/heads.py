@@ -78,7 +78,7 @@ class SequenceClassifier(nn.Module):
     if cls_positions is not None:
       cls = jnp.take_along_axis(hidden, cls_positions[:, :, None], axis=1)  # [B, M, D]
       pooled = encoder.pool(cls.reshape(-1, c.d_model)).reshape(cls.shape)  # [B, M, D]
-    pooled = nn.Dropout(self.dropout)(pooled, deterministic=deterministic)
+    pooled = layers.Dropout(self.dropout)(pooled, deterministic=deterministic)
     logits = Dense(self.num_labels, c.init_std, c.compute_dtype, lora=c.lora, name="classifier")(pooled)  # [B, C]
     return logits.astype(jnp.float32)
 
@@ -99,7 +99,7 @@ class TokenClassifier(nn.Module):
     c = self.cfg
     hidden, _ = Encoder(c, name="encoder")(input_ids, token_type_ids, attention_mask, deterministic, segment_ids,
                                            positions)
-    hidden = nn.Dropout(self.dropout)(hidden, deterministic=deterministic)
+    hidden = layers.Dropout(self.dropout)(hidden, deterministic=deterministic)
     logits = Dense(self.num_labels, c.init_std, c.compute_dtype, lora=c.lora, name="classifier")(hidden)  # [B, L, N]
     logits = logits.astype(jnp.float32)
     scores = None

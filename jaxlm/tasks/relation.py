@@ -21,6 +21,7 @@ import tensorflow_datasets as tfds
 from jaxlm.data import example_packing, records, relations, rows, sources
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.data.sources import DataError
+from jaxlm.models import layers
 from jaxlm.models.encoder import INPUT_NAMES, Encoder, EncoderConfig, dummy_inputs
 from jaxlm.models.heads import Dense
 from jaxlm.tasks import semeval_scorer
@@ -117,7 +118,7 @@ class EntityStartClassifier(nn.Module):
     starts = jnp.stack([e1_start, e2_start], axis=-1)  # [B, (M,) 2]
     pair = jnp.take_along_axis(hidden, starts.reshape(starts.shape[0], -1, 1), axis=1)  # [B, (M *) 2, D]
     pair = pair.reshape(*starts.shape[:-1], 2 * c.d_model)  # [B, (M,) 2D]: [E1] state, then [E2] state
-    pair = nn.Dropout(self.dropout)(pair, deterministic=deterministic)
+    pair = layers.Dropout(self.dropout)(pair, deterministic=deterministic)
     return Dense(self.num_labels, c.init_std, c.compute_dtype, name="classifier")(pair).astype(jnp.float32)
 
 
