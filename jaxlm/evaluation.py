@@ -7,8 +7,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 
 import jax
+import numpy as np
 
 from jaxlm import train
 from jaxlm.checkpoint import Checkpointer
@@ -25,6 +27,9 @@ from jaxlm.workdir import (
   resolve_labels,
   saved_step,
 )
+
+
+TIMING_KEY = "_prediction_timing"  # (examples predicted, seconds) of a pass: for the log line, never a metrics row
 
 
 def split_batches(setup: train.Setup, source: builders.Source, tokenizer, split: str, *, start: int = 0, rows=None):
@@ -44,22 +49,28 @@ def local_batch(setup: train.Setup, local: dict):
 def evaluate(setup: train.Setup, params, batches, eval_fn, predict_fn, records, max_batches: int = 0) -> dict:
   """One eval pass: the task's stats averaged exactly (they are sums), perplexity from the loss, and the task's
   host-side metrics from its predictions and the split's records."""
-  totals, pairs = None, []
+  totals, pairs, predict_seconds, predicted_examples = None, [], 0.0, 0
   for i, local in enumerate(batches):
     if max_batches and i >= max_batches:
       break
     batch = local_batch(setup, local)
     stats = jax.device_get(eval_fn(params, batch))
     totals = stats if totals is None else jax.tree.map(lambda a, b: a + b, totals, stats)
+    start = time.perf_counter()
     predicted = predict_fn(params, batch)
     if predicted is not None:
       pairs.append((local, jax.device_get(predicted)))
+      predict_seconds += time.perf_counter() - start
+      ids = local.get("example_ids")
+      predicted_examples += int(np.sum(np.asarray(ids) >= 0)) if ids is not None else len(next(iter(local.values())))
   if totals is None:
     raise ValueError("the eval split produced no batches")
   out = {k: float(s) / max(float(n), 1.0) for k, (s, n) in totals.items()}
   if "loss" in out:
     out["perplexity"] = float(math.exp(min(out["loss"], 80.0)))
   out.update(setup.task.host_metrics(pairs, records))
+  if pairs:  # logged by write_eval, not a metric: rows stay comparable between runs
+    out[TIMING_KEY] = (predicted_examples, predict_seconds)
   return out
 
 
@@ -90,13 +101,22 @@ def write_eval(writer: MetricWriter, workdir: str, step: int, split: str, result
   WORKDIR/report_{split}_step{step}.txt. Returns the numeric metrics."""
   result = dict(result)
   report = result.pop("report", None)
+  timing = result.pop(TIMING_KEY, None)
   writer.write(step, split, result)
   writer.log(f"step {step} {split}: " + " ".join(f"{k}={v:.4f}" for k, v in result.items()))
+  if timing:
+    writer.log(_timing_line(step, split, timing))
   if report and write_report:
     writer.log(report)
     with open(os.path.join(workdir, f"report_{split}_step{step}.txt"), "w") as f:
       f.write(report)
   return result
+
+
+def _timing_line(step: int, split: str, timing: tuple[int, float]) -> str:
+  examples, seconds = timing
+  return (f"step {step} {split}: predictions for {examples} examples in {seconds:.1f} s "
+          f"({examples / max(seconds, 1e-9):.1f} a second, this process's rows)")
 
 
 def best_or_latest_step(ckpt: Checkpointer, config) -> int | None:
@@ -147,6 +167,9 @@ def run_eval_only(config, workdir: str) -> dict:
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0, progress=False)
   for split, result in results.items():
     result.pop("report", None)
+    timing = result.pop(TIMING_KEY, None)
     writer.write(step, split, result)
+    if timing:
+      writer.log(_timing_line(step, split, timing))
   writer.close()
   return {"step": step, **results}

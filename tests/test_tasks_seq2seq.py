@@ -6,6 +6,7 @@ rouge-score called directly, the LEAD baseline, the train step on meshes, and `j
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -306,6 +307,11 @@ def test_train_predict_generate_end_to_end(tmp_path):
   best = [row["step"] for row in dev if row["bleu"] == max(d["bleu"] for d in dev)]
   assert len(test) == 1 and test[0]["step"] in best and "bleu" in test[0]
   assert os.path.isfile(os.path.join(wd, f"report_test_step{test[0]['step']}.txt"))
+  # the decoding speed of each pass is logged (12 pairs each), not written as a metric
+  for step, split in ((6, "dev"), (12, "dev"), (test[0]["step"], "test")):
+    assert re.search(rf"step {step} {split}: predictions for 12 examples in [0-9.]+ s \([0-9.]+ a second", r.stdout), \
+        r.stdout[-3000:]
+  assert not any(k.startswith("_") for row in metrics for k in row)
 
   (tmp_path / "in.txt").write_text("zebra lion owl\nbear wolf\n")
   r = _jaxlm("predict", "--workdir", wd, "--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "out.jsonl"))
