@@ -40,9 +40,7 @@ def bench_generate(config, *, hf_dir: str | None = None, batch_sizes=(1, 8), pro
   """Greedy and beam-search decoding of `new_tokens` tokens after `prompt_len` prompt tokens (no EOS: every run does
   the same work), timed after compilation; median of `repeats`. tokens_per_s counts generated tokens of all rows."""
   model, params = _model(config, hf_dir)
-  # llama-style caches can be just long enough; gpt2's position table fixes its cache at max_len
-  short = model.cfg.style == "llama"
-  decoding = generation.decoder_decoding(model, prompt_len + new_tokens if short else None)
+  decoding = generation.decoder_decoding(model, prompt_len + new_tokens)  # a cache just long enough, as HF's grows
   rng = np.random.default_rng(0)
   vocab = model.cfg.vocab_size
   out = {"name": config.name, "params": int(sum(x.size for x in jax.tree.leaves(params))), "prompt_len": prompt_len,

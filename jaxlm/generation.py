@@ -75,15 +75,16 @@ def decoder_decoding(model: Decoder, max_len: int | None = None) -> Decoding:
   Each row keeps its own cache, with its own write index, and the model runs once per row under jax.vmap: the
   decoder's cache index is one scalar for the whole batch, and rows of different prompt lengths write at different
   slots. Every cache leaf therefore has a leading row axis (then the decoder's own layout with a batch of 1).
-  A cache shorter than the model's max_len is allowed where no parameter depends on it (llama style).
+  A cache shorter than the model's max_len serves prompts and outputs that fit it: attention and beam reordering
+  then touch only those slots (a gpt2 model keeps its whole position table).
   """
   cfg = model.cfg
   max_len = max_len or cfg.max_len
-  if max_len != cfg.max_len:
-    if cfg.style == "gpt2" or max_len > cfg.max_len:
-      raise ValueError(f"cache length {max_len} != model.max_len={cfg.max_len}: only a shorter cache of a llama-style "
-                       "model is possible (gpt2's position table has max_len rows)")
-    model = Decoder(dataclasses.replace(cfg, max_len=max_len))
+  if max_len > cfg.max_len:
+    raise ValueError(f"cache length {max_len} > model.max_len={cfg.max_len}: positions past the model's are not "
+                     "defined")
+  if max_len != (cfg.cache_len or cfg.max_len):
+    model = Decoder(dataclasses.replace(cfg, cache_len=max_len))
 
   def init_cache(params, batch_size: int, context=None):
     del params, context  # the empty cache is zeros of the shapes the model declares

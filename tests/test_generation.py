@@ -95,9 +95,11 @@ def test_greedy_with_cache_equals_full_recompute(style, scan):
   np.testing.assert_array_equal(out.lengths, [N] * 4)
 
 
-def test_shorter_cache_gives_the_same_tokens():
-  """A llama-style model may decode with fewer cache slots than its max_len (attention over fewer slots)."""
-  model, params = _model("llama")
+@pytest.mark.parametrize("style", STYLES)
+def test_shorter_cache_gives_the_same_tokens(style):
+  """A model may decode with fewer cache slots than its max_len (attention over fewer slots); gpt2 keeps its whole
+  position table."""
+  model, params = _model(style)
   rng = np.random.default_rng(8)
   batch, lengths = _pad_batch([list(rng.integers(0, 50, n)) for n in (6, 2, 4, 3)], rng, 50)
   full = generation.sample(generation.decoder_decoding(model), params, batch, lengths, max_new_tokens=N)
@@ -105,8 +107,9 @@ def test_shorter_cache_gives_the_same_tokens():
   np.testing.assert_array_equal(short.tokens, full.tokens)
   with pytest.raises(ValueError, match="exceeds the cache length"):
     generation.sample(generation.decoder_decoding(model, 6 + N - 1), params, batch, lengths, max_new_tokens=N)
-  with pytest.raises(ValueError, match="position table"):
-    generation.decoder_decoding(_model("gpt2")[0], 12)
+  with pytest.raises(ValueError, match="positions past the model's"):
+    generation.decoder_decoding(model, model.cfg.max_len + 1)
+  assert params["pos_embedding"].shape[0] == model.cfg.max_len if style == "gpt2" else "pos_embedding" not in params
 
 
 @pytest.mark.parametrize("style", STYLES)

@@ -48,6 +48,7 @@ class DecoderConfig:
   scan_layers: bool = False
   attention: str = "xla"
   lora: layers.LoraSpec | None = None  # low-rank adapters on the projections it targets (jaxlm/peft.py sets it)
+  cache_len: int = 0  # decoding cache slots (0: max_len); slot = position, so it serves positions below it
 
   def __post_init__(self):
     if self.style not in ("gpt2", "llama"):
@@ -60,6 +61,8 @@ class DecoderConfig:
       raise ValueError(f"model.hidden_act must be gelu or gelu_tanh, got '{self.hidden_act}'")
     if self.kv_heads <= 0 or self.num_heads % self.kv_heads:
       raise ValueError(f"model.num_kv_heads={self.num_kv_heads} must divide model.num_heads={self.num_heads}")
+    if not 0 <= self.cache_len <= self.max_len:
+      raise ValueError(f"cache length {self.cache_len} must be in 0..model.max_len={self.max_len}")
     if not self.head_dim and self.d_model % self.num_heads:
       raise ValueError(f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}")
 
@@ -133,7 +136,7 @@ class Attention(nn.Module):
   def _update_cache(self, key, value, segment_ids):
     """Writes this call's keys/values at the cache index; returns the whole cache and its positions."""
     b, t, k, e = key.shape
-    max_len = self.cfg.max_len
+    max_len = self.cfg.cache_len or self.cfg.max_len  # slots; the position table (gpt2) keeps max_len rows
     cached_k = self.variable("cache", "key", jnp.zeros, (b, max_len, k, e), key.dtype)
     cached_v = self.variable("cache", "value", jnp.zeros, (b, max_len, k, e), value.dtype)
     cached_seg = self.variable("cache", "segment_ids", jnp.zeros, (b, max_len), jnp.int32)

@@ -62,9 +62,8 @@ class SftTask:
     if self.metrics and self.prompt_width < 1:
       raise ValueError(f"task.max_decode_len={self.max_decode_len} leaves no room for a context in model.max_len="
                        f"{self.model_cfg.max_len}")
-    # a llama-style cache may be shorter than max_len; gpt2's position table fixes it at max_len
-    self.cache_len = (self.model_cfg.max_len if self.model_cfg.style == "gpt2"
-                      else self.prompt_width + self.max_decode_len)
+    # the cache holds what a reply needs, not max_len: attention and beam reordering touch only those slots
+    self.cache_len = self.prompt_width + self.max_decode_len
     self.encoder: chat.ChatEncoder | None = None  # set by row_steps: rows and replies use the rows' tokenizer
 
   # ---- model, loss, metrics ----
