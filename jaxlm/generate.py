@@ -31,7 +31,8 @@ def load_config_for_sampling(workdir: str, overrides=()):
 
 def sample(model: Decoder, params, prompt, rng, *, max_new_tokens: int, temperature: float, top_k: int):
   """prompt [B, P] int32 -> [B, max_new_tokens] ids sampled from a decoder (no EOS stop): generation.sample."""
-  return generation.sample(generation.decoder_decoding(model), params, prompt, max_new_tokens=max_new_tokens, rng=rng,
+  decoding = generation.decoder_decoding(model, min(model.cfg.max_len, prompt.shape[1] + max_new_tokens))
+  return generation.sample(decoding, params, prompt, max_new_tokens=max_new_tokens, rng=rng,
                            temperature=temperature, top_k=top_k).tokens
 
 
@@ -73,7 +74,8 @@ def generate_text(config, workdir: str, prompt: str) -> str:
     if len(ids) + s.max_new_tokens > max_len:
       raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({s.max_new_tokens}) exceeds model.max_len="
                        f"{max_len}")
-    new = _search(generation.decoder_decoding(model), params, jnp.asarray([ids], jnp.int32), s, eos_id, pad_id)
+    decoding = generation.decoder_decoding(model, len(ids) + s.max_new_tokens)  # the slots this search needs
+    new = _search(decoding, params, jnp.asarray([ids], jnp.int32), s, eos_id, pad_id)
     return tokenizer.decode(ids + new)  # decoding the whole sequence keeps the spacing between prompt and sample
   if isinstance(model, EncDec):
     ids = tokenizer.encode(config.task.prefix + prompt)[:config.data.seq_len - 1] + [eos_id]
