@@ -93,14 +93,14 @@ class _Clock:
 
 
 class _Throughput:
-  """Token counts and device time between train rows: slots run (bucketed batches vary) and, for fine-tuning batches
-  that carry attention_mask, non-padding tokens. The host dispatches up to a log interval ahead of the device, so a
-  row's interval ends when its step's metrics come back from the device (the step is then done), not when the host
-  dispatched it."""
+  """Token counts between train rows: slots run (bucketed batches vary) and, for fine-tuning batches that carry
+  attention_mask, non-padding tokens, over the training seconds between the rows (_Clock's: evaluation left out).
+  The host dispatches up to a log interval ahead of the device, so a row is timed when its step's metrics come back
+  from the device (the step is then done), not when the host dispatched it."""
 
   def __init__(self, tokens_per_step: int):
     self.tokens_per_step = tokens_per_step
-    self.done_at = time.time()  # when the last row's step was seen done (or the loop started)
+    self.seen = 0.0  # train_seconds when the last row's step was seen done, or the first step dispatched
     self.real = self.slots = 0
 
   def count(self, local: dict) -> None:
@@ -110,27 +110,22 @@ class _Throughput:
     else:
       self.slots += self.tokens_per_step // jax.process_count()
 
-  def start(self) -> None:
+  def start(self, train_seconds: float) -> None:
     """The first step is compiled and dispatched: the first interval starts here (its work is still to run)."""
-    self.done_at = time.time()
+    self.seen = train_seconds
 
   def cut(self) -> tuple[int, int]:
     """(slots, non-padding tokens) dispatched since the last cut: the tokens of the row at this step."""
     counts, self.real, self.slots = (self.slots, self.real), 0, 0
     return counts
 
-  def rate(self, counts: tuple[int, int]) -> tuple[float, dict]:
+  def rate(self, counts: tuple[int, int], train_seconds: float) -> tuple[float, dict]:
     """(tokens/s, extra row values) of a row whose step has just been seen done; starts the next interval."""
-    now = time.time()
-    elapsed = max(now - self.done_at, 1e-9)
-    self.done_at = now
+    elapsed = max(train_seconds - self.seen, 1e-9)
+    self.seen = train_seconds
     slots, real = counts
     extra = {"nonpad_tokens_per_s": real * jax.process_count() / elapsed} if real else {}
     return slots * jax.process_count() / elapsed, extra
-
-  def pause(self, seconds: float) -> None:
-    """Leaves `seconds` (an evaluation) out of the current interval."""
-    self.done_at += seconds
 
 
 STREAK_KEY = "nonfinite_streak_start"  # checkpoint metadata: first step of the run of skipped updates it is in; 0 = none
@@ -280,7 +275,7 @@ class _Loop:
       profiler.before(step)
       self.state, metrics = step_fn(self.state, local_batch(setup, local))
       if step == first_step:
-        throughput.start()  # compiled: the rows count device time from here
+        throughput.start(self.clock.train_seconds())  # compiled: the rows count device time from here
       step += 1
       profiler.after(step, self.state)
       if skipping:
@@ -350,9 +345,7 @@ class _Loop:
     for split in self.setup.task.eval_splits:
       result = evaluator(self.state.params, split, self.config.train.eval_batches)
       results[split] = write_eval(self.writer, self.workdir, step, split, result, is_main)
-    spent = time.time() - t_eval
-    self.clock.eval_seconds += spent
-    self.throughput.pause(spent)  # the row pulled after an eval counts training time only
+    self.clock.eval_seconds += time.time() - t_eval
     return results
 
   def _emit(self, pending) -> dict:
@@ -360,10 +353,10 @@ class _Loop:
     train_seconds are stamped then, when the step is done."""
     step, metrics, counts = pending
     m = jax.device_get(metrics)
-    tokens_per_s, extra = self.throughput.rate(counts)
+    seconds = self.clock.train_seconds()  # evaluations are left out of it: the row after one counts training only
+    tokens_per_s, extra = self.throughput.rate(counts, seconds)
     row = {"loss": m["loss"], "learning_rate": m["learning_rate"], "grad_norm": m["grad_norm"],
-           "tokens_per_s": tokens_per_s, "nonfinite_skips": m["nonfinite_skips"],
-           "train_seconds": self.clock.train_seconds(), **extra}
+           "tokens_per_s": tokens_per_s, "nonfinite_skips": m["nonfinite_skips"], "train_seconds": seconds, **extra}
     row.update({k: v for k, v in m.items() if k.endswith("_mean")})
     self.writer.write(step, "train", row)
     self.writer.progress_bar(step, float(m["loss"]), tokens_per_s)
