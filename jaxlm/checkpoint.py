@@ -61,21 +61,39 @@ def read_json_item(step_dir: str, item: str) -> dict | None:
   return value if isinstance(value, dict) else None
 
 
+def _closed_loop_callback(unraisable) -> bool:
+  """A read callback of a failed restore that found Orbax's asyncio loop already closed."""
+  tb = unraisable.exc_traceback
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  return (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+          and tb is not None and tb.tb_frame.f_code.co_name == "_check_closed")
+
+
+def _abandoned_orbax_read(unraisable) -> bool:
+  """An Orbax read coroutine of a failed restore, closed when it is garbage-collected: Orbax turns the GeneratorExit
+  into 'Encountered error while reading array index' with the TensorStore spec, which Python prints as unraisable."""
+  code = getattr(unraisable.object, "cr_code", None)
+  exc = unraisable.exc_value
+  return (code is not None and code.co_filename.startswith(_ORBAX_DIR) and exc is not None
+          and isinstance(exc.__cause__, GeneratorExit))
+
+
+_ORBAX_DIR = os.path.dirname(ocp.__file__) + os.sep
+
+
 def ignore_closed_loop_callbacks() -> None:
-  """Drops the 'Event loop is closed' reports of a failed restore. When one array of a damaged step fails to read,
-  Orbax's asyncio loop ends while TensorStore still has reads of the other arrays in flight; as each finishes, its
-  callback calls loop.call_soon_threadsafe on the closed loop and the RuntimeError is printed as unraisable, a
-  traceback per array, around the one-line message that names the step. Every other unraisable report is kept."""
+  """Drops what a failed restore leaves behind on stderr. When one array of a damaged step fails to read, Orbax's
+  asyncio loop ends while TensorStore still has reads of the other arrays in flight: as each finishes, its callback
+  calls loop.call_soon_threadsafe on the closed loop, and the read coroutines never awaited again are closed when
+  they are garbage-collected. Python prints both as unraisable, a traceback per array (when the collector runs, so
+  not on every run), around the one-line message that names the step. Every other unraisable report is kept."""
   previous = sys.unraisablehook
   if getattr(previous, "_jaxlm_closed_loop_filter", False):
     return
 
   def hook(unraisable):
-    tb = unraisable.exc_traceback
-    while tb is not None and tb.tb_next is not None:
-      tb = tb.tb_next
-    if (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed" and tb is not None
-        and tb.tb_frame.f_code.co_name == "_check_closed"):
+    if _closed_loop_callback(unraisable) or _abandoned_orbax_read(unraisable):
       return
     previous(unraisable)
 

@@ -5,6 +5,7 @@ Most cases run in this process (`cli.main`, catching SystemExit) on workdirs bui
 real command in a subprocess, where the whole of what a user sees (stderr, exit code) is checked.
 """
 
+import gc
 import gzip
 import hashlib
 import json
@@ -360,6 +361,41 @@ def test_refused_commands_print_one_line_in_a_real_process(lm_workdir, tmp_path)
   assert (r.returncode, r.stderr) == (1, ("jaxlm: error: --config.train.nonfinite=halt: expected one of 'skip', "
                                          "'stop'\n"))
 
+
+
+class _Pending:
+  def __await__(self):
+    yield
+
+
+def _abandoned_coroutine(filename: str):
+  """A coroutine compiled as if it lived in `filename`, suspended at an await and turning GeneratorExit into an
+  error the way Orbax's array reads do, so closing it when it is collected prints an unraisable report."""
+  scope = {"_Pending": _Pending}
+  exec(compile("async def read():\n"
+               "  try:\n"
+               "    await _Pending()\n"
+               "  except GeneratorExit as e:\n"
+               "    raise Exception('Encountered error while reading array index') from e\n", filename, "exec"), scope)
+  coroutine = scope["read"]()
+  coroutine.send(None)
+  return coroutine
+
+
+def test_abandoned_reads_of_a_failed_restore_are_not_printed(monkeypatch):
+  """Orbax's read coroutines left behind by a damaged step are dropped when collected; anyone else's are reported."""
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: seen.append(unraisable.exc_value))
+  ckpt_lib.ignore_closed_loop_callbacks()
+  orbax_file = os.path.join(ckpt_lib._ORBAX_DIR, "_src", "serialization", "serialization.py")
+  coroutine = _abandoned_coroutine(orbax_file)
+  del coroutine
+  gc.collect()
+  assert seen == []
+  coroutine = _abandoned_coroutine(os.path.join(REPO, "user_code.py"))
+  del coroutine
+  gc.collect()
+  assert [str(e) for e in seen] == ["Encountered error while reading array index"]
 
 # ---- numerics: a diverged run stops loudly ------------------------------------------------------------------------
 
