@@ -32,16 +32,16 @@ def get_config():
 
   c.optim.learning_rate = 1e-3
   c.optim.schedule = "rsqrt"
-  c.optim.warmup_steps = 500
+  c.optim.warmup_steps = 200
   c.optim.weight_decay = 0.0
   c.optim.b2 = 0.98
 
-  c.train.steps = 6000
+  c.train.steps = 600  # ~20 minutes on 2 cores
   c.train.batch_size = 32
   c.train.log_every = 50
-  c.train.eval_every = 1000
+  c.train.eval_every = 300
   c.train.eval_batches = 20
-  c.checkpoint.every_steps = 1000
+  c.checkpoint.every_steps = 300
   c.checkpoint.keep = 1
   c.sample.temperature = 0.0
   return c
