@@ -1,6 +1,7 @@
 """Dropout from 16-bit draws (layers.dropout_keep / layers.Dropout): the rate it keeps, the expectation, the rng
 stream, and both halves of every random word in use."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,3 +48,35 @@ def test_dropout_module_keeps_the_expectation_and_follows_the_rng():
   assert not np.any(np.asarray(layers.Dropout(1.0).apply({}, x, deterministic=False)))
   y = drop.apply({}, x.astype(jnp.bfloat16), deterministic=False, rngs={"dropout": jax.random.key(0, impl="rbg")})
   assert y.dtype == jnp.bfloat16
+
+
+class _Adapted(nn.Module):
+  """One projection with a LoRA adapter, through layers.dense as every model calls it."""
+  lora: layers.LoraSpec
+
+  @nn.compact
+  def __call__(self, x):
+    w = self.param("w", nn.initializers.normal(1.0), (x.shape[-1], 8))
+    a = self.param("w_lora_a", nn.initializers.normal(1.0), (x.shape[-1], self.lora.rank))
+    b = self.param("w_lora_b", nn.initializers.normal(1.0), (self.lora.rank, 8))
+    return layers.dense(self, "btd,df->btf", x, w, jnp.float32, (a, b), self.lora)
+
+
+def test_adapter_dropout_drops_the_adapter_input_in_training_only():
+  """y = x W + (alpha / r) dropout(x) A B: the dropped inputs reach the adapter, never the frozen projection."""
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 64, 32)), jnp.float32)
+  model = _Adapted(layers.LoraSpec(rank=4, alpha=8.0, dropout=0.5, targets="w"))
+  variables = model.init(jax.random.key(0), x)
+  p = variables["params"]
+  base = np.einsum("btd,df->btf", x, p["w"])
+  full = base + 2.0 * np.einsum("btd,dr,rf->btf", x, p["w_lora_a"], p["w_lora_b"])
+  np.testing.assert_allclose(np.asarray(model.apply(variables, x)), full, rtol=1e-5, atol=1e-4)  # no rng: eval
+  y = np.asarray(model.apply(variables, x, rngs={"dropout": jax.random.key(7, impl="rbg")}))
+  assert not np.allclose(y, full, atol=1e-3)
+  # what the adapter saw: (y - x W) / (alpha / r) = dropout(x) A B; recover dropout(x) A exactly from B's pseudo-inverse
+  seen = np.einsum("btf,fr->btr", (y - base) / 2.0, np.linalg.pinv(p["w_lora_b"]))
+  kept = np.einsum("btd,dr->btr", x, p["w_lora_a"])
+  assert np.abs(seen - kept).mean() > 0.2 * np.abs(kept).mean()  # really dropped, at rate 0.5
+  mean = np.mean([np.asarray(model.apply(variables, x, rngs={"dropout": jax.random.key(k, impl="rbg")}))
+                  for k in range(100)], axis=0)
+  assert np.abs(mean - full).mean() < 0.1 * np.abs(full - base).mean()  # and the expectation is kept

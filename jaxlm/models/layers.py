@@ -92,8 +92,8 @@ def dense(module: nn.Module, equation: str, x, w, dtype, adapter=None, lora: Lor
   r = _free_letter(equation)
   rest = "".join(ch for ch in xs if ch not in ins)
   if lora.dropout > 0 and module.has_rng("dropout"):
-    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - lora.dropout, x.shape)
-    x = jnp.where(keep, x / (1.0 - lora.dropout), 0).astype(x.dtype)
+    keep, scale = dropout_keep(module.make_rng("dropout"), lora.dropout, x.shape)
+    x = jnp.where(keep, x * jnp.asarray(scale, x.dtype), jnp.zeros((), x.dtype))
   xa = jnp.einsum(f"{xs},{ins}{r}->{rest}{r}", x, a.astype(dtype)) * jnp.asarray(lora.scale, dtype)  # [..., r]
   return y + jnp.einsum(f"{rest}{r},{r}{outs}->{out}", xa, b.astype(dtype))
 
