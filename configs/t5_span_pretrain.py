@@ -7,8 +7,11 @@ The run trains its 8k sentencepiece model with 32 sentinels (<extra_id_0> ..) on
 loss and perplexity of the decoder targets on a held-out 3% of the lines. Try it: `jaxlm generate --workdir
 /tmp/t5_span --prompt 'The <extra_id_0> of the river' --temperature 0`.
 
-Not measured yet: to come from a run on an idle machine (eval loss / perplexity at the last step,
-train_seconds, tokens/s).
+Measured 2026-11-30 (the recipe as written, `--workdir /tmp/runs/t5_span`, a 2-core machine with a jitted float32
+matmul peak of 146-153 GFLOP/s; the first ~5 minutes shared the cores with a short test run): 600 steps in 1338.0 s
+of training (1,730-2,100 tokens/s by row), train loss 7.14 at step 50 -> 5.12 at 600; held-out eval: loss 5.2933 /
+perplexity 199.0 / token accuracy 0.294 at step 300, loss 5.1035 / perplexity 164.6 / accuracy 0.298 at step 600;
+peak RSS 2.1 GB. What it gives the fine-tunings is measured in configs/t5_dailydialog.py and configs/t5_samsum.py.
 """
 
 import base
