@@ -62,6 +62,8 @@ def get_config() -> ml_collections.ConfigDict:
   CHECKS["task.beam_size"] = at_least(1)
   c.task.length_penalty = 0.6  # beam search ranks log p / ((5 + length) / 6) ** length_penalty (0 = plain log p)
   CHECKS["task.length_penalty"] = at_least(0)
+  c.task.no_repeat_ngram_size = 0  # generation on dev/test and in `jaxlm predict`: n > 0 never repeats an n-gram
+  CHECKS["task.no_repeat_ngram_size"] = at_least(0)
   c.task.max_decode_len = 0  # tokens generated at most, EOS included; 0 = data.target_len (sft: sample.max_new_tokens)
   CHECKS["task.max_decode_len"] = at_least(0)
   # generated-text scores on dev/test (0-100): bleu chrf rouge1 rouge2 rougeL rougeLsum bleu1..4 distinct1..4;
@@ -454,6 +456,8 @@ def get_config() -> ml_collections.ConfigDict:
   CHECKS["sample.beam_size"] = at_least(1)
   c.sample.length_penalty = 0.6  # beam search: alpha of ((5 + length) / 6) ** alpha
   CHECKS["sample.length_penalty"] = at_least(0)
+  c.sample.no_repeat_ngram_size = 0  # n > 0: no n-gram twice in the generated tokens (sampling and beam search)
+  CHECKS["sample.no_repeat_ngram_size"] = at_least(0)
   c.sample.seed = 0  # sampling RNG seed
   CHECKS["sample.seed"] = at_least(0)
 

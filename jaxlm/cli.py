@@ -46,7 +46,8 @@ def cmd_eval(args, overrides):
 
 def cmd_generate(args, overrides):
   config = generate.load_config_for_sampling(args.workdir, overrides)
-  for key in ("max_new_tokens", "temperature", "top_k", "top_p", "beam_size", "length_penalty", "seed"):
+  for key in ("max_new_tokens", "temperature", "top_k", "top_p", "beam_size", "length_penalty", "no_repeat_ngram_size",
+              "seed"):
     value = getattr(args, key)
     if value is not None:
       config.sample[key] = value
@@ -157,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="> 1: beam search (temperature, top-k and top-p unused)")
   p.add_argument("--length-penalty", dest="length_penalty", type=float, default=None,
                  help="beam search: alpha of ((5 + length) / 6) ** alpha")
+  p.add_argument("--no-repeat-ngram-size", dest="no_repeat_ngram_size", type=int, default=None,
+                 help="n > 0: never generate an n-gram twice (sampling and beam search)")
   p.add_argument("--seed", type=int, default=None)
   g = p.add_argument_group("chat (an sft workdir, or any decoder whose tokenizer has the data.chat_* markers)")
   g.add_argument("--chat", action="store_true", help="a conversation in the workdir's chat template: user turns from "

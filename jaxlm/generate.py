@@ -51,11 +51,12 @@ def _search(decoding, params, prompt, s, eos_id: int, pad_id: int, context=None)
   if s.beam_size > 1:
     out = generation.beam_search(decoding, params, prompt, beam_size=int(s.beam_size),
                                  max_new_tokens=int(s.max_new_tokens), alpha=float(s.length_penalty), eos_id=eos_id,
-                                 pad_id=pad_id, context=context)
+                                 pad_id=pad_id, context=context, no_repeat_ngram_size=int(s.no_repeat_ngram_size))
   else:
     out = generation.sample(decoding, params, prompt, max_new_tokens=int(s.max_new_tokens),
                             rng=jax.random.key(int(s.seed)), temperature=float(s.temperature), top_k=int(s.top_k),
-                            top_p=float(s.top_p), eos_id=eos_id, pad_id=pad_id, context=context)
+                            top_p=float(s.top_p), eos_id=eos_id, pad_id=pad_id, context=context,
+                            no_repeat_ngram_size=int(s.no_repeat_ngram_size))
   new = [int(t) for t in np.asarray(out.tokens[0])[:int(out.lengths[0])]]
   return new[:-1] if new and new[-1] == eos_id else new
 
@@ -124,13 +125,13 @@ class ChatSession:
     if s.beam_size > 1:
       out = generation.beam_search(self.decoding, self.params, prompt, lengths, beam_size=int(s.beam_size),
                                    max_new_tokens=int(s.max_new_tokens), alpha=float(s.length_penalty),
-                                   eos_id=end_id, pad_id=pad_id)
+                                   eos_id=end_id, pad_id=pad_id, no_repeat_ngram_size=int(s.no_repeat_ngram_size))
     else:
       rng = jax.random.fold_in(jax.random.key(int(s.seed)), self.replies)
       out = generation.sample(self.decoding, self.params, prompt, lengths, max_new_tokens=int(s.max_new_tokens),
                               rng=rng, temperature=float(s.temperature), top_p=float(s.top_p),
                               top_k=min(int(s.top_k), self.model.cfg.vocab_size),  # k >= vocabulary: no filter
-                              eos_id=end_id, pad_id=pad_id)
+                              eos_id=end_id, pad_id=pad_id, no_repeat_ngram_size=int(s.no_repeat_ngram_size))
     self.replies += 1
     new = [int(t) for t in np.asarray(out.tokens[0])[:int(out.lengths[0])]]
     return self.tokenizer.decode(new[:-1] if new and new[-1] == end_id else new)

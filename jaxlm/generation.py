@@ -187,9 +187,33 @@ def _pick(logits, rng, temperature, top_k: int, top_p):
   return jnp.where(temperature > 0, sampled, greedy)
 
 
-@functools.partial(jax.jit, static_argnames=("decoding", "max_new_tokens", "top_k"))
+def repeated_ngrams(tokens, length, n: int, vocab_size: int):
+  """tokens [R, N] whose first `length` (a traced scalar) are generated -> [R, V] bool: the tokens that would repeat
+  an n-gram already in tokens[:, :length] as the next one (Hugging Face's no_repeat_ngram_size, over the generated
+  tokens alone; n=1 bans every token generated so far)."""
+  rows, total = tokens.shape
+  starts = total - n + 1  # the n-grams tokens[:, j:j+n] that can lie inside the buffer
+  if starts <= 0:
+    return jnp.zeros((rows, vocab_size), bool)
+  match = jnp.broadcast_to(jnp.arange(starts) <= length - n, (rows, starts))  # the n-gram j.. is all generated
+  for t in range(n - 1):  # its first n-1 tokens equal the last n-1 generated ones
+    tail = jax.lax.dynamic_index_in_dim(tokens, jnp.maximum(length - n + 1 + t, 0), axis=1, keepdims=False)  # [R]
+    match = match & (tokens[:, t:t + starts] == tail[:, None])
+  hits = jnp.zeros((rows, vocab_size), jnp.int32).at[jnp.arange(rows)[:, None], tokens[:, n - 1:]].add(
+      match.astype(jnp.int32))
+  return hits > 0
+
+
+def _ban_repeats(scores, tokens, length, n: int):
+  """scores [R, V] with -inf for the tokens that would repeat an n-gram of tokens [R, N]; n 0: unchanged."""
+  if not n:
+    return scores
+  return jnp.where(repeated_ngrams(tokens, length, n, scores.shape[-1]), NEG_INF, scores)
+
+
+@functools.partial(jax.jit, static_argnames=("decoding", "max_new_tokens", "top_k", "no_repeat_ngram_size"))
 def _sample(decoding, params, prompt, prompt_lengths, rng, temperature, top_p, eos_id, pad_id, context, *,
-            max_new_tokens: int, top_k: int):
+            max_new_tokens: int, top_k: int, no_repeat_ngram_size: int):
   b = prompt.shape[0]
   n = max_new_tokens
   cache, logits = _prefill(decoding, params, prompt, prompt_lengths, context)
@@ -204,7 +228,8 @@ def _sample(decoding, params, prompt, prompt_lengths, rng, temperature, top_p, e
   def body(state):
     i, tokens, lengths, done, last, cache = state
     logits, cache = decoding.step(params, cache, last[:, None], (prompt_lengths + i - 1)[:, None])
-    tok = _pick(logits[:, 0], jax.random.fold_in(rng, i), temperature, top_k, top_p)
+    logits = _ban_repeats(logits[:, 0], tokens, i, no_repeat_ngram_size)
+    tok = _pick(logits, jax.random.fold_in(rng, i), temperature, top_k, top_p)
     tok = jnp.where(done, pad_id, tok)
     tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], i, axis=1)
     return i + 1, tokens, lengths + (~done), done | (tok == eos_id), tok, cache
@@ -215,19 +240,20 @@ def _sample(decoding, params, prompt, prompt_lengths, rng, temperature, top_p, e
 
 def sample(decoding: Decoding, params, prompt, prompt_lengths=None, *, max_new_tokens: int, rng=None,
            temperature=0.0, top_k: int = 0, top_p=1.0, eos_id: int | None = None, pad_id: int = 0,
-           context=None) -> Generated:
+           context=None, no_repeat_ngram_size: int = 0) -> Generated:
   """Generates up to max_new_tokens per row of `prompt` [B, P] (right-padded; `prompt_lengths` [B], default P).
 
   temperature 0 is greedy; otherwise a sample from softmax(logits / temperature) restricted to the top_k tokens
-  (0: all) and then to the nucleus of mass top_p (1: all). A row ends at `eos_id` (None: never), and the loop
-  stops when every row has ended. Compiled once per shape, decoding, max_new_tokens and top_k; temperature, top_p,
-  eos_id and pad_id are traced. Sharded params and inputs keep their shardings.
+  (0: all) and then to the nucleus of mass top_p (1: all). no_repeat_ngram_size n > 0 never generates an n-gram a
+  second time within a row's output. A row ends at `eos_id` (None: never), and the loop stops when every row has
+  ended. Compiled once per shape, decoding, max_new_tokens, top_k and no_repeat_ngram_size; temperature, top_p, eos_id
+  and pad_id are traced. Sharded params and inputs keep their shardings.
   """
   _check_lengths(decoding, prompt.shape[1], max_new_tokens)
   return _sample(decoding, params, jnp.asarray(prompt, jnp.int32), _lengths_or_full(prompt, prompt_lengths),
                  jax.random.key(0) if rng is None else rng, jnp.float32(temperature), jnp.float32(top_p),
                  jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad_id), context,
-                 max_new_tokens=max_new_tokens, top_k=top_k)
+                 max_new_tokens=max_new_tokens, top_k=top_k, no_repeat_ngram_size=no_repeat_ngram_size)
 
 
 # ---- beam search ----------------------------------------------------------------------------------------------
@@ -251,9 +277,10 @@ def _top_pool(tokens, scores, lengths, k: int):
   return jnp.take_along_axis(tokens, idx[:, :, None], axis=1), scores, jnp.take_along_axis(lengths, idx, axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("decoding", "beam_size", "max_new_tokens", "return_all"))
+@functools.partial(jax.jit, static_argnames=("decoding", "beam_size", "max_new_tokens", "return_all",
+                                             "no_repeat_ngram_size"))
 def _beam_search(decoding, params, prompt, prompt_lengths, alpha, eos_id, pad_id, context, *, beam_size: int,
-                 max_new_tokens: int, return_all: bool):
+                 max_new_tokens: int, return_all: bool, no_repeat_ngram_size: int):
   b, k, n = prompt.shape[0], beam_size, max_new_tokens
   cache, logits = _prefill(decoding, params, prompt, prompt_lengths, context)
   cache = decoding.reorder(cache, jnp.repeat(jnp.arange(b), k))  # row b*K + j: beam j of prompt b
@@ -302,7 +329,8 @@ def _beam_search(decoding, params, prompt, prompt_lengths, alpha, eos_id, pad_id
     last = jax.lax.dynamic_index_in_dim(state[0], i - 1, axis=2, keepdims=False)  # [B, K]
     positions = jnp.broadcast_to(prompt_lengths[:, None] + i - 1, (b, k))
     logits, cache = decoding.step(params, cache, last.reshape(b * k, 1), positions.reshape(b * k, 1))
-    logp = jax.nn.log_softmax(logits[:, 0], axis=-1).reshape(b, k, -1)  # [B, K, V]
+    logp = jax.nn.log_softmax(logits[:, 0], axis=-1)  # [B*K, V]
+    logp = _ban_repeats(logp, state[0].reshape(b * k, n), i, no_repeat_ngram_size).reshape(b, k, -1)
     state, parent = extend(state, logp, i)
     return i + 1, state, decoding.reorder(cache, (rows + parent).reshape(-1))
 
@@ -319,17 +347,20 @@ def _beam_search(decoding, params, prompt, prompt_lengths, alpha, eos_id, pad_id
 
 
 def beam_search(decoding: Decoding, params, prompt, prompt_lengths=None, *, beam_size: int, max_new_tokens: int,
-                alpha=0.0, eos_id: int | None = None, pad_id: int = 0, context=None, return_all: bool = False) -> Beams:
+                alpha=0.0, eos_id: int | None = None, pad_id: int = 0, context=None, return_all: bool = False,
+                no_repeat_ngram_size: int = 0) -> Beams:
   """Beam search over B prompts [B, P] (right-padded; `prompt_lengths` [B]) with B*K cache rows.
 
   Hypotheses end at `eos_id` (kept in a finished pool of the K best) or at max_new_tokens; they are ranked by
   log p / length_penalty(length, alpha) (alpha 0: plain log-probability). The loop stops once no row's live beams
-  can beat its K-th finished hypothesis. Returns the best hypothesis per row, or all K best first (return_all).
+  can beat its K-th finished hypothesis. no_repeat_ngram_size n > 0: no hypothesis holds an n-gram twice (its
+  scores stay log-probabilities). Returns the best hypothesis per row, or all K best first (return_all).
   """
   _check_lengths(decoding, prompt.shape[1], max_new_tokens)
   return _beam_search(decoding, params, jnp.asarray(prompt, jnp.int32), _lengths_or_full(prompt, prompt_lengths),
                       jnp.float32(alpha), jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad_id), context,
-                      beam_size=beam_size, max_new_tokens=max_new_tokens, return_all=return_all)
+                      beam_size=beam_size, max_new_tokens=max_new_tokens, return_all=return_all,
+                      no_repeat_ngram_size=no_repeat_ngram_size)
 
 
 # ---- measurement ----------------------------------------------------------------------------------------------

@@ -295,6 +295,67 @@ def test_beam_search_stops_early_once_no_live_beam_can_win():
   assert early > 0
 
 
+def _repeats_ngram(seq, n):
+  """Whether seq holds some n-gram twice."""
+  grams = [tuple(seq[j:j + n]) for j in range(len(seq) - n + 1)]
+  return len(grams) != len(set(grams))
+
+
+def _banned_reference(seq, n):
+  """The tokens that, appended to seq, would repeat one of its n-grams."""
+  if len(seq) < n - 1:
+    return set()
+  tail = tuple(seq[len(seq) - n + 1:]) if n > 1 else ()
+  return {seq[j + n - 1] for j in range(len(seq) - n + 1) if tuple(seq[j:j + n - 1]) == tail}
+
+
+def test_repeated_ngrams_mask_matches_a_direct_count():
+  rng = np.random.default_rng(8)
+  tokens = rng.integers(0, 4, (6, 12))  # a 4-token vocabulary: many repeats
+  for n in (1, 2, 3, 4):
+    for length in range(13):
+      mask = np.asarray(generation.repeated_ngrams(jnp.asarray(tokens, jnp.int32), jnp.int32(length), n, 5))
+      for r in range(len(tokens)):
+        expected = _banned_reference(list(tokens[r, :length]), n)
+        assert set(np.flatnonzero(mask[r])) == expected, (n, length, r)
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_no_repeat_ngram_greedy_and_beam_match_a_constrained_reference(style):
+  """Greedy with no_repeat_ngram_size equals a greedy reference (full recomputation) that skips the banned tokens; the
+  unconstrained output of the same prompts repeats bigrams, so the ban changes something. Beam search never returns a
+  hypothesis holding a repeated n-gram, scores it by its true log-probability, and with one beam is that greedy."""
+  vocab, n, ngram = 5, 10, 2
+  model, params = _model(style, vocab=vocab, max_len=16, seed=6)
+  decoding = generation.decoder_decoding(model)
+  prompts = [[3, 0, 4, 2], [2, 4], [1], [4, 4, 0]]
+  batch, lengths = _pad_batch(prompts, np.random.default_rng(9), vocab)
+  free = generation.sample(decoding, params, batch, lengths, max_new_tokens=n)
+  assert any(_repeats_ngram(list(row), ngram) for row in np.asarray(free.tokens))
+  out = generation.sample(decoding, params, batch, lengths, max_new_tokens=n, no_repeat_ngram_size=ngram)
+  for b, prompt in enumerate(prompts):
+    seq, gen = list(prompt), []
+    for _ in range(n):
+      lp = _next_log_probs(model, params, seq)
+      lp[list(_banned_reference(gen, ngram))] = -np.inf
+      gen.append(int(np.argmax(lp)))
+      seq.append(gen[-1])
+    np.testing.assert_array_equal(out.tokens[b], gen)
+    assert not _repeats_ngram(gen, ngram)
+  one = generation.beam_search(decoding, params, batch, lengths, beam_size=1, max_new_tokens=n,
+                               no_repeat_ngram_size=ngram)
+  np.testing.assert_array_equal(one.tokens, out.tokens)
+  beams = generation.beam_search(decoding, params, batch, lengths, beam_size=3, max_new_tokens=n, alpha=0.6,
+                                 eos_id=1, no_repeat_ngram_size=ngram, return_all=True)
+  for b, prompt in enumerate(prompts):
+    for j in range(3):
+      m = int(beams.lengths[b, j])
+      hyp = list(np.asarray(beams.tokens[b, j, :m]))
+      assert not _repeats_ngram(hyp, ngram)
+      np.testing.assert_allclose(float(beams.scores[b, j]),
+                                 _sequence_log_prob(model, params, prompt, hyp) / ((5 + m) / 6) ** 0.6, rtol=1e-5)
+
+
 def test_sharded_params_give_the_single_device_tokens():
   config = config_lib.load(str(REPO / "configs" / "gpt_tiny.py"), ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:8])

@@ -168,6 +168,14 @@ def test_a_tiny_t5_learns_to_copy_and_its_outputs_score_with_sacrebleu(tmp_path)
     assert metrics["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score)
     assert metrics["bleu"] > 60, metrics["report"]  # copied, mostly: 2000 pairs of 2-4 words seen 6.4 times
     assert "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:" in metrics["report"]
+    if beams == 1:
+      greedy = hyps
+  # the copies repeat the words the sources repeat; with no 1-gram repeated, no output holds a word twice
+  assert any(len(set(h.split())) < len(h.split()) for h in greedy)
+  task.beam_size, task.no_repeat = 1, 1
+  banned = task.outputs(_predict_pass(task, config, state.params, tok))
+  assert all(len(set(h.split())) == len(h.split()) for h in banned.values())
+  assert sum(banned[i] == greedy[i] for i in banned) >= len(records) // 2  # sources without repeats: copied still
 
 
 def test_metrics_equal_sacrebleu_and_rouge_score_called_directly():
@@ -322,3 +330,8 @@ def test_train_predict_generate_end_to_end(tmp_path):
   r = _jaxlm("generate", "--workdir", wd, "--prompt", "zebra lion owl", "--beam-size", "2", "--max-new-tokens", "8")
   assert r.returncode == 0, r.stderr[-3000:]
   assert r.stdout.rstrip("\n").split("\n")[-1] == outputs[0]["output"]
+  r = _jaxlm("generate", "--workdir", wd, "--prompt", "zebra lion owl", "--beam-size", "2", "--max-new-tokens", "8",
+             "--no-repeat-ngram-size", "1")
+  assert r.returncode == 0, r.stderr[-3000:]
+  words = r.stdout.rstrip("\n").split("\n")[-1].split()
+  assert len(set(words)) == len(words)

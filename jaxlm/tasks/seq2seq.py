@@ -84,6 +84,7 @@ class Seq2SeqTask:
     if not 0.0 <= self.label_smoothing < 1.0:
       raise ValueError(f"task.label_smoothing must be in [0, 1), got {self.label_smoothing}")
     self.beam_size, self.length_penalty = int(t.beam_size), float(t.length_penalty)
+    self.no_repeat = int(t.no_repeat_ngram_size)
     if self.beam_size < 1:
       raise ValueError(f"task.beam_size must be at least 1 (1 = greedy), got {self.beam_size}")
     self.max_decode_len = int(t.max_decode_len) or self.target_len
@@ -135,10 +136,10 @@ class Seq2SeqTask:
     if self.beam_size > 1:
       out = generation.beam_search(self.decoding, params, start, beam_size=self.beam_size,
                                    max_new_tokens=self.max_decode_len, alpha=self.length_penalty, eos_id=eos_id,
-                                   pad_id=pad_id, context=context)
+                                   pad_id=pad_id, context=context, no_repeat_ngram_size=self.no_repeat)
     else:
       out = generation.sample(self.decoding, params, start, max_new_tokens=self.max_decode_len, temperature=0.0,
-                              eos_id=eos_id, pad_id=pad_id, context=context)
+                              eos_id=eos_id, pad_id=pad_id, context=context, no_repeat_ngram_size=self.no_repeat)
     return {"tokens": out.tokens, "lengths": out.lengths}
 
   def predict(self, params, batch):
@@ -168,7 +169,7 @@ class Seq2SeqTask:
     ids = sorted(texts)
     hyps, refs = [texts[i] for i in ids], [records_[i]["target"] for i in ids]
     decoding = (f"beam search, {self.beam_size} beams, length penalty {self.length_penalty}" if self.beam_size > 1
-                else "greedy")
+                else "greedy") + (f", no {self.no_repeat}-gram repeated" if self.no_repeat else "")
     report = [f"{len(ids)} examples; {decoding}, at most {self.max_decode_len} tokens"]
     result, lines = text_metrics.score(hyps, refs, self.metrics)
     report += lines

@@ -54,6 +54,7 @@ class SftTask:
     self.template = chat.ChatTemplate.from_config(d)
     self.metrics = text_metrics.check_names(t.metrics)
     self.beam_size, self.length_penalty = int(t.beam_size), float(t.length_penalty)
+    self.no_repeat = int(t.no_repeat_ngram_size)
     self.max_decode_len = int(t.max_decode_len) or int(config.sample.max_new_tokens)
     self.report_examples = int(t.report_examples)
     # Replies are generated from the rows' context, at most prompt_width tokens of it (the latest), into a cache
@@ -104,10 +105,11 @@ class SftTask:
     if self.beam_size > 1:
       out = generation.beam_search(decoding, params, prompt, lengths - start, beam_size=self.beam_size,
                                    max_new_tokens=self.max_decode_len, alpha=self.length_penalty,
-                                   eos_id=encoder.end_id, pad_id=pad_id)
+                                   eos_id=encoder.end_id, pad_id=pad_id, no_repeat_ngram_size=self.no_repeat)
     else:
       out = generation.sample(decoding, params, prompt, lengths - start, max_new_tokens=self.max_decode_len,
-                              temperature=0.0, eos_id=encoder.end_id, pad_id=pad_id)
+                              temperature=0.0, eos_id=encoder.end_id, pad_id=pad_id,
+                              no_repeat_ngram_size=self.no_repeat)
     return {"tokens": out.tokens, "lengths": out.lengths}
 
   def predict(self, params, batch):
@@ -137,7 +139,7 @@ class SftTask:
     keys = sorted(replies)
     hyps, refs = [replies[k] for k in keys], [records_[e]["contents"][t] for e, t in keys]
     decoding = (f"beam search, {self.beam_size} beams, length penalty {self.length_penalty}" if self.beam_size > 1
-                else "greedy")
+                else "greedy") + (f", no {self.no_repeat}-gram repeated" if self.no_repeat else "")
     report = [(f"{len(keys)} assistant turns, each generated from its context; {decoding}, at most "
                f"{self.max_decode_len} tokens")]
     result, lines = text_metrics.score(hyps, refs, self.metrics)
