@@ -165,11 +165,7 @@ def run_eval_only(config, workdir: str) -> dict:
   if jax.process_index() == 0:  # rows of this step written by training are replaced: each (step, split) once
     drop_rows(os.path.join(workdir, "metrics.jsonl"), step, splits)
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0, progress=False)
-  for split, result in results.items():
-    result.pop("report", None)
-    timing = result.pop(TIMING_KEY, None)
-    writer.write(step, split, result)
-    if timing:
-      writer.log(_timing_line(step, split, timing))
+  metrics = {split: write_eval(writer, workdir, step, split, result, jax.process_index() == 0)
+             for split, result in results.items()}
   writer.close()
-  return {"step": step, **results}
+  return {"step": step, **metrics}

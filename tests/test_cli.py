@@ -115,8 +115,10 @@ def test_train_rows_time_the_device_not_the_host(tmp_path):
   rate = {row["step"]: row["tokens_per_s"] for row in train_rows}
   assert sorted(rate) == list(range(5, 45, 5))
   typical = sorted(rate.values())[len(rate) // 2]
-  for step in (5, 25, 40):  # the first row, the first after an eval, the last
-    assert typical / 2 < rate[step] < 2 * typical, rate
+  # the first row, the first after an eval, the last: within 3x of the typical row either way (a busy machine slowed
+  # the first row of one run to 0.43x of the typical one)
+  for step in (5, 25, 40):
+    assert typical / 3 < rate[step] < 3 * typical, rate
   # train_seconds is stamped with the rate: a row's tokens over its rate is the time since the row before
   seconds = [row["train_seconds"] for row in train_rows]
   for before, after, row in zip(seconds, seconds[1:], train_rows[1:]):

@@ -320,6 +320,16 @@ def test_train_predict_generate_end_to_end(tmp_path):
     assert re.search(rf"step {step} {split}: predictions for 12 examples in [0-9.]+ s \([0-9.]+ a second", r.stdout), \
         r.stdout[-3000:]
   assert not any(k.startswith("_") for row in metrics for k in row)
+  # `jaxlm eval` rescores the tested checkpoint: its rows replace training's, its reports are written again
+  for name in os.listdir(wd):
+    if name.startswith("report_"):
+      os.remove(os.path.join(wd, name))
+  r = _jaxlm("eval", "--config", BASE, *common, *overrides)
+  assert r.returncode == 0, r.stderr[-3000:]
+  result = json.loads(r.stdout.strip().splitlines()[-1])
+  assert result["step"] == test[0]["step"] and result["test"]["bleu"] == pytest.approx(test[0]["bleu"])
+  assert sorted(n for n in os.listdir(wd) if n.startswith("report_")) == [
+      f"report_dev_step{result['step']}.txt", f"report_test_step{result['step']}.txt"]
 
   (tmp_path / "in.txt").write_text("zebra lion owl\nbear wolf\n")
   r = _jaxlm("predict", "--workdir", wd, "--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "out.jsonl"))
