@@ -381,6 +381,10 @@ def get_config() -> ml_collections.ConfigDict:
   CHECKS["peft.dropout"] = rate()
   c.peft.targets = "attn/(qkv|q|kv|k|v|o)$|mlp/(wi|wi_0|wi_1|wo)$"  # regex over projection paths that get adapters
   CHECKS["peft.targets"] = FREE
+  # decoders: token ids whose embedding row (and output row) train beside the adapters, as deltas on the frozen ones
+  # (PEFT's trainable_token_indices), e.g. chat markers a pretrained model never saw; `jaxlm export --merge` folds them
+  c.peft.trainable_token_ids = ()
+  CHECKS["peft.trainable_token_ids"] = each(at_least(0))
 
   # ---- training ------------------------------------------------------------------------------------------
   c.train = ml_collections.ConfigDict()

@@ -26,4 +26,8 @@ def get_config():
   c.peft.dropout = 0.05
   c.model.dropout = 0.0
   c.optim.learning_rate = 1e-3
+  # the chat markers' rows train too: the pretraining recipe never showed them to the model, and frozen at their
+  # initial values they cost LoRA most of its way (docstring); ids 4-7 are llama_pretrain_wiki.CHAT_MARKERS in its
+  # tokenizer (user-defined pieces follow <pad> <unk> <s> </s>)
+  c.peft.trainable_token_ids = (4, 5, 6, 7)
   return c

@@ -43,6 +43,10 @@ def export(workdir: str, out_dir: str, *, merge: bool = False, log=print) -> str
   """Writes the workdir's best-or-latest checkpoint to `out_dir` as a Hugging Face model (see the module docstring);
   returns out_dir."""
   config = workdir_lib.read_config(workdir)
+  token_ids = tuple(config.peft.get("trainable_token_ids", ())) if config.peft.method == "lora" else ()
+  if token_ids and not merge:
+    raise ConvertError(f"{workdir} trains token rows (peft.trainable_token_ids={token_ids}), which the PEFT-format "
+                       "export has no place for: export with --merge (they are added to the embedding and output rows)")
   setup = train.build(config)
   ckpt = Checkpointer(workdir, config.checkpoint, read_only=True)
   step, params = evaluation.restore_params(setup, ckpt)

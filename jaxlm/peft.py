@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.config import ConfigError
+from jaxlm.models.decoder import DecoderConfig
 from jaxlm.models.encoder import EncoderConfig
-from jaxlm.models.layers import LORA_SUFFIXES, LoraSpec
+from jaxlm.models.layers import LORA_SUFFIXES, TOKEN_DELTA, LoraSpec
 
 METHODS = ("none", "lora")
 TRAINED, FROZEN = "trained", "frozen"  # the optimiser's two partitions (jaxlm/optim.py)
@@ -55,7 +56,8 @@ def lora_spec(peft_cfg) -> LoraSpec | None:
   if not peft_cfg.targets:
     raise PeftError("peft.targets is empty: give a regex over projection paths, e.g. 'attn/(qkv|o)|mlp/(wi|wo)'")
   _regex("peft.targets", peft_cfg.targets)
-  return LoraSpec(int(peft_cfg.rank), float(peft_cfg.alpha), float(peft_cfg.dropout), str(peft_cfg.targets))
+  token_ids = tuple(int(i) for i in peft_cfg.get("trainable_token_ids", ()))
+  return LoraSpec(int(peft_cfg.rank), float(peft_cfg.alpha), float(peft_cfg.dropout), str(peft_cfg.targets), token_ids)
 
 
 def with_lora(model: nn.Module, spec: LoraSpec | None) -> nn.Module:
@@ -64,6 +66,9 @@ def with_lora(model: nn.Module, spec: LoraSpec | None) -> nn.Module:
   if cfg is None or not any(f.name == "lora" for f in dataclasses.fields(cfg)):
     raise PeftError(f"peft.method='lora': the model {type(model).__name__} has no LoRA support (its config carries "
                     "no LoraSpec)")
+  if spec is not None and spec.token_ids and not isinstance(cfg, DecoderConfig):
+    raise PeftError(f"peft.trainable_token_ids={spec.token_ids}: trained token rows are built for decoders "
+                    f"(model.family='decoder'), not for {type(model).__name__}")
   return model.clone(cfg=dataclasses.replace(cfg, lora=spec))
 
 
@@ -108,7 +113,8 @@ def map_paths(fn: Callable[[str, object], object], tree):
 
 
 def is_adapter(path: str) -> bool:
-  return path.endswith(LORA_SUFFIXES)
+  """LoRA factors and trained token rows: what peft.method='lora' adds to the model and trains."""
+  return path.endswith((*LORA_SUFFIXES, TOKEN_DELTA))
 
 
 def _listing(names: list[str], n: int = 8) -> str:
@@ -142,7 +148,7 @@ def trainable_mask(params, model: nn.Module, config, *, projections: Callable[[]
     return chosen and not (frozen_re is not None and frozen_re.search(path))
 
   if check:
-    if lora is not None and not any(is_adapter(p) for p in names):
+    if lora is not None and not any(p.endswith(LORA_SUFFIXES) for p in names):
       listed = _listing(projections()) if projections is not None else _listing(names)
       raise PeftError(f"peft.targets='{lora.targets}' matches none of this model's dense projections: {listed}")
     for key, pattern in (("optim.trainable", trainable_re), ("optim.frozen", frozen_re)):
@@ -211,21 +217,42 @@ def count(tree, mask=None, trained: bool = True) -> int:
 def merge_adapters(params, spec: LoraSpec):
   """Params with every adapter folded into the weight it adapts (W + alpha / r * A B) and removed: the tree of the
   model without LoRA, computing the same function (up to rounding). Every projection's weight is laid out
-  [inputs..., outputs...] (layers.lora_shapes), with a leading layers axis under scan_layers."""
+  [inputs..., outputs...] (layers.lora_shapes), with a leading layers axis under scan_layers. Trained token rows
+  are added to their table: embedding [V, D] rows, lm_head [D, V] columns (spec.token_ids)."""
   def fold(node, where):
     if not isinstance(node, dict):
       return node
     out = {}
     for key, value in node.items():
-      if key.endswith(LORA_SUFFIXES):
+      if key.endswith((*LORA_SUFFIXES, TOKEN_DELTA)):
         continue
       a, b = node.get(key + LORA_SUFFIXES[0]), node.get(key + LORA_SUFFIXES[1])
       if a is not None and b is not None:
         value = value + spec.scale * _product(a, b, np.shape(value), f"{where}{key}")
+      delta = node.get(key + TOKEN_DELTA)
+      if delta is not None:
+        value = _add_token_rows(value, delta, spec.token_ids, f"{where}{key}")
       out[key] = fold(value, f"{where}{key}/")
     return out
 
   return fold(nn.meta.unbox(params), "")
+
+
+def _add_token_rows(table, delta, token_ids, where: str):
+  """table [V, D] + delta [K, D] at rows token_ids, or table [D, V] + delta [D, K] at those columns."""
+  ids = np.asarray(token_ids, np.int32)
+  if np.shape(delta) == (len(ids), np.shape(table)[1]):
+    index = (ids,)
+  elif np.shape(delta) == (np.shape(table)[0], len(ids)):
+    index = (slice(None), ids)
+  else:
+    raise ValueError(f"{where}: token rows {np.shape(delta)} for {len(ids)} ids do not fit the table "
+                     f"{np.shape(table)}")
+  if isinstance(table, np.ndarray):
+    out = np.array(table, np.float32)
+    out[index] += np.asarray(delta, np.float32)
+    return out
+  return jnp.asarray(table, jnp.float32).at[index].add(jnp.asarray(delta, jnp.float32))
 
 
 def _product(a, b, weight_shape, where: str):
@@ -246,7 +273,7 @@ def strip_adapters(params):
   def strip(node):
     if not isinstance(node, dict):
       return node
-    return {k: strip(v) for k, v in node.items() if not k.endswith(LORA_SUFFIXES)}
+    return {k: strip(v) for k, v in node.items() if not k.endswith((*LORA_SUFFIXES, TOKEN_DELTA))}
   return strip(nn.meta.unbox(params))
 
 

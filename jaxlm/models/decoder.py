@@ -65,6 +65,10 @@ class DecoderConfig:
       raise ValueError(f"cache length {self.cache_len} must be in 0..model.max_len={self.max_len}")
     if not self.head_dim and self.d_model % self.num_heads:
       raise ValueError(f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}")
+    token_ids = self.lora.token_ids if self.lora is not None else ()
+    if any(not 0 <= i < self.vocab_size for i in token_ids) or len(set(token_ids)) != len(token_ids):
+      raise ValueError(f"peft.trainable_token_ids={tuple(token_ids)}: expected distinct ids in 0..model.vocab_size-1 "
+                       f"({self.vocab_size - 1})")
 
   @property
   def kv_heads(self) -> int:
@@ -195,7 +199,14 @@ class Decoder(nn.Module):
     if segment_ids is None:
       segment_ids = jnp.ones((b, t), jnp.int32)
     emb = layers.param(self, "embedding", layers.normal(c.init_std), (c.vocab_size, c.d_model), ("vocab", "embed"))
-    x = jnp.take(emb, tokens, axis=0).astype(c.compute_dtype)  # [B, T, D]
+    x = jnp.take(emb, tokens, axis=0)  # [B, T, D]
+    token_ids = c.lora.token_ids if c.lora is not None else ()
+    if token_ids:  # trained rows: emb[id] + delta for the listed ids (zero at the start)
+      ids = jnp.asarray(token_ids, jnp.int32)
+      delta = layers.param(self, "embedding" + layers.TOKEN_DELTA, nn.initializers.zeros, (len(token_ids), c.d_model),
+                           (None, "embed"))
+      x = x + jnp.einsum("btk,kd->btd", (tokens[..., None] == ids).astype(delta.dtype), delta)
+    x = x.astype(c.compute_dtype)
     if c.style == "gpt2":
       pos_emb = layers.param(self, "pos_embedding", layers.normal(c.init_std), (c.max_len, c.d_model), (None, "embed"))
       x = x + jnp.take(pos_emb, positions, axis=0).astype(c.compute_dtype)
@@ -222,7 +233,13 @@ class Decoder(nn.Module):
       x = layers.RMSNorm(c.norm_eps, c.compute_dtype, name="ln_final")(x)
     if c.tie_embeddings:
       logits = jnp.einsum("btd,vd->btv", x, emb.astype(c.compute_dtype))  # [B, T, V]
+      if token_ids:  # the tied output rows are the trained embedding rows
+        logits = logits.at[..., ids].add(jnp.einsum("btd,kd->btk", x, delta.astype(c.compute_dtype)))
     else:
       logits = layers.project(self, "lm_head", "btd,dv->btv", x, layers.normal(c.init_std), (c.d_model, c.vocab_size),
                               ("embed", "vocab"), c.compute_dtype, c.lora)  # [B, T, V]
+      if token_ids:  # lm_head[:, id] + delta for the listed ids
+        head_delta = layers.param(self, "lm_head" + layers.TOKEN_DELTA, nn.initializers.zeros,
+                                  (c.d_model, len(token_ids)), ("embed", None))
+        logits = logits.at[..., ids].add(jnp.einsum("btd,dk->btk", x, head_delta.astype(c.compute_dtype)))
     return logits.astype(jnp.float32)

@@ -31,6 +31,7 @@ class LoraSpec:
   alpha: float
   dropout: float = 0.0
   targets: str = ""
+  token_ids: tuple[int, ...] = ()  # decoders: rows of the embedding (and output layer) trained as deltas
 
   @property
   def scale(self) -> float:
@@ -41,6 +42,7 @@ class LoraSpec:
 
 
 LORA_SUFFIXES = ("_lora_a", "_lora_b")  # an adapter's leaves sit beside the weight `name` as name_lora_a / name_lora_b
+TOKEN_DELTA = "_token_delta"  # trained token rows sit beside the table `name` as name_token_delta (LoraSpec.token_ids)
 
 
 def split_equation(equation: str) -> tuple[str, str, str, str, str]:
