@@ -43,16 +43,16 @@ def export(workdir: str, out_dir: str, *, merge: bool = False, log=print) -> str
   """Writes the workdir's best-or-latest checkpoint to `out_dir` as a Hugging Face model (see the module docstring);
   returns out_dir."""
   config = workdir_lib.read_config(workdir)
-  token_ids = tuple(config.peft.get("trainable_token_ids", ())) if config.peft.method == "lora" else ()
-  if token_ids and not merge:
-    raise ConvertError(f"{workdir} trains token rows (peft.trainable_token_ids={token_ids}), which the PEFT-format "
-                       "export has no place for: export with --merge (they are added to the embedding and output rows)")
+  spec = peft.lora_spec(config.peft)
+  if spec is not None and spec.token_ids and not merge:
+    raise ConvertError(f"{workdir} trains token rows (peft.trainable_token_ids={spec.token_ids}), which the "
+                       "PEFT-format export has no place for: export with --merge (they are added to the embedding and "
+                       "output rows)")
   setup = train.build(config)
   ckpt = Checkpointer(workdir, config.checkpoint, read_only=True)
   step, params = evaluation.restore_params(setup, ckpt)
   ckpt.close()
   family = peft_format.family_of(config.model)
-  spec = peft.lora_spec(config.peft)
   model = setup.task.model
   cfg = dataclasses.replace(model.cfg, lora=None)
   host = to_host(params)

@@ -266,6 +266,12 @@ class Beams(NamedTuple):
   steps: jax.Array  # () int32: positions decoded before the loop stopped
 
 
+def describe(beam_size: int, alpha: float, no_repeat_ngram_size: int = 0) -> str:
+  """The search, as the dev/test reports name it."""
+  search = f"beam search, {beam_size} beams, length penalty {alpha}" if beam_size > 1 else "greedy"
+  return search + (f", no {no_repeat_ngram_size}-gram repeated" if no_repeat_ngram_size else "")
+
+
 def length_penalty(length, alpha):
   """GNMT / T5: ((5 + length) / 6) ** alpha; a hypothesis scores log p / length_penalty(length)."""
   return ((5.0 + length) / 6.0) ** alpha

@@ -56,8 +56,8 @@ def lora_spec(peft_cfg) -> LoraSpec | None:
   if not peft_cfg.targets:
     raise PeftError("peft.targets is empty: give a regex over projection paths, e.g. 'attn/(qkv|o)|mlp/(wi|wo)'")
   _regex("peft.targets", peft_cfg.targets)
-  token_ids = tuple(int(i) for i in peft_cfg.get("trainable_token_ids", ()))
-  return LoraSpec(int(peft_cfg.rank), float(peft_cfg.alpha), float(peft_cfg.dropout), str(peft_cfg.targets), token_ids)
+  return LoraSpec(int(peft_cfg.rank), float(peft_cfg.alpha), float(peft_cfg.dropout), str(peft_cfg.targets),
+                  tuple(int(i) for i in peft_cfg.trainable_token_ids))
 
 
 def with_lora(model: nn.Module, spec: LoraSpec | None) -> nn.Module:
@@ -112,9 +112,12 @@ def map_paths(fn: Callable[[str, object], object], tree):
   return jax.tree_util.tree_map_with_path(lambda p, x: fn(path_name(p), x), tree, is_leaf=_is_box)
 
 
+ADDED_SUFFIXES = (*LORA_SUFFIXES, TOKEN_DELTA)  # what peft.method='lora' adds to a model: LoRA factors, token rows
+
+
 def is_adapter(path: str) -> bool:
   """LoRA factors and trained token rows: what peft.method='lora' adds to the model and trains."""
-  return path.endswith((*LORA_SUFFIXES, TOKEN_DELTA))
+  return path.endswith(ADDED_SUFFIXES)
 
 
 def _listing(names: list[str], n: int = 8) -> str:
@@ -224,7 +227,7 @@ def merge_adapters(params, spec: LoraSpec):
       return node
     out = {}
     for key, value in node.items():
-      if key.endswith((*LORA_SUFFIXES, TOKEN_DELTA)):
+      if is_adapter(key):
         continue
       a, b = node.get(key + LORA_SUFFIXES[0]), node.get(key + LORA_SUFFIXES[1])
       if a is not None and b is not None:
@@ -273,7 +276,7 @@ def strip_adapters(params):
   def strip(node):
     if not isinstance(node, dict):
       return node
-    return {k: strip(v) for k, v in node.items() if not k.endswith((*LORA_SUFFIXES, TOKEN_DELTA))}
+    return {k: strip(v) for k, v in node.items() if not is_adapter(k)}
   return strip(nn.meta.unbox(params))
 
 

@@ -168,8 +168,7 @@ class Seq2SeqTask:
     texts = self.outputs(pairs)
     ids = sorted(texts)
     hyps, refs = [texts[i] for i in ids], [records_[i]["target"] for i in ids]
-    decoding = (f"beam search, {self.beam_size} beams, length penalty {self.length_penalty}" if self.beam_size > 1
-                else "greedy") + (f", no {self.no_repeat}-gram repeated" if self.no_repeat else "")
+    decoding = generation.describe(self.beam_size, self.length_penalty, self.no_repeat)
     report = [f"{len(ids)} examples; {decoding}, at most {self.max_decode_len} tokens"]
     result, lines = text_metrics.score(hyps, refs, self.metrics)
     report += lines

@@ -138,8 +138,7 @@ class SftTask:
     replies = self.replies(pairs)
     keys = sorted(replies)
     hyps, refs = [replies[k] for k in keys], [records_[e]["contents"][t] for e, t in keys]
-    decoding = (f"beam search, {self.beam_size} beams, length penalty {self.length_penalty}" if self.beam_size > 1
-                else "greedy") + (f", no {self.no_repeat}-gram repeated" if self.no_repeat else "")
+    decoding = generation.describe(self.beam_size, self.length_penalty, self.no_repeat)
     report = [(f"{len(keys)} assistant turns, each generated from its context; {decoding}, at most "
                f"{self.max_decode_len} tokens")]
     result, lines = text_metrics.score(hyps, refs, self.metrics)
