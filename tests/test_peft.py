@@ -101,6 +101,44 @@ def test_adapter_output_is_x_w_plus_scaled_x_a_b(equation, x_shape, w_shape):
   np.testing.assert_allclose(np.asarray(module.apply({"params": params}, x)), expected, rtol=1e-5, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("equation,x_shape,w_shape", [
+    ("btd,dche->btche", (2, 3, 8), (8, 3, 2, 4)),
+    ("bthe,hed->btd", (2, 3, 2, 4), (2, 4, 8)),
+    ("btd,dcf->btcf", (2, 3, 8), (8, 2, 6)),
+])
+def test_adapter_gradients_are_those_of_x_w_plus_scaled_x_a_b(equation, x_shape, w_shape):
+  """The adapted projection's own backward pass (layers._merged_lora) against the gradients of the unmerged sum
+  written out in float64 numpy, for a loss sum(c * y) with random c: x, W (when it trains), A and B."""
+  spec = layers.LoraSpec(rank=3, alpha=5.0, targets="w")
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=x_shape).astype(np.float32)
+  module = _Projection(equation, w_shape, ("embed",) * len(w_shape), spec)
+  params = _randomise_adapters(module.init(jax.random.key(0), x)["params"], std=0.3)
+  y_shape = jax.eval_shape(lambda p: module.apply({"params": p}, x), params).shape
+  c = rng.normal(size=y_shape).astype(np.float32)
+  loss = lambda p, x: jnp.sum(jnp.asarray(c) * module.apply({"params": p}, x))
+  grads, dx = jax.grad(loss, argnums=(0, 1))(params, x)
+
+  w, a, b = (np.asarray(params[k], np.float64) for k in ("w", "w_lora_a", "w_lora_b"))
+  n_in = len(w_shape) - (b.ndim - 1)
+  n_rest = len(x_shape) - n_in
+  x64, c64 = x.astype(np.float64), c.astype(np.float64)
+  xa = np.tensordot(x64, a, axes=n_in)  # [rest..., r]
+  g_xa = np.tensordot(c64, b, axes=(list(range(n_rest, c64.ndim)), list(range(1, b.ndim))))  # [rest..., r]
+  rest_axes = list(range(n_rest))
+  expected = {
+      "w": np.tensordot(x64, c64, axes=(rest_axes, rest_axes)),
+      "w_lora_a": spec.scale * np.tensordot(x64, g_xa, axes=(rest_axes, rest_axes)),
+      "w_lora_b": spec.scale * np.tensordot(xa, c64, axes=(rest_axes, rest_axes)),
+  }
+  merged = w + spec.scale * np.tensordot(a, b, axes=1)
+  expected_dx = np.tensordot(c64, merged, axes=(list(range(n_rest, c64.ndim)), list(range(n_in, w.ndim))))
+  for name, want in expected.items():
+    np.testing.assert_allclose(np.asarray(grads[name]), want, rtol=1e-4, atol=1e-4, err_msg=name)
+  np.testing.assert_allclose(np.asarray(dx), expected_dx, rtol=1e-4, atol=1e-4)
+
+
 def _config(*extra):
   return config_lib.load(BASE, CLASSIFY + list(extra))
 
