@@ -9,7 +9,7 @@ Measured (2026-12-01, an idle 2-core machine of this kind, jitted float32 matmul
 run after another): dev accuracy 0.8555 / 0.8750 / 0.8716 / 0.8853 at steps 263 / 526 / 789 / 1052 (1 epoch), 756.4 s
 of training, against the full fine-tune's 1033.0 s (dev 0.8956) right before it; 443,522 of 23,008,898 parameters
 trained (1.93%), optimiser state 3.38 MiB (the full fine-tune's: 173.29 MiB), the checkpoint 5,648,139 bytes (the full
-fine-tune's: 272,866,650). With a rank-8 adapter on the frozen pooler instead (the recipe before): 859.1 s, dev
+fine-tune's: 272,866,650). With --config.train.seed=1: dev 0.8865 at step 1052, 779.9 s. With a rank-8 adapter on the frozen pooler instead (the recipe before): 859.1 s, dev
 0.8704 at step 1052 (0.8922 on 2026-11-30: one-epoch runs differ by a point or two).
 """
 

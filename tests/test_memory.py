@@ -96,8 +96,8 @@ def test_parameter_bytes_follow_the_parameter_count(name):
   if config.task.name in ("classification", "ner", "relation") and not config.data.labels:
     # these recipes read their label set from the train split; any label set sizes the head the same way
     config = config_lib.apply_overrides(config, ["data.labels=('O','B-X','I-X','B-Y','I-Y')"])
-  # the formulas count the model without LoRA adapters (tests/test_peft.py counts those)
-  check_parameter_bytes(config_lib.apply_overrides(config, ["peft.method=none"]))
+  # the formulas count the model without LoRA adapters (tests/test_peft.py counts those), every parameter trained
+  check_parameter_bytes(config_lib.apply_overrides(config, ["peft.method=none", "optim.trainable="]))
 
 
 @pytest.mark.parametrize("head", ["mlm_nsp", "mlm"])
