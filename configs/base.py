@@ -338,6 +338,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---- optimiser -----------------------------------------------------------------------------------------
   c.optim = ml_collections.ConfigDict()
+  c.optim.name = "adamw"  # adamw | adafactor (T5's: factored second moments, updates scaled by each tensor's RMS)
+  CHECKS["optim.name"] = one_of("adamw", "adafactor")
   c.optim.learning_rate = 3e-4  # peak learning rate
   CHECKS["optim.learning_rate"] = at_least(0)
   c.optim.schedule = "cosine"  # decay after warmup: cosine | linear | constant | rsqrt (peak * sqrt(warmup / step))
@@ -346,11 +348,11 @@ def get_config() -> ml_collections.ConfigDict:
   CHECKS["optim.warmup_steps"] = at_least(0)
   c.optim.end_lr_fraction = 0.1  # final learning rate as a fraction of the peak
   CHECKS["optim.end_lr_fraction"] = probability()
-  c.optim.b1 = 0.9  # AdamW beta1
+  c.optim.b1 = 0.9  # AdamW beta1 (adafactor keeps no first moment, as T5 trained)
   CHECKS["optim.b1"] = between(0, 1, hi_open=True)
-  c.optim.b2 = 0.95  # AdamW beta2
+  c.optim.b2 = 0.95  # AdamW beta2 (adafactor's second-moment decay follows step**-0.8 instead)
   CHECKS["optim.b2"] = between(0, 1, hi_open=True)
-  c.optim.eps = 1e-8  # AdamW epsilon
+  c.optim.eps = 1e-8  # AdamW epsilon (adafactor: its own 1e-30)
   CHECKS["optim.eps"] = positive()
   c.optim.weight_decay = 0.1  # decoupled weight decay, applied to matrices only (see decay_embeddings)
   CHECKS["optim.weight_decay"] = at_least(0)

@@ -61,6 +61,10 @@ def _state_shapes(config):
   return (*jax.eval_shape(init, jax.random.key(0)), trainable)
 
 
+OPTIMIZER_STATE = {"adamw": "optimizer state (AdamW: 2 float32 moments)",
+                   "adafactor": "optimizer state (Adafactor: factored moments)"}
+
+
 def _unbox(tree):
   return nn.meta.unbox(tree)
 
@@ -196,7 +200,7 @@ def estimate(config, num_devices: int) -> dict:
       "remat": config.model.remat, "dtype": config.model.dtype, "seq_len": config.data.seq_len,
       "attention": "cudnn" if fused else config.model.attention,
       "micro_batch_rows_per_device": act["rows_per_device"], "grad_accum_steps": config.optim.grad_accum_steps,
-      "bytes_per_device": {
+      "optimizer": config.optim.name, "bytes_per_device": {
           "params": param_bytes, "gradients": grad_bytes, "optimizer": opt_bytes, "batch": batch_bytes,
           "activations_saved": act["saved"], "activations_recompute": act["recompute"], "total": total},
       "activations_per_layer": act["per_layer"],
@@ -227,7 +231,7 @@ def format_estimate(est: dict, device_memory_gib: float | None = None) -> str:
     grads = grads.replace("gradients (", "gradients of trained params (").replace("running sum", "sum")
   kinds = "float32" if not frozen or est["frozen_dtype"] == "float32" else f"float32, frozen {est['frozen_dtype']}"
   rows = [(f"parameters ({kinds})", b["params"]), (grads, b["gradients"]),
-          ("optimizer state (AdamW: 2 float32 moments)", b["optimizer"]), ("input batch", b["batch"]),
+          (OPTIMIZER_STATE[est["optimizer"]], b["optimizer"]), ("input batch", b["batch"]),
           ("activations kept for backward", b["activations_saved"]),
           ("activations of one layer recomputed", b["activations_recompute"]), ("total", b["total"])]
   for name, value in rows:

@@ -1,4 +1,4 @@
-"""The optimiser from config: AdamW with warmup + cosine/linear decay, a weight-decay mask, global-norm clipping; frozen
+"""The optimiser from config: AdamW (or T5's Adafactor) with warmup + cosine/linear decay, a weight-decay mask, global-norm clipping; frozen
 parameters (jaxlm/peft.py) get neither updates nor optimiser state."""
 
 from __future__ import annotations
@@ -48,16 +48,24 @@ def decay_mask(params, decay_embeddings: bool):
 
 
 def make_optimizer(optim_cfg, total_steps: int, trainable=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW (+ clipping) over the parameters; with a `trainable` mask (peft.trainable_mask), over the trained ones only:
+  """AdamW or Adafactor (+ clipping) over the parameters; with a `trainable` mask (peft.trainable_mask), over the trained ones only:
   the frozen partition is set to zero and, being masked out of AdamW, holds no moments. Clipping sees the trained
   gradients only."""
   schedule = learning_rate_schedule(optim_cfg, total_steps)
   parts = []
   if optim_cfg.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(optim_cfg.grad_clip))
-  parts.append(optax.adamw(
-      schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay,
-      mask=lambda p: decay_mask(p, optim_cfg.decay_embeddings)))
+  mask = lambda p: decay_mask(p, optim_cfg.decay_embeddings)
+  if optim_cfg.name == "adafactor":
+    # T5's settings (optax's defaults): second moments factored into row and column means for matrices whose two
+    # largest dims are >= 128, decay 1 - step**-0.8, updates clipped to RMS 1 and scaled by the tensor's RMS (so a
+    # unit-variance embedding moves as fast, relative to its size, as a small projection); no first moment
+    parts.append(optax.adafactor(schedule, weight_decay_rate=optim_cfg.weight_decay or None, weight_decay_mask=mask))
+  elif optim_cfg.name == "adamw":
+    parts.append(optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                             weight_decay=optim_cfg.weight_decay, mask=mask))
+  else:
+    raise ValueError(f"optim.name must be adamw or adafactor; got '{optim_cfg.name}'")
   tx = optax.chain(*parts)
   if trainable is not None:
     tx = optax.partition({peft.TRAINED: tx, peft.FROZEN: optax.set_to_zero()},

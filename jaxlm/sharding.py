@@ -138,12 +138,14 @@ def logical_to_spec(logical_axes: Sequence[str | None], rules, shape: Sequence[i
 def shardings_for(abstract_tree, mesh: Mesh, rules):
   """NamedShardings for a tree of nn.Partitioned-boxed abstract values (from jax.eval_shape of an init).
 
-  Boxed leaves follow their logical names; unboxed leaves (step counters, RNG keys) are replicated.
+  Boxed leaves follow their logical names; unboxed leaves (step counters, RNG keys) are replicated, and so are boxed
+  leaves of another rank than their names: optimiser state that keeps a parameter's box over a reduced shape
+  (Adafactor's row and column second moments of a matrix, its (1,) placeholders), a vector at most a row long.
   """
   sizes = dict(mesh.shape)
 
   def one(leaf):
-    if isinstance(leaf, nn.Partitioned):
+    if isinstance(leaf, nn.Partitioned) and len(leaf.names) == len(leaf.value.shape):
       return NamedSharding(mesh, logical_to_spec(leaf.names, rules, leaf.value.shape, sizes))
     return NamedSharding(mesh, PartitionSpec())
 

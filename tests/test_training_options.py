@@ -134,3 +134,38 @@ def test_bf16_encoder_tracks_float32():
   assert bf16[-1] < 0.5 * bf16[0] and f32[-1] < 0.5 * f32[0]
   assert not np.array_equal(f32, bf16)
   np.testing.assert_allclose(bf16, f32, rtol=BF16_RTOL, atol=BF16_ATOL)
+
+
+def _adafactor_first_update(g: np.ndarray, w: np.ndarray, lr: float) -> np.ndarray:
+  """Adafactor's first step (Shazeer & Stern 2018, T5's settings) written from the paper in float64: at step 1 the
+  second-moment decay 1 - 1**-0.8 is 0, so the moments are this gradient's; a matrix keeps its row and column means
+  of g^2 only; the update is clipped to RMS <= 1 and scaled by lr * max(RMS(w), 1e-3)."""
+  g, w = g.astype(np.float64), w.astype(np.float64)
+  g2 = g * g + 1e-30
+  if g.ndim == 2 and min(g.shape) >= 128:
+    row, col = g2.mean(axis=1), g2.mean(axis=0)
+    v = np.outer(row, col) / row.mean()
+  else:
+    v = g2
+  u = g / np.sqrt(v)
+  u = u / max(1.0, np.sqrt(np.mean(u * u)))
+  return -lr * max(np.sqrt(np.mean(w * w)), 1e-3) * u
+
+
+def test_adafactor_first_step_follows_the_paper():
+  from jaxlm import optim
+  c = config_lib.load(TINY, ["optim.name=adafactor", "optim.learning_rate=1e-2", "optim.schedule=constant",
+                             "optim.warmup_steps=0", "optim.grad_clip=0", "optim.weight_decay=0"])
+  rng = np.random.default_rng(0)
+  params = {"w": rng.normal(0, 0.05, (256, 384)).astype(np.float32),  # factored
+            "q": rng.normal(0, 0.05, (128, 4, 32)).astype(np.float32),  # two largest dims 128 and 32: full moments
+            "scale": np.ones((128,), np.float32)}
+  grads = {k: rng.normal(0, 1e-3, v.shape).astype(np.float32) for k, v in params.items()}
+  grads["w"][:, :8] *= 50  # uneven columns, so a full-moment update would differ from the factored one
+  tx, _ = optim.make_optimizer(c.optim, 10)
+  updates, state = tx.update(grads, tx.init(params), params)
+  for k in params:
+    np.testing.assert_allclose(np.asarray(updates[k]), _adafactor_first_update(grads[k], params[k], 1e-2),
+                               rtol=2e-4, atol=1e-9, err_msg=k)
+  factored = jax.tree.leaves(state)  # the matrix keeps 256 + 384 numbers of second moments, not 256 * 384
+  assert sum(x.size for x in factored) < params["w"].size + params["q"].size + 2 * 128 + 256 + 384 + 16
