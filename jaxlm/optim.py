@@ -1,5 +1,5 @@
-"""The optimiser from config: AdamW (or T5's Adafactor) with warmup + cosine/linear decay, a weight-decay mask, global-norm clipping; frozen
-parameters (jaxlm/peft.py) get neither updates nor optimiser state."""
+"""The optimiser from config: AdamW (or T5's Adafactor) with warmup + cosine/linear/rsqrt decay, a weight-decay mask,
+global-norm clipping; frozen parameters (jaxlm/peft.py) get neither updates nor optimiser state."""
 
 from __future__ import annotations
 
@@ -48,9 +48,9 @@ def decay_mask(params, decay_embeddings: bool):
 
 
 def make_optimizer(optim_cfg, total_steps: int, trainable=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW or Adafactor (+ clipping) over the parameters; with a `trainable` mask (peft.trainable_mask), over the trained ones only:
-  the frozen partition is set to zero and, being masked out of AdamW, holds no moments. Clipping sees the trained
-  gradients only."""
+  """AdamW or Adafactor (+ clipping) over the parameters; with a `trainable` mask (peft.trainable_mask), over the
+  trained ones only: the frozen partition is set to zero and, being masked out of the optimiser, holds no moments.
+  Clipping sees the trained gradients only."""
   schedule = learning_rate_schedule(optim_cfg, total_steps)
   parts = []
   if optim_cfg.grad_clip > 0:

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 
 from jaxlm import config as config_lib
-from jaxlm import train
+from jaxlm import optim, train
 from jaxlm.tasks import make_task
 from tests.conftest import BASE, PLAIN_ADAM, TINY, TINY_ENCODER, train_steps
 
@@ -153,7 +153,6 @@ def _adafactor_first_update(g: np.ndarray, w: np.ndarray, lr: float) -> np.ndarr
 
 
 def test_adafactor_first_step_follows_the_paper():
-  from jaxlm import optim
   c = config_lib.load(TINY, ["optim.name=adafactor", "optim.learning_rate=1e-2", "optim.schedule=constant",
                              "optim.warmup_steps=0", "optim.grad_clip=0", "optim.weight_decay=0"])
   rng = np.random.default_rng(0)
