@@ -348,6 +348,8 @@ def get_config() -> ml_collections.ConfigDict:
   CHECKS["optim.warmup_steps"] = at_least(0)
   c.optim.end_lr_fraction = 0.1  # final learning rate as a fraction of the peak
   CHECKS["optim.end_lr_fraction"] = probability()
+  c.optim.cooldown_fraction = 0.0  # last fraction of train.steps: the rate ramps linearly to ~0 (any schedule)
+  CHECKS["optim.cooldown_fraction"] = probability()
   c.optim.b1 = 0.9  # AdamW beta1 (adafactor keeps no first moment, as T5 trained)
   CHECKS["optim.b1"] = between(0, 1, hi_open=True)
   c.optim.b2 = 0.95  # AdamW beta2 (adafactor's second-moment decay follows step**-0.8 instead)

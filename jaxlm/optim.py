@@ -1,11 +1,13 @@
-"""The optimiser from config: AdamW (or T5's Adafactor) with warmup + cosine/linear/rsqrt decay, a weight-decay mask,
-global-norm clipping; frozen parameters (jaxlm/peft.py) get neither updates nor optimiser state."""
+"""The optimiser from config: AdamW (or T5's Adafactor) with warmup + cosine/linear/rsqrt decay and an optional final
+cooldown, a weight-decay mask, global-norm clipping; frozen parameters (jaxlm/peft.py) get neither updates nor optimiser
+state."""
 
 from __future__ import annotations
 
 import functools
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxlm import peft
@@ -30,9 +32,13 @@ def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
     decay = lambda count: peak * jax.lax.rsqrt((count + w) / w)
   else:
     raise ValueError(f"optim.schedule must be cosine, linear, constant or rsqrt; got '{optim_cfg.schedule}'")
-  if not warmup:
-    return decay
-  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+  schedule = optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup]) if warmup else decay
+  cooldown = round(optim_cfg.cooldown_fraction * total_steps)
+  if not cooldown:
+    return schedule
+  # warmup-stable-decay style: the last `cooldown` steps scale the rate linearly down to 1/cooldown of it, so a run
+  # whose length is known ends annealed (an rsqrt run otherwise stops at peak * sqrt(warmup / steps))
+  return lambda count: schedule(count) * jnp.clip((total_steps - count) / cooldown, 0.0, 1.0)
 
 
 def decay_mask(params, decay_embeddings: bool):

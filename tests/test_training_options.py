@@ -1,10 +1,11 @@
 """Training options through the real train step: the LM task's z-loss against a direct numpy computation (value,
-reported metrics, and its pull on the log-partition), and bfloat16 compute (model.dtype) tracking float32 for the
-decoder and the encoder."""
+reported metrics, and its pull on the log-partition), bfloat16 compute (model.dtype) tracking float32 for the
+decoder and the encoder, Adafactor's first update against the paper, and the learning-rate cooldown."""
 
 import flax.linen as nn
 import jax
 import numpy as np
+import pytest
 
 from jaxlm import config as config_lib
 from jaxlm import optim, train
@@ -168,3 +169,17 @@ def test_adafactor_first_step_follows_the_paper():
                                rtol=2e-4, atol=1e-9, err_msg=k)
   factored = jax.tree.leaves(state)  # the matrix keeps 256 + 384 numbers of second moments, not 256 * 384
   assert sum(x.size for x in factored) < params["w"].size + params["q"].size + 2 * 128 + 256 + 384 + 16
+
+
+def test_cooldown_ramps_the_last_steps_of_any_schedule():
+  steps, warmup, peak = 200, 20, 1e-2
+  count = np.arange(steps)
+  rsqrt = np.where(count < warmup, peak * count / warmup, peak * np.sqrt(warmup / np.maximum(count, 1)))
+  ramp = np.minimum(1.0, (steps - count) / 50)  # the last quarter of 200 steps
+  for schedule, plain in (("rsqrt", rsqrt), ("constant", np.where(count < warmup, peak * count / warmup, peak))):
+    c = config_lib.load(TINY, [f"optim.schedule={schedule}", f"optim.warmup_steps={warmup}",
+                               f"optim.learning_rate={peak}", "optim.cooldown_fraction=0.25"])
+    lr = np.asarray(jax.vmap(optim.learning_rate_schedule(c.optim, steps))(count))
+    np.testing.assert_allclose(lr, plain * ramp, rtol=1e-5, atol=1e-9, err_msg=schedule)
+  with pytest.raises(ValueError, match="optim.cooldown_fraction"):
+    config_lib.load(TINY, ["optim.cooldown_fraction=1.5"])
