@@ -8,18 +8,18 @@ reference (3+3-layer d=256 transformer, joint sentencepiece 8k, Adam with invers
 token-bucketed batches) reached test BLEU 29.9 greedy after 25 minutes at ~3,700 tokens/s on this 2-core CPU; the
 target here is test BLEU >= 33 with beam 4 within 25 minutes of training (train_seconds).
 
-Measured 2026-12-01 (the recipe as written, an otherwise idle 2-core machine; jitted float32 matmul peak 143 GFLOP/s
-at the start and 115 at the end, and steps slowed from ~0.85 s to ~1.02 s halfway): 1,600 steps in 1534.0 s of
-training (~1,200 source tokens/s for the first half, ~960 after); dev BLEU 14.46 / 19.68 / 22.04 / 25.17 (chrF 30.1 /
-37.3 / 40.7 / 44.7) at steps 400 / 800 / 1,200 / 1,600 (5.8 / 11.7 / 18.5 / 25.6 minutes of training);
-test_2016_flickr: beam 4 BLEU 24.85, chrF 43.82 (brevity penalty 0.870; 82.9 s, 12.1 sentences/s, against ~7.5
-minutes an epoch of training); greedy BLEU 24.42, chrF 43.32 (brevity penalty 0.977; `jaxlm eval` on a copy of the
-workdir with --config.task.beam_size=1). The target (>= 33) is NOT met: the PyTorch reference reads 11.1 / 18.3 /
-22.3 / 29.3 on val at 10 / 15 / 20 / 25 minutes; this run is ahead of it up to ~15 minutes and behind at 25. Beam
-search with length penalty 1.0 instead of 0.6 scores dev 25.55 (brevity penalty 0.906); the recipe keeps 0.6. A final cooldown
-(--config.optim.cooldown_fraction=0.2: the rate of the last 320 steps ramped linearly to ~0; same day, 1496.4 s of
-training) did not help: dev BLEU 24.76 (perplexity 13.04 against 12.57), test 24.99 (perplexity 13.00 against 12.53);
-the run is still far from converged, and the recipe keeps the plain rsqrt decay.
+Measured 2026-12-01 (the recipe as written, an otherwise idle 2-core machine; jitted float32 matmul peak 143 GFLOP/s at
+the start and 115 at the end, and steps slowed from ~0.85 s to ~1.02 s halfway): 1,600 steps in 1534.0 s of training
+(~1,200 source tokens/s for the first half, ~960 after); dev BLEU 14.46 / 19.68 / 22.04 / 25.17 (chrF 30.1 / 37.3 / 40.7
+/ 44.7) at steps 400 / 800 / 1,200 / 1,600 (5.8 / 11.7 / 18.5 / 25.6 minutes of training); test_2016_flickr: beam 4 BLEU
+24.85, chrF 43.82 (brevity penalty 0.870; 82.9 s, 12.1 sentences/s, against ~7.5 minutes an epoch of training); greedy
+BLEU 24.42, chrF 43.32 (brevity penalty 0.977; `jaxlm eval` on a copy of the workdir with --config.task.beam_size=1).
+The target (>= 33) is NOT met: the PyTorch reference reads 11.1 / 18.3 / 22.3 / 29.3 on val at 10 / 15 / 20 / 25
+minutes; this run is ahead of it up to ~15 minutes and behind at 25. Beam search with length penalty 1.0 instead of 0.6
+scores dev 25.55 (brevity penalty 0.906); the recipe keeps 0.6. A final cooldown (--config.optim.cooldown_fraction=0.2:
+the rate of the last 320 steps ramped linearly to ~0; same day, 1496.4 s of training) did not help: dev BLEU 24.76
+(perplexity 13.04 against 12.57), test 24.99 (perplexity 13.00 against 12.53); the run is still far from converged, and
+the recipe keeps the plain rsqrt decay.
 
 The optimiser and the batch were chosen by runs of the same session, compared at equal pairs seen (3,200 packed rows,
 ~0.85 epoch, ~6 minutes each): AdamW at 2e-3 with 32 rows a step (the 2026-11-30 recipe, test BLEU 12.08 after 25
