@@ -8,16 +8,14 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, child_env
 
 TINY = str(REPO / "configs" / "gpt_tiny.py")
 
 
 def jaxlm(*args, timeout=300, devices=8):
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices), JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   return subprocess.run([sys.executable, "-m", "jaxlm", *args], capture_output=True, text=True, timeout=timeout,
-                        env=env, cwd=REPO)
+                        env=child_env(devices), cwd=REPO)
 
 
 def rows(workdir, split):

@@ -12,7 +12,7 @@ import time
 import jax
 import pytest
 
-from conftest import REPO
+from conftest import REPO, child_env
 from jaxlm import config as config_lib
 from jaxlm import distributed, sharding
 
@@ -146,8 +146,7 @@ DEAD_PEER = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_dead_peer_stops_the_others():
-  env = {k: v for k, v in os.environ.items() if not k.startswith("JAXLM_")}
-  env.update(JAX_NUM_CPU_DEVICES="1", XLA_FLAGS="", JAXLM_COORDINATOR=f"127.0.0.1:{free_port()}",
+  env = child_env(1, JAXLM_COORDINATOR=f"127.0.0.1:{free_port()}",
              JAXLM_NUM_PROCESSES="2")
   procs = [subprocess.Popen([sys.executable, "-c", DEAD_PEER], env={**env, "JAXLM_PROCESS_ID": str(i)},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]

@@ -9,16 +9,13 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, child_env
 
 STOP_AT, STEPS = 3, 6
 
 
 def jaxlm_env(devices: int) -> dict:
-  env = {k: v for k, v in os.environ.items() if not k.startswith("JAXLM_")}
-  env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices),
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  return env
+  return child_env(devices)
 
 
 def train_losses(workdir) -> dict[int, float]:

@@ -19,7 +19,7 @@ import pytest
 
 from jaxlm import checkpoint as ckpt_lib
 from jaxlm import config as config_lib
-from tests.conftest import REPO, train_tokenizer
+from tests.conftest import REPO, child_env, train_tokenizer
 
 STEPS = 12
 TINY = str(REPO / "configs" / "gpt_tiny.py")
@@ -27,8 +27,8 @@ TINY = str(REPO / "configs" / "gpt_tiny.py")
 
 @pytest.fixture(scope="module")
 def common(tmp_path_factory):
-  """The `jaxlm train` arguments every run here shares, and the environment to run it in. The tokenizer and the
-  compilation cache are shared by every test module that uses this fixture."""
+  """The `jaxlm train` arguments every run here shares, and the environment to run it in. The tokenizer is shared by
+  every test module that uses this fixture (the compilation cache by the whole suite: `child_env`)."""
   shared = tmp_path_factory.getbasetemp() / "jaxlm_fault_shared"
   tokenizer = shared / "tok" / "tokenizer" / "spm.model"
   if not tokenizer.is_file():
@@ -39,11 +39,7 @@ def common(tmp_path_factory):
       "--config.optim.schedule=constant", "--config.optim.warmup_steps=2", "--config.model.dropout=0.1",
       "--config.train.log_every=1", "--config.train.eval_every=0", "--config.train.eval_batches=1",
       "--config.train.progress_bar=false", "--config.checkpoint.every_steps=4"]
-  env = {k: v for k, v in os.environ.items() if not k.startswith("JAXLM_")}
-  env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1", XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             JAX_COMPILATION_CACHE_DIR=str(shared / "xla_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  return args, env, root
+  return args, child_env(1), root
 
 
 class Train:

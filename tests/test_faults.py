@@ -28,7 +28,7 @@ from jaxlm import workdir as workdir_lib
 from jaxlm.data.tokenizer import load_tokenizer
 from jaxlm.metric_writer import truncate_metrics
 from jaxlm.tasks import known_tasks
-from tests.conftest import BASE, REPO, TINY, TINY_ENCODER, train_tokenizer
+from tests.conftest import BASE, REPO, TINY, TINY_ENCODER, child_env, train_tokenizer
 from tests.test_fault_resume import Train, common  # noqa: F401 - `common` is a fixture used here too
 
 # The tiny GPT of configs/gpt_tiny.py, two steps with a checkpoint after each; evaluation kept to one batch.
@@ -109,10 +109,8 @@ def damage_manifests(workdir, steps) -> None:
 
 
 def jaxlm_process(*args, timeout=300):
-  env = {k: v for k, v in os.environ.items() if not k.startswith("JAXLM_")}
-  env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1", XLA_FLAGS="--xla_force_host_platform_device_count=1")
   return subprocess.run([sys.executable, "-m", "jaxlm", *map(str, args)], check=False, capture_output=True, text=True,
-                        timeout=timeout, env=env, cwd=REPO)
+                        timeout=timeout, env=child_env(1), cwd=REPO)
 
 
 # ---- configuration: refused before any work, nothing written --------------------------------------------------------

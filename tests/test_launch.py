@@ -13,7 +13,7 @@ import time
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, child_env
 from jaxlm import distributed
 
 LAUNCH = REPO / "launch"
@@ -272,9 +272,8 @@ def test_gke_jobset_command(fakes, accelerator):
 @pytest.mark.slow
 def test_gpu_check_runs_its_cpu_path(tmp_path):
   """launch/gpu_check.sh on the CPU (a tiny config, XLA attention on both sides): two bench runs and a verdict."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1", XLA_FLAGS="", CONFIG="configs/llama_tiny.py",
-             ATTENTION="xla", PEAK_GFLOPS="200", STEPS="2", WARMUP="1", OUT=str(tmp_path),
-             JAXLM=f"{sys.executable} -m jaxlm")
+  env = child_env(1, CONFIG="configs/llama_tiny.py", ATTENTION="xla", PEAK_GFLOPS="200", STEPS="2", WARMUP="1",
+                  OUT=str(tmp_path), JAXLM=f"{sys.executable} -m jaxlm")
   result = subprocess.run(["bash", str(REPO / "launch" / "gpu_check.sh"), "--config.model.dtype=bfloat16"], env=env,
                           cwd=REPO, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]

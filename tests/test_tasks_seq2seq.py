@@ -24,7 +24,7 @@ from jaxlm import text_metrics, train
 from jaxlm.data import builders, rows
 from jaxlm.data import seq2seq as pairs_lib
 from jaxlm.tasks import make_task, seq2seq
-from tests.conftest import BASE, PLAIN_ADAM, REPO, devices_for, task_batches, train_steps
+from tests.conftest import BASE, PLAIN_ADAM, REPO, child_env, devices_for, task_batches, train_steps
 
 WORDS = [f"w{i}" for i in range(12)]
 ANIMALS = ("zebra", "lion", "owl", "bear", "wolf", "tiger", "horse", "camel", "mouse", "snake", "eagle", "panda")
@@ -282,10 +282,8 @@ def test_predict_input_and_output_formats(tmp_path):
 
 
 def _jaxlm(*args, timeout=600):
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
   return subprocess.run([sys.executable, "-m", "jaxlm", *args], capture_output=True, text=True, timeout=timeout,
-                        env=env, cwd=REPO, check=False)
+                        env=child_env(2), cwd=REPO, check=False)
 
 
 @pytest.mark.slow

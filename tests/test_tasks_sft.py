@@ -21,7 +21,7 @@ from jaxlm import workdir as workdir_lib
 from jaxlm.data import builders, chat
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.tasks import make_task
-from tests.conftest import BASE, PLAIN_ADAM, REPO, devices_for, task_batches, train_steps
+from tests.conftest import BASE, PLAIN_ADAM, REPO, child_env, devices_for, task_batches, train_steps
 from tests.test_data_chat import WordTokenizer
 
 TINY = ["task.name=sft", "model.style=llama", "model.vocab_size=64", "model.max_len=48", "model.num_layers=2",
@@ -139,10 +139,8 @@ def test_lora_trains_the_adapters_only(tmp_path):
 
 
 def _jaxlm(*args, timeout=600):
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
   return subprocess.run([sys.executable, "-m", "jaxlm", *args], capture_output=True, text=True, timeout=timeout,
-                        env=env, cwd=REPO, check=False)
+                        env=child_env(2), cwd=REPO, check=False)
 
 
 def _greedy_by_recomputation(model, params, ids, end_id, max_new):

@@ -19,7 +19,7 @@ from jaxlm.data import span_corruption as spans
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.tasks import make_task
 from jaxlm.tasks.span_corruption import SegmentIds
-from tests.conftest import BASE, PLAIN_ADAM, REPO, task_batches, train_steps
+from tests.conftest import BASE, PLAIN_ADAM, REPO, child_env, task_batches, train_steps
 
 T5 = ["task.name=span_corruption", "model.family=encoder_decoder", "model.style=t5", "model.vocab_size=512",
       "model.d_model=32", "model.num_heads=4", "model.head_dim=8", "model.d_ff=64", "model.num_layers=2",
@@ -85,10 +85,8 @@ def test_pretraining_on_real_text_lowers_the_loss(tmp_path, shared_data):
 
 
 def _jaxlm(*args, timeout=900):
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
   return subprocess.run([sys.executable, "-m", "jaxlm", *args], capture_output=True, text=True, timeout=timeout,
-                        env=env, cwd=REPO, check=False)
+                        env=child_env(2), cwd=REPO, check=False)
 
 
 @pytest.mark.slow
