@@ -20,7 +20,8 @@ COMPILATION_CACHE = {
                                                 str(REPO / ".pytest_cache" / "jax_compilation_cache")),
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-    "JAX_COMPILATION_CACHE_MAX_SIZE": str(2 << 30),  # a size limit also turns on the cache's file lock: 2 writers
+    # no JAX_COMPILATION_CACHE_MAX_SIZE: a size limit makes every write list the whole directory and read each entry's
+    # access time (thousands of entries here), which slowed the suite down; without it a write is one file
 }
 
 
