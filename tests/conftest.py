@@ -30,10 +30,10 @@ def xla_flags(devices: int) -> str:
 
 
 def child_env(devices: int = 1, **extra: str) -> dict[str, str]:
-  """The environment of a child process: `devices` CPU devices, the suite's XLA flags and compilation cache, and none
-  of the caller's JAXLM_* variables (a test sets the ones it means)."""
+  """The environment of a child process: `devices` CPU devices, the suite's XLA flags, the compilation cache this
+  process has (set below), and none of the caller's JAXLM_* variables (a test sets the ones it means)."""
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAXLM_")}
-  env.update(COMPILATION_CACHE, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), XLA_FLAGS=xla_flags(devices))
+  env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), XLA_FLAGS=xla_flags(devices))
   env.update(extra)
   return env
 

@@ -146,8 +146,7 @@ DEAD_PEER = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_dead_peer_stops_the_others():
-  env = child_env(1, JAXLM_COORDINATOR=f"127.0.0.1:{free_port()}",
-             JAXLM_NUM_PROCESSES="2")
+  env = child_env(1, JAXLM_COORDINATOR=f"127.0.0.1:{free_port()}", JAXLM_NUM_PROCESSES="2")
   procs = [subprocess.Popen([sys.executable, "-c", DEAD_PEER], env={**env, "JAXLM_PROCESS_ID": str(i)},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
   try:

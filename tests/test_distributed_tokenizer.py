@@ -8,8 +8,7 @@ import sys
 import pytest
 import sentencepiece as spm
 
-from tests.conftest import REPO
-from tests.test_distributed_train import jaxlm_env
+from tests.conftest import REPO, child_env
 
 
 @pytest.mark.slow
@@ -20,7 +19,7 @@ def test_two_processes_share_the_tokenizer_process_0_trains(tmp_path):
           "--config.checkpoint.every_steps=2", "--config.tokenizer.max_sentences=3000", "--config.mesh.data=1",
           "--config.mesh.dcn_data=2", "--config.distributed.initialization_timeout_s=120"]
   r = subprocess.run(["bash", str(REPO / "launch" / "local_multiprocess.sh"), "2", "1", "--", sys.executable, "-m",
-                      "jaxlm", "train", *args], env=dict(jaxlm_env(1), LOG_DIR=str(logs), GRACE_S="5"), cwd=REPO,
+                      "jaxlm", "train", *args], env=child_env(1, LOG_DIR=str(logs), GRACE_S="5"), cwd=REPO,
                      capture_output=True, text=True, timeout=400, check=False)
   out = [(logs / f"process_{i}.log").read_text() for i in range(2)]
   assert r.returncode == 0, r.stderr[-2000:] + "\n".join(o[-3000:] for o in out)

@@ -14,10 +14,6 @@ from conftest import REPO, child_env
 STOP_AT, STEPS = 3, 6
 
 
-def jaxlm_env(devices: int) -> dict:
-  return child_env(devices)
-
-
 def train_losses(workdir) -> dict[int, float]:
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [r for r in map(json.loads, f) if r["split"] == "train"]
@@ -41,7 +37,7 @@ def common(tmp_path_factory, request):
           "--config.data.packing=first_fit", f"--config.data.tfds_data_dir={root / 'tfds'}",
           "--config.tokenizer.max_sentences=3000"]
   r = subprocess.run([sys.executable, "-m", "jaxlm", "tokenizer", *args, "--workdir", str(root / "tok")],
-                     env=jaxlm_env(1), cwd=REPO, capture_output=True, text=True, timeout=300)
+                     env=child_env(1), cwd=REPO, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   args += [
       f"--config.tokenizer.path={root / 'tok' / 'tokenizer' / 'spm.model'}", "--config.train.batch_size=8",
@@ -57,7 +53,7 @@ def common(tmp_path_factory, request):
 def train(common, workdir, steps, processes, devices, timeout=400):
   if processes == 1:
     r = subprocess.run([sys.executable, "-m", "jaxlm", "train", *common, "--workdir", str(workdir),
-                        f"--config.train.steps={steps}"], env=jaxlm_env(devices), cwd=REPO, capture_output=True,
+                        f"--config.train.steps={steps}"], env=child_env(devices), cwd=REPO, capture_output=True,
                        text=True, timeout=timeout)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r.stdout
@@ -65,7 +61,7 @@ def train(common, workdir, steps, processes, devices, timeout=400):
   r = subprocess.run(["bash", str(REPO / "launch" / "local_multiprocess.sh"), str(processes), str(devices), "--",
                       sys.executable, "-m", "jaxlm", "train", *common, "--workdir", str(workdir),
                       f"--config.train.steps={steps}"],
-                     env=dict(jaxlm_env(devices), LOG_DIR=str(logs), GRACE_S="5"), cwd=REPO, capture_output=True,
+                     env=child_env(devices, LOG_DIR=str(logs), GRACE_S="5"), cwd=REPO, capture_output=True,
                      text=True, timeout=timeout)
   process_logs = "\n".join(p.read_text()[-3000:] for p in sorted(logs.glob("process_*.log")))
   assert r.returncode == 0, r.stderr[-2000:] + process_logs
