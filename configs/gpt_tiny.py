@@ -18,6 +18,7 @@ def get_config():
   c.model.num_heads = 4
   c.data.source = "pydoc"
   c.data.seq_len = 64
+  c.model.attention = "blocked"  # causal attention in query blocks that skip later keys (faster on CPU)
   c.tokenizer.vocab_size = 512
   c.tokenizer.max_sentences = 20000
   c.optim.learning_rate = 3e-3

@@ -44,6 +44,7 @@ def get_config():
   c.data.doc_split = "blank_lines"  # a paragraph (or heading) a document
   c.data.eval_fraction = 0.02
   c.data.seq_len = 256
+  c.model.attention = "blocked"  # causal attention in query blocks that skip later keys (faster on CPU)
   c.data.pack_bins = 64
 
   c.tokenizer.vocab_size = 8192

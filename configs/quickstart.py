@@ -19,6 +19,7 @@ def get_config():
   c.model.num_heads = 4
   c.data.source = "pydoc"
   c.data.seq_len = 128
+  c.model.attention = "blocked"  # causal attention in query blocks that skip later keys (faster on CPU)
   c.tokenizer.vocab_size = 4096
   c.optim.learning_rate = 2e-3
   c.optim.warmup_steps = 50

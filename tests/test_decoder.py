@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxlm.models import layers
 from jaxlm.models.decoder import Decoder, DecoderConfig
 
 
@@ -66,6 +67,49 @@ def test_packed_segments_are_isolated(style):
     pos = np.concatenate([np.arange(left_len), np.arange(6), np.arange(5)])[None]
     out = model.apply({"params": params}, jnp.asarray(tokens, jnp.int32), jnp.asarray(pos), jnp.asarray(seg))[0]
     np.testing.assert_allclose(out[left_len:left_len + 6], ref, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_blocked_attention_equals_the_xla_path(dtype):
+  """Blocked causal attention against jax.nn.dot_product_attention's XLA path, outputs and gradients: grouped-query
+  heads, two packed documents and padding in one row, and a length that is not a multiple of the block."""
+  rng = np.random.default_rng(3)
+  b, t, h, kh, e = 2, 40, 4, 2, 8
+  q = jnp.asarray(rng.standard_normal((b, t, h, e)), dtype)
+  k, v = (jnp.asarray(rng.standard_normal((b, t, kh, e)), dtype) for _ in range(2))
+  seg = np.ones((b, t), np.int32)
+  seg[1, 17:33], seg[1, 33:] = 2, 0  # a second document, then padding
+  pos = np.stack([np.arange(t), np.concatenate([np.arange(17), np.arange(16), np.arange(7)])])
+  mask = layers.attention_mask(jnp.asarray(seg), jnp.asarray(seg), jnp.asarray(pos), jnp.asarray(pos))
+  w = jnp.asarray(rng.standard_normal((b, t, h, e)), jnp.float32)
+  ref_fn = lambda q, k, v: jnp.sum(jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla") * w)
+  new_fn = lambda q, k, v: jnp.sum(layers.blocked_causal_attention(q, k, v, mask, block=16) * w)
+  out = layers.blocked_causal_attention(q, k, v, mask, block=16)
+  ref = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+  assert out.dtype == dtype and out.shape == ref.shape
+  tol = 1e-6 if dtype == jnp.float32 else 1e-2
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=tol)
+  for g, g_ref in zip(jax.grad(new_fn, (0, 1, 2))(q, k, v), jax.grad(ref_fn, (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g_ref, np.float32), atol=5 * tol)
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_blocked_attention_model_equals_xla_attention(style):
+  """model.attention='blocked' is the same function as 'xla' (loss and every gradient), and decoding with it keeps
+  the KV-cache path."""
+  model, params, tokens = _init(_cfg(style), t=16)
+  blocked = Decoder(_cfg(style, attention="blocked"))
+  loss = lambda m: lambda p: jnp.mean(m.apply({"params": p}, tokens) ** 2)
+  ref_loss, ref_grads = jax.value_and_grad(loss(model))(params)
+  new_loss, new_grads = jax.value_and_grad(loss(blocked))(params)
+  np.testing.assert_allclose(new_loss, ref_loss, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(new_grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+  cache = blocked.init(jax.random.key(0), tokens[:, :1], decode=True)["cache"]
+  pos = jnp.broadcast_to(jnp.arange(4), (2, 4))
+  logits, _ = blocked.apply({"params": params, "cache": cache}, tokens[:, :4], pos, jnp.ones((2, 4), jnp.int32),
+                            decode=True, mutable=["cache"])
+  np.testing.assert_allclose(logits, model.apply({"params": params}, tokens)[:, :4], atol=2e-5)
 
 
 @pytest.mark.parametrize("style", STYLES)

@@ -80,7 +80,8 @@ class EncDecConfig:
     if self.remat not in ("none", *REMAT_POLICIES):
       raise ValueError(f"model.remat must be one of none, {', '.join(REMAT_POLICIES)}; got '{self.remat}'")
     if self.attention not in ATTENTION_IMPLS:
-      raise ValueError(f"model.attention must be one of {', '.join(ATTENTION_IMPLS)}, got '{self.attention}'")
+      raise ValueError(f"model.attention must be one of {', '.join(ATTENTION_IMPLS)} for an encoder-decoder, got "
+                       f"'{self.attention}' ('blocked' is causal self-attention, for decoders)")
 
   @property
   def tied(self) -> bool:

@@ -241,6 +241,37 @@ def dot_product_attention(q, k, v, mask, implementation: str | None):
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
+ATTENTION_BLOCK = 128  # query rows per block of blocked_causal_attention
+
+
+def blocked_causal_attention(q, k, v, mask, block: int = ATTENTION_BLOCK):
+  """Causal attention as jax.nn.dot_product_attention's XLA path computes it (logits and softmax in float32, the
+  same large negative number at masked keys), in blocks of `block` query rows that skip the keys after the block.
+
+  q [B, T, H, E], k/v [B, T, K, E] (K divides H), mask [B, 1, T, T] causal in slot order (a query never sees a later
+  slot; packed segments and padding only remove more keys) -> [B, T, H, E]. The keys a block skips are masked for
+  every query in it, so the result equals the full computation, with about (1 + 1/n) / 2 of its attention work for
+  n blocks. Heads are moved ahead of time for the products: on XLA:CPU the batched dots run faster in [B, K, G, T, E]
+  than on the [B, T, H, E] layout.
+  """
+  b, t, h, e = q.shape
+  kh = k.shape[2]
+  logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
+  big_negative = -0.7 * jnp.finfo(logits_dtype).max
+  qh = q.reshape(b, t, kh, h // kh, e).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, E]
+  kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, E]
+  outs = []
+  for start in range(0, t, block):
+    stop = min(start + block, t)
+    logits = jnp.einsum("bkgte,bkse->bkgts", qh[:, :, :, start:stop], kt[:, :, :stop],
+                        preferred_element_type=logits_dtype) * jnp.asarray(e ** -0.5, logits_dtype)
+    keep = mask[:, :, None, start:stop, :stop]  # [B, 1, 1, t, s]
+    probs = jax.nn.softmax(jnp.where(keep, logits, big_negative).astype(jnp.float32), axis=-1).astype(v.dtype)
+    outs.append(jnp.einsum("bkgts,bkse->bkgte", probs, vt[:, :, :stop]))  # [B, K, G, t, E]
+  y = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
+  return y.transpose(0, 3, 1, 2, 4).reshape(b, t, h, e)
+
+
 class Mlp(nn.Module):
   """GELU MLP (gpt2, BERT) or SwiGLU (llama)."""
   d_ff: int
