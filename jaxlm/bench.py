@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import statistics
 import time
@@ -85,6 +86,7 @@ def bench_train_step(config, *, steps: int = 10, warmup: int = 3, peak_gflops: f
       "timed_steps": len(times),
       "dtype": config.model.dtype,
       "attention": config.model.attention,
+      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),  # jaxlm/malloc_env.py
       "devices": jax.device_count(),
       "platform": jax.devices()[0].platform,
   }
