@@ -272,14 +272,6 @@ def blocked_causal_attention(q, k, v, mask, block: int = ATTENTION_BLOCK):
   return y.transpose(0, 3, 1, 2, 4).reshape(b, t, h, e)
 
 
-def gelu(x, approximate: bool):
-  """GELU: x * Phi(x), exact through erf (as torch and BERT compute it) or GPT-2's tanh form. jax.nn.gelu's exact form
-  goes through erfc, which XLA:CPU computes with an exponential: erf is cheaper, and equal to float32 rounding."""
-  if approximate:
-    return nn.gelu(x, approximate=True)
-  return x * (0.5 + 0.5 * jax.lax.erf(x * jnp.asarray(1 / math.sqrt(2), x.dtype)))
-
-
 class Mlp(nn.Module):
   """GELU MLP (gpt2, BERT) or SwiGLU (llama)."""
   d_ff: int
@@ -302,7 +294,7 @@ class Mlp(nn.Module):
                   self.lora)  # [B, T, F]
       if self.use_bias:
         h = h + param(self, "bi", nn.initializers.zeros, (self.d_ff,), ("mlp",)).astype(dt)
-      h = gelu(h, approximate=self.activation == "gelu_tanh")
+      h = nn.gelu(h, approximate=self.activation == "gelu_tanh")
     y = project(self, "wo", "btf,fd->btd", h, normal(self.out_std), (self.d_ff, d), ("mlp", "embed"), dt,
                 self.lora)  # [B, T, D]
     if self.use_bias:
