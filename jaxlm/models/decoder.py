@@ -59,8 +59,9 @@ class DecoderConfig:
       raise ValueError(f"model.remat must be one of none, {', '.join(REMAT_POLICIES)}; got '{self.remat}'")
     if self.dtype not in ("float32", "bfloat16"):
       raise ValueError(f"model.dtype must be float32 or bfloat16, got '{self.dtype}'")
-    if self.attention not in ("xla", "cudnn", "auto", "blocked"):
-      raise ValueError(f"model.attention must be xla, cudnn, auto or blocked, got '{self.attention}'")
+    if self.attention not in layers.DECODER_ATTENTION_IMPLS:
+      raise ValueError(f"model.attention must be one of {', '.join(layers.DECODER_ATTENTION_IMPLS)}, got "
+                       f"'{self.attention}'")
     if self.hidden_act not in ("gelu", "gelu_tanh"):
       raise ValueError(f"model.hidden_act must be gelu or gelu_tanh, got '{self.hidden_act}'")
     if self.kv_heads <= 0 or self.num_heads % self.kv_heads:

@@ -27,7 +27,6 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 STYLES = ("t5", "t5_v1_1")
-ATTENTION_IMPLS = ("xla", "cudnn", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +78,9 @@ class EncDecConfig:
       raise ValueError(f"model.dtype must be float32 or bfloat16, got '{self.dtype}'")
     if self.remat not in ("none", *REMAT_POLICIES):
       raise ValueError(f"model.remat must be one of none, {', '.join(REMAT_POLICIES)}; got '{self.remat}'")
-    if self.attention not in ATTENTION_IMPLS:
-      raise ValueError(f"model.attention must be one of {', '.join(ATTENTION_IMPLS)} for an encoder-decoder, got "
-                       f"'{self.attention}' ('blocked' is causal self-attention, for decoders)")
+    if self.attention not in layers.ATTENTION_IMPLS:
+      raise ValueError(f"model.attention must be one of {', '.join(layers.ATTENTION_IMPLS)} for an encoder-decoder, "
+                       f"got '{self.attention}' ('blocked' is causal self-attention, for decoders)")
 
   @property
   def tied(self) -> bool:

@@ -60,9 +60,9 @@ class EncoderConfig:
       raise ValueError(f"model.type_vocab_size must be at least 1, got {self.type_vocab_size}")
     if not 0.0 <= self.attention_dropout < 1.0:
       raise ValueError(f"model.attention_dropout must be in [0, 1), got {self.attention_dropout}")
-    if self.attention not in ("xla", "cudnn", "auto"):
-      raise ValueError(f"model.attention must be xla, cudnn or auto for an encoder, got '{self.attention}' ('blocked' "
-                       "is causal attention, for decoders)")
+    if self.attention not in layers.ATTENTION_IMPLS:
+      raise ValueError(f"model.attention must be one of {', '.join(layers.ATTENTION_IMPLS)} for an encoder, got "
+                       f"'{self.attention}' ('blocked' is causal attention, for decoders)")
 
   @property
   def head_dim(self) -> int:

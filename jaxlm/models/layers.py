@@ -241,6 +241,8 @@ def dot_product_attention(q, k, v, mask, implementation: str | None):
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
+ATTENTION_IMPLS = ("xla", "cudnn", "auto")  # model.attention for every family: jax.nn.dot_product_attention's
+DECODER_ATTENTION_IMPLS = (*ATTENTION_IMPLS, "blocked")  # decoders also: blocked_causal_attention
 ATTENTION_BLOCK = 128  # query rows per block of blocked_causal_attention
 
 
@@ -268,8 +270,7 @@ def blocked_causal_attention(q, k, v, mask, block: int = ATTENTION_BLOCK):
     keep = mask[:, :, None, start:stop, :stop]  # [B, 1, 1, t, s]
     probs = jax.nn.softmax(jnp.where(keep, logits, big_negative).astype(jnp.float32), axis=-1).astype(v.dtype)
     outs.append(jnp.einsum("bkgts,bkse->bkgte", probs, vt[:, :, :stop]))  # [B, K, G, t, E]
-  y = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
-  return y.transpose(0, 3, 1, 2, 4).reshape(b, t, h, e)
+  return jnp.concatenate(outs, axis=3).transpose(0, 3, 1, 2, 4).reshape(b, t, h, e)
 
 
 class Mlp(nn.Module):
