@@ -7,6 +7,7 @@ train step derives its key from train.seed and the step, so restoring the step r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -81,6 +82,31 @@ def _abandoned_orbax_read(unraisable) -> bool:
 
 _ORBAX_DIR = os.path.dirname(ocp.__file__) + os.sep
 
+# Step directories being read, and those whose read failed (already reported in one line): reports that the
+# garbage collector prints later about their arrays say nothing new.
+_UNREAD_STEPS: set[str] = set()
+
+
+@contextlib.contextmanager
+def _reading(path: str):
+  """Marks `path` as being read; it stays marked if the read fails."""
+  _UNREAD_STEPS.add(path)
+  yield
+  _UNREAD_STEPS.discard(path)
+
+
+def _about_a_failed_read(unraisable) -> bool:
+  """A report whose error (or an error in its chain) names the directory of a step whose read failed or is going on:
+  TensorStore's read errors carry the path of the array's step in their spec."""
+  exc, seen = unraisable.exc_value, set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    text = str(exc)
+    if any(os.path.join(path, "") in text for path in _UNREAD_STEPS):
+      return True
+    exc = exc.__cause__ or exc.__context__
+  return False
+
 
 def ignore_closed_loop_callbacks() -> None:
   """Drops what a failed restore leaves behind on stderr. When one array of a damaged step fails to read, Orbax's
@@ -93,7 +119,7 @@ def ignore_closed_loop_callbacks() -> None:
     return
 
   def hook(unraisable):
-    if _closed_loop_callback(unraisable) or _abandoned_orbax_read(unraisable):
+    if _closed_loop_callback(unraisable) or _abandoned_orbax_read(unraisable) or _about_a_failed_read(unraisable):
       return
     previous(unraisable)
 
@@ -213,16 +239,17 @@ class Checkpointer:
   def _restore(self, step: int, abstract_state, data_iterator) -> Restored:
     path = self.step_path(step)
     try:
-      meta = self.metadata(step)
-      if callable(abstract_state):  # the target depends on what the step holds (trained_only_target)
-        abstract_state = abstract_state(meta)
-      # grain keeps one iterator state per process: written by another number of processes, none of them applies
-      saved_processes = meta.get("process_count", jax.process_count())
-      items = {"state": ocp.args.PyTreeRestore(
-          abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))}
-      if data_iterator is not None and saved_processes == jax.process_count():
-        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-      state = self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+      with _reading(path):
+        meta = self.metadata(step)
+        if callable(abstract_state):  # the target depends on what the step holds (trained_only_target)
+          abstract_state = abstract_state(meta)
+        # grain keeps one iterator state per process: written by another number of processes, none of them applies
+        saved_processes = meta.get("process_count", jax.process_count())
+        items = {"state": ocp.args.PyTreeRestore(
+            abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))}
+        if data_iterator is not None and saved_processes == jax.process_count():
+          items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        state = self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
     except Exception as e:
       raise CorruptCheckpointError(f"{path}: {type(e).__name__}: {_first_line(e)}") from e
     verify_checksums(state, meta.get(CHECKSUM_KEY, {}), path)
@@ -278,11 +305,12 @@ class Checkpointer:
     checksums. A step whose files cannot be read, or read back wrong, raises CorruptCheckpointError."""
     path = self.step_path(step)
     try:
-      meta = self.metadata(step)
-      expected = meta.get(CHECKSUM_KEY, {})
-      if callable(abstract_params):  # the target depends on what the step holds (trained_only_target)
-        abstract_params = abstract_params(meta)
-      params = restore_params_subset(path, abstract_params)
+      with _reading(path):
+        meta = self.metadata(step)
+        expected = meta.get(CHECKSUM_KEY, {})
+        if callable(abstract_params):  # the target depends on what the step holds (trained_only_target)
+          abstract_params = abstract_params(meta)
+        params = restore_params_subset(path, abstract_params)
     except Exception as e:
       raise CorruptCheckpointError(f"{path}: {type(e).__name__}: {_first_line(e)}") from e
     verify_checksums({"params": params}, expected, path)

@@ -353,7 +353,7 @@ def test_refused_commands_print_one_line_in_a_real_process(lm_workdir, tmp_path)
   assert r.returncode == 1, r.stderr[-3000:]
   lines = r.stderr.strip().splitlines()
   assert lines[-1].startswith(f"jaxlm: error: no checkpoint in {workdir}/checkpoints restores"), r.stderr[-3000:]
-  assert all(line.startswith(("WARNING: checkpoint", "jaxlm: error: ")) for line in lines), r.stderr[-3000:]
+  assert all(line.startswith(("WARNING: checkpoint", "jaxlm: error: ")) for line in lines), r.stderr[:6000]
   assert tree(workdir) == before
   r = jaxlm_process("train", *LM, "--config.train.nonfinite=halt", "--workdir", workdir)
   assert (r.returncode, r.stderr) == (1, ("jaxlm: error: --config.train.nonfinite=halt: expected one of 'skip', "
@@ -394,6 +394,38 @@ def test_abandoned_reads_of_a_failed_restore_are_not_printed(monkeypatch):
   del coroutine
   gc.collect()
   assert [str(e) for e in seen] == ["Encountered error while reading array index"]
+
+class _Read:
+  """Reports an error naming `path` when it is collected, as TensorStore reads of a step's arrays do."""
+
+  def __init__(self, path):
+    self.path = path
+
+  def __del__(self):
+    raise ValueError(f'DATA_LOSS: Error reading "{self.path}/state/" [tensorstore_spec=\'{{"path":"{self.path}/state/"}}\']')
+
+
+def test_late_reports_about_a_step_whose_read_failed_are_not_printed(monkeypatch, tmp_path):
+  """What the collector prints about the arrays of a step whose read failed (reported already in one line) is
+  dropped; reports naming a step that was read intact, or another directory, are kept."""
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: seen.append(str(unraisable.exc_value)))
+  monkeypatch.setattr(ckpt_lib, "_UNREAD_STEPS", set())
+  ckpt_lib.ignore_closed_loop_callbacks()
+  damaged, intact = str(tmp_path / "checkpoints" / "2"), str(tmp_path / "checkpoints" / "1")
+  with pytest.raises(RuntimeError), ckpt_lib._reading(damaged):
+    _Read(damaged)  # collected at once, while the read goes on
+    raise RuntimeError("the read fails")
+  with ckpt_lib._reading(intact):
+    pass
+  _Read(damaged)
+  gc.collect()
+  assert seen == []
+  _Read(intact)
+  _Read(str(tmp_path / "checkpoints" / "20"))
+  gc.collect()
+  assert len(seen) == 2 and f"{intact}/state/" in seen[0] and "checkpoints/20/state/" in seen[1], seen
+
 
 # ---- numerics: a diverged run stops loudly ------------------------------------------------------------------------
 
