@@ -3,6 +3,7 @@ beam search against an exhaustive search over all sequences, per-row EOS, padded
 
 import functools
 import itertools
+import re
 
 import flax.linen as nn
 import jax
@@ -386,3 +387,19 @@ def test_time_decoding_reports_prefill_and_per_token_time():
   np.testing.assert_allclose(timing.tokens_per_second, 4 / timing.per_token_seconds)
   with pytest.raises(ValueError, match="exceeds the cache length"):
     generation.time_decoding(decoding, params, batch_size=1, prompt_len=20, new_tokens=8)
+
+
+def test_a_decoding_step_of_scanned_layers_copies_no_whole_cache():
+  """Scanned layers carry the cache of all layers through the layer loop, and a step writes only its new slots: the
+  compiled step (cache donated, as the searches' loops hold it) holds no copy of a whole cache array. Stacked as a
+  scan output instead, every step copied every layer's keys and values, moved to layers-first and back."""
+  model, params = _model("llama", scan=True)
+  decoding = generation.decoder_decoding(model)
+  cache = decoding.init_cache(params, 3)
+  tokens, positions = jnp.zeros((3, 1), jnp.int32), jnp.full((3, 1), 5, jnp.int32)
+  hlo = jax.jit(decoding.step, donate_argnums=1).lower(params, cache, tokens, positions).compile().as_text()
+  whole = {tuple(sorted(x.shape)) for x in jax.tree.leaves(cache) if x.ndim > 2}
+  copies = [tuple(sorted(int(d) for d in m.group(1).split(",")))
+            for m in re.finditer(r"= f32\[([\d,]+)\]\{[\d,]*\} copy\(", hlo)]
+  assert copies, "no copy at all: the pattern no longer matches XLA's text"
+  assert not [c for c in copies if c in whole], (whole, copies)
