@@ -13,6 +13,8 @@ The contract a model family fulfils (`Decoding`):
 - `reorder(cache, rows [N]) -> cache`: the cache of N rows where row n is old row `rows[n]` (repeats allowed); beam
   search uses it to copy a prompt's cache to its K beams and to follow each beam's parent.
 - `max_len`: the number of cache slots; every position must stay below it.
+- `prepare(params) -> params`: the parameters in the form `init_cache` and `step` take, made once per search before
+  its loop (the identity for most families).
 
 A model whose cache keeps one write index for the whole batch (the decoder here, T5 in models/encdec.py) meets the
 per-row part of this contract the way `decoder_decoding` and `encdec_decoding` do: by running the model once per row
@@ -37,11 +39,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.models.decoder import Decoder
+from jaxlm.models.decoder import Decoder, unstack_layers
 from jaxlm.models.encdec import EncDec
 from jaxlm.models.encdec import init_cache as encdec_init_cache
 
 NEG_INF = -jnp.inf
+
+
+def _as_given(params):
+  return params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +61,7 @@ class Decoding:
   step: Callable[[Any, Any, jax.Array, jax.Array], tuple[jax.Array, Any]]
   reorder: Callable[[Any, jax.Array], Any]
   max_len: int
+  prepare: Callable[[Any], Any] = _as_given
 
 
 def take_rows(cache, rows, axis: int = 0):
@@ -77,14 +84,19 @@ def decoder_decoding(model: Decoder, max_len: int | None = None) -> Decoding:
   slots. Every cache leaf therefore has a leading row axis (then the decoder's own layout with a batch of 1).
   A cache shorter than the model's max_len serves prompts and outputs that fit it: attention and beam reordering
   then touch only those slots (a gpt2 model keeps its whole position table).
+
+  A model with scanned layers decodes with its layers unrolled: `prepare` takes the stacked parameters apart once
+  per search. Scanned, every step sliced each layer's weights out of the stack into a fresh buffer (XLA:CPU's
+  matmuls do not read through a dynamic slice), copying all the weights once per generated token, and stacked the
+  cache of every layer again.
   """
   cfg = model.cfg
   max_len = max_len or cfg.max_len
   if max_len > cfg.max_len:
     raise ValueError(f"cache length {max_len} > model.max_len={cfg.max_len}: positions past the model's are not "
                      "defined")
-  if max_len != (cfg.cache_len or cfg.max_len):
-    model = Decoder(dataclasses.replace(cfg, cache_len=max_len))
+  if max_len != (cfg.cache_len or cfg.max_len) or cfg.scan_layers:
+    model = Decoder(dataclasses.replace(cfg, cache_len=max_len, scan_layers=False))
 
   def init_cache(params, batch_size: int, context=None):
     del params, context  # the empty cache is zeros of the shapes the model declares
@@ -100,7 +112,8 @@ def decoder_decoding(model: Decoder, max_len: int | None = None) -> Decoding:
   def step(params, cache, tokens, positions):
     return jax.vmap(step_row, in_axes=(None, 0, 0, 0))(params, cache, tokens, positions)
 
-  return Decoding(init_cache=init_cache, step=step, reorder=take_rows, max_len=max_len)
+  return Decoding(init_cache=init_cache, step=step, reorder=take_rows, max_len=max_len,
+                  prepare=unstack_layers if cfg.scan_layers else _as_given)
 
 
 @functools.cache
@@ -216,6 +229,7 @@ def _sample(decoding, params, prompt, prompt_lengths, rng, temperature, top_p, e
             max_new_tokens: int, top_k: int, no_repeat_ngram_size: int):
   b = prompt.shape[0]
   n = max_new_tokens
+  params = decoding.prepare(params)
   cache, logits = _prefill(decoding, params, prompt, prompt_lengths, context)
   first = _pick(logits, jax.random.fold_in(rng, 0), temperature, top_k, top_p)
   tokens = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(first)
@@ -288,6 +302,7 @@ def _top_pool(tokens, scores, lengths, k: int):
 def _beam_search(decoding, params, prompt, prompt_lengths, alpha, eos_id, pad_id, context, *, beam_size: int,
                  max_new_tokens: int, return_all: bool, no_repeat_ngram_size: int):
   b, k, n = prompt.shape[0], beam_size, max_new_tokens
+  params = decoding.prepare(params)
   cache, logits = _prefill(decoding, params, prompt, prompt_lengths, context)
   cache = decoding.reorder(cache, jnp.repeat(jnp.arange(b), k))  # row b*K + j: beam j of prompt b
   rows = jnp.arange(b)[:, None] * k
@@ -386,11 +401,14 @@ def time_decoding(decoding: Decoding, params, *, batch_size: int, prompt_len: in
 
   @jax.jit
   def prefill(params, context):
+    params = decoding.prepare(params)
     cache, logits = _prefill(decoding, params, prompt, jnp.full((batch_size,), prompt_len, jnp.int32), context)
     return cache, jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
   @jax.jit
   def decode(params, cache, token):
+    params = decoding.prepare(params)
+
     def body(i, carry):
       cache, token = carry
       positions = jnp.full((batch_size, 1), prompt_len + i, jnp.int32)

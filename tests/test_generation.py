@@ -389,17 +389,23 @@ def test_time_decoding_reports_prefill_and_per_token_time():
     generation.time_decoding(decoding, params, batch_size=1, prompt_len=20, new_tokens=8)
 
 
-def test_a_decoding_step_of_scanned_layers_copies_no_whole_cache():
-  """Scanned layers carry the cache of all layers through the layer loop, and a step writes only its new slots: the
-  compiled step (cache donated, as the searches' loops hold it) holds no copy of a whole cache array. Stacked as a
-  scan output instead, every step copied every layer's keys and values, moved to layers-first and back."""
+def test_a_decoding_step_of_scanned_layers_slices_no_weights_and_copies_no_whole_cache():
+  """A model with scanned layers decodes unrolled, from parameters taken apart once per search (`prepare`): the
+  compiled step (cache donated, as the searches' loops hold it) slices no layer's weights out of a stack and copies
+  no cache array as it is laid out. Scanned, each step sliced every layer's weights out of the stack into new buffers and
+  stacked every layer's keys and values again."""
   model, params = _model("llama", scan=True)
   decoding = generation.decoder_decoding(model)
-  cache = decoding.init_cache(params, 3)
+  prepared = jax.jit(decoding.prepare)(params)
+  cache = decoding.init_cache(prepared, 3)
   tokens, positions = jnp.zeros((3, 1), jnp.int32), jnp.full((3, 1), 5, jnp.int32)
-  hlo = jax.jit(decoding.step, donate_argnums=1).lower(params, cache, tokens, positions).compile().as_text()
-  whole = {tuple(sorted(x.shape)) for x in jax.tree.leaves(cache) if x.ndim > 2}
-  copies = [tuple(sorted(int(d) for d in m.group(1).split(",")))
+  hlo = jax.jit(decoding.step, donate_argnums=1).lower(prepared, cache, tokens, positions).compile().as_text()
+  weights = {tuple(x.shape[1:]) for x in jax.tree.leaves(params["blocks"]) if x.ndim > 2}
+  whole = {tuple(x.shape) for x in jax.tree.leaves(cache) if x.ndim > 2}  # (attention reads keys transposed)
+  sliced = [tuple(int(d) for d in m.group(1).split(","))
+            for m in re.finditer(r"%[\w.-]*dynamic-slice[\w.-]* = f32\[([\d,]+)\]", hlo)]
+  copied = [tuple(int(d) for d in m.group(1).split(","))
             for m in re.finditer(r"= f32\[([\d,]+)\]\{[\d,]*\} copy\(", hlo)]
-  assert copies, "no copy at all: the pattern no longer matches XLA's text"
-  assert not [c for c in copies if c in whole], (whole, copies)
+  assert copied, "no copy at all: the pattern no longer matches XLA's text"
+  assert not [s for s in sliced if s in weights], (weights, sliced)
+  assert not [c for c in copied if c in whole], (whole, copied)

@@ -15,7 +15,7 @@ from jax.experimental import multihost_utils
 
 from jaxlm import sharding
 from jaxlm.hf.io import ConvertError, safetensors_files
-from jaxlm.models.decoder import Decoder, DecoderConfig
+from jaxlm.models.decoder import Decoder, DecoderConfig, unstack_layers
 
 # The DecoderConfig fields a checkpoint fixes (its shapes, and the functions its weights were trained with), each the
 # --config.model.* key of the same name.
@@ -51,14 +51,6 @@ def stack_layers(params: dict) -> dict:
   rest = {k: v for k, v in params.items() if k not in names}
   stacked = jax.tree.map(lambda *layers: np.stack([np.asarray(x) for x in layers]), *(params[k] for k in names))
   return {**rest, "blocks": {"block": stacked}}
-
-
-def unstack_layers(params: dict) -> dict:
-  """The scan_layers layout (blocks/block, leading layers axis) -> one block_{i} subtree per layer."""
-  stacked = params["blocks"]["block"]
-  num_layers = jax.tree.leaves(stacked)[0].shape[0]
-  rest = {k: v for k, v in params.items() if k != "blocks"}
-  return {**rest, **{f"block_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(num_layers)}}
 
 
 def in_layout(params: dict, cfg: DecoderConfig) -> dict:

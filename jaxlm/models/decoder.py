@@ -107,7 +107,7 @@ class Attention(nn.Module):
   cfg: DecoderConfig
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids, decode: bool, layer=None):
+  def __call__(self, x, positions, segment_ids, decode: bool):
     c = self.cfg
     dt, d, h, k, e = c.compute_dtype, c.d_model, c.num_heads, c.kv_heads, c.dim_per_head
     out_std = c.init_std / math.sqrt(2 * c.num_layers)
@@ -131,7 +131,7 @@ class Attention(nn.Module):
       key = layers.rope(key, positions, c.rope_theta)
 
     if decode:
-      key, value, positions_k, segment_ids_k = self._update_cache(key, value, segment_ids, layer)
+      key, value, positions_k, segment_ids_k = self._update_cache(key, value, segment_ids)
     else:
       positions_k, segment_ids_k = positions, segment_ids
     mask = layers.attention_mask(segment_ids, segment_ids_k, positions, positions_k, causal=True)
@@ -145,13 +145,8 @@ class Attention(nn.Module):
       out = out + layers.param(self, "o_bias", nn.initializers.zeros, (d,), ("norm",)).astype(dt)
     return out
 
-  def _update_cache(self, key, value, segment_ids, layer):
-    """Writes this call's keys/values at the cache index; returns the whole cache and its positions.
-
-    `layer` (a traced index) is given when the scanned layers carry the cache of all of them (Decoder): each
-    variable then holds every layer's values on a leading axis, and only this layer's new slots are written, in
-    place, rather than every layer's whole cache being stacked again at each step.
-    """
+  def _update_cache(self, key, value, segment_ids):
+    """Writes this call's keys/values at the cache index; returns the whole cache and its positions."""
     b, t, k, e = key.shape
     max_len = self.cfg.cache_len or self.cfg.max_len  # slots; the position table (gpt2) keeps max_len rows
     cached_k = self.variable("cache", "key", jnp.zeros, (b, max_len, k, e), key.dtype)
@@ -160,34 +155,26 @@ class Attention(nn.Module):
     index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
     if self.is_initializing():
       return key, value, jnp.broadcast_to(jnp.arange(t), (b, t)), segment_ids
+    i = index.value
+    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, key, (0, i, 0, 0))
+    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, value, (0, i, 0, 0))
+    cached_seg.value = jax.lax.dynamic_update_slice(cached_seg.value, segment_ids.astype(jnp.int32), (0, i))
+    index.value = i + t
     # cache slots are indexed by absolute position; unwritten slots hold segment 0, and a slot past the
     # query's position is excluded by the causal test on positions.
     positions_k = jnp.broadcast_to(jnp.arange(max_len), (b, max_len))
-    segment_ids = segment_ids.astype(jnp.int32)
-    if layer is None:
-      i = index.value
-      cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, key, (0, i, 0, 0))
-      cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, value, (0, i, 0, 0))
-      cached_seg.value = jax.lax.dynamic_update_slice(cached_seg.value, segment_ids, (0, i))
-      index.value = i + t
-      return cached_k.value, cached_v.value, positions_k, cached_seg.value
-    i = index.value[layer]
-    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, key[None], (layer, 0, i, 0, 0))
-    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, value[None], (layer, 0, i, 0, 0))
-    cached_seg.value = jax.lax.dynamic_update_slice(cached_seg.value, segment_ids[None], (layer, 0, i))
-    index.value = index.value.at[layer].set(i + t)
-    return cached_k.value[layer], cached_v.value[layer], positions_k, cached_seg.value[layer]
+    return cached_k.value, cached_v.value, positions_k, cached_seg.value
 
 
 class Block(nn.Module):
   cfg: DecoderConfig
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids, deterministic: bool, decode: bool, layer=None):
+  def __call__(self, x, positions, segment_ids, deterministic: bool, decode: bool):
     c = self.cfg
     norm = (lambda name: layers.LayerNorm(c.norm_eps, True, c.compute_dtype, name=name)) if c.style == "gpt2" \
         else (lambda name: layers.RMSNorm(c.norm_eps, c.compute_dtype, name=name))
-    h = Attention(c, name="attn")(norm("ln_attn")(x), positions, segment_ids, decode, layer)
+    h = Attention(c, name="attn")(norm("ln_attn")(x), positions, segment_ids, decode)
     x = x + layers.Dropout(c.dropout)(h, deterministic=deterministic)
     h = layers.Mlp(c.ffn_dim, c.hidden_act if c.style == "gpt2" else "swiglu", c.use_bias, c.init_std,
                    c.init_std / math.sqrt(2 * c.num_layers), c.compute_dtype, c.lora, name="mlp")(norm("ln_mlp")(x))
@@ -202,8 +189,9 @@ class ScanBlock(nn.Module):
   decode: bool
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids, layer):  # layer: the scanned index when the cache is carried
-    return Block(self.cfg, name="block")(x, positions, segment_ids, self.deterministic, self.decode, layer), None
+  def __call__(self, x, inputs):
+    positions, segment_ids = inputs
+    return Block(self.cfg, name="block")(x, positions, segment_ids, self.deterministic, self.decode), None
 
 
 class Decoder(nn.Module):
@@ -239,16 +227,10 @@ class Decoder(nn.Module):
     if c.scan_layers:
       scan_block = ScanBlock if c.remat == "none" else nn.remat(
           ScanBlock, policy=REMAT_POLICIES[c.remat], prevent_cse=False)
-      # Decoding carries the cache of all layers through the scan (each layer writes its new slots in place);
-      # initialisation creates it stacked, one slice per layer, in the same shapes.
-      carry_cache = decode and not self.is_initializing()
       x, _ = nn.scan(
-          scan_block, variable_axes={"params": 0} if carry_cache else {"params": 0, "cache": 0},
-          variable_carry="cache" if carry_cache else False, split_rngs={"params": True, "dropout": True},
-          in_axes=(nn.broadcast, nn.broadcast, 0 if carry_cache else nn.broadcast), length=c.num_layers,
-          metadata_params={nn.PARTITION_NAME: "layers"},
-      )(c, deterministic, decode, name="blocks")(
-          x, positions, segment_ids, jnp.arange(c.num_layers) if carry_cache else None)
+          scan_block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
+          in_axes=nn.broadcast, length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
+      )(c, deterministic, decode, name="blocks")(x, (positions, segment_ids))
     else:
       for i in range(c.num_layers):
         x = block(c, name=f"block_{i}")(x, positions, segment_ids, deterministic, decode)
@@ -269,3 +251,11 @@ class Decoder(nn.Module):
                                   (c.d_model, len(token_ids)), ("embed", None))
         logits = logits.at[..., ids].add(jnp.einsum("btd,dk->btk", x, head_delta.astype(c.compute_dtype)))
     return logits.astype(jnp.float32)
+
+
+def unstack_layers(params: dict) -> dict:
+  """The scan_layers layout (blocks/block, leading layers axis) -> one block_{i} subtree per layer."""
+  stacked = params["blocks"]["block"]
+  num_layers = jax.tree.leaves(stacked)[0].shape[0]
+  rest = {k: v for k, v in params.items() if k != "blocks"}
+  return {**rest, **{f"block_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(num_layers)}}
