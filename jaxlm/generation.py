@@ -95,8 +95,7 @@ def decoder_decoding(model: Decoder, max_len: int | None = None) -> Decoding:
   if max_len > cfg.max_len:
     raise ValueError(f"cache length {max_len} > model.max_len={cfg.max_len}: positions past the model's are not "
                      "defined")
-  if max_len != (cfg.cache_len or cfg.max_len) or cfg.scan_layers:
-    model = Decoder(dataclasses.replace(cfg, cache_len=max_len, scan_layers=False))
+  model = Decoder(dataclasses.replace(cfg, cache_len=max_len, scan_layers=False))
 
   def init_cache(params, batch_size: int, context=None):
     del params, context  # the empty cache is zeros of the shapes the model declares
