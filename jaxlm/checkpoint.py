@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import os
 import sys
 import time
@@ -95,10 +96,10 @@ def _reading(path: str):
   _UNREAD_STEPS.discard(path)
 
 
-def _about_a_failed_read(unraisable) -> bool:
-  """A report whose error (or an error in its chain) names the directory of a step whose read failed or is going on:
+def _names_a_failed_read(exc: BaseException | None) -> bool:
+  """Whether `exc` (or an error in its chain) names the directory of a step whose read failed or is going on:
   TensorStore's read errors carry the path of the array's step in their spec."""
-  exc, seen = unraisable.exc_value, set()
+  seen = set()
   while exc is not None and id(exc) not in seen:
     seen.add(id(exc))
     text = str(exc)
@@ -108,12 +109,28 @@ def _about_a_failed_read(unraisable) -> bool:
   return False
 
 
+def _about_a_failed_read(unraisable) -> bool:
+  return _names_a_failed_read(unraisable.exc_value)
+
+
+class _FailedReadFutures(logging.Filter):
+  """asyncio's 'Future/Task exception was never retrieved', logged when the collector finds a read future of a failed
+  restore (late, even after the one-line error): dropped when its error names a step whose read failed."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.exc_info and _names_a_failed_read(record.exc_info[1]))
+
+
 def ignore_closed_loop_callbacks() -> None:
   """Drops what a failed restore leaves behind on stderr. When one array of a damaged step fails to read, Orbax's
   asyncio loop ends while TensorStore still has reads of the other arrays in flight: as each finishes, its callback
-  calls loop.call_soon_threadsafe on the closed loop, and the read coroutines never awaited again are closed when
-  they are garbage-collected. Python prints both as unraisable, a traceback per array (when the collector runs, so
-  not on every run), around the one-line message that names the step. Every other unraisable report is kept."""
+  calls loop.call_soon_threadsafe on the closed loop, the read coroutines never awaited again are closed when they
+  are garbage-collected, and futures holding a read error nobody retrieved are logged by asyncio when collected.
+  Python prints all of these, a traceback per array (when the collector runs, so not on every run), around the
+  one-line message that names the step. Every other unraisable report and log record is kept."""
+  asyncio_logger = logging.getLogger("asyncio")
+  if not any(isinstance(f, _FailedReadFutures) for f in asyncio_logger.filters):
+    asyncio_logger.addFilter(_FailedReadFutures())
   previous = sys.unraisablehook
   if getattr(previous, "_jaxlm_closed_loop_filter", False):
     return

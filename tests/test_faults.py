@@ -5,10 +5,12 @@ Most cases run in this process (`cli.main`, catching SystemExit) on workdirs bui
 real command in a subprocess, where the whole of what a user sees (stderr, exit code) is checked.
 """
 
+import asyncio
 import gc
 import gzip
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -352,7 +354,8 @@ def test_refused_commands_print_one_line_in_a_real_process(lm_workdir, tmp_path)
   r = jaxlm_process("train", *LM, "--config.train.steps=3", "--workdir", workdir)
   assert r.returncode == 1, r.stderr[-3000:]
   lines = r.stderr.strip().splitlines()
-  assert lines[-1].startswith(f"jaxlm: error: no checkpoint in {workdir}/checkpoints restores"), r.stderr[-3000:]
+  assert lines[-1].startswith(f"jaxlm: error: no checkpoint in {workdir}/checkpoints restores"), \
+      f"{r.stderr[:3000]}\n...\n{r.stderr[-3000:]}"
   assert all(line.startswith(("WARNING: checkpoint", "jaxlm: error: ")) for line in lines), r.stderr[:6000]
   assert tree(workdir) == before
   r = jaxlm_process("train", *LM, "--config.train.nonfinite=halt", "--workdir", workdir)
@@ -426,6 +429,37 @@ def test_late_reports_about_a_step_whose_read_failed_are_not_printed(monkeypatch
   gc.collect()
   assert len(seen) == 2 and f"{intact}/state/" in seen[0] and "checkpoints/20/state/" in seen[1], seen
 
+
+
+def _unretrieved_read_error(loop, path: str) -> None:
+  """A future of `loop` holding a read error that names `path`, collected with its exception never retrieved."""
+  future = loop.create_future()
+  future.set_exception(ValueError(f'DATA_LOSS: Error reading "params.w/.zarray" at local file "{path}/state/"'))
+  del future
+  gc.collect()
+
+
+def test_unretrieved_read_errors_of_a_failed_step_are_not_logged(monkeypatch, tmp_path, caplog):
+  """asyncio logs 'Future exception was never retrieved' when it collects a read future of a failed restore, even
+  after the one-line error: dropped for a step whose read failed, kept for a step read intact or another directory."""
+  monkeypatch.setattr(ckpt_lib, "_UNREAD_STEPS", set())
+  ckpt_lib.ignore_closed_loop_callbacks()
+  damaged, intact = str(tmp_path / "checkpoints" / "2"), str(tmp_path / "checkpoints" / "1")
+  loop = asyncio.new_event_loop()
+  with caplog.at_level(logging.ERROR, logger="asyncio"):
+    with pytest.raises(RuntimeError), ckpt_lib._reading(damaged):
+      _unretrieved_read_error(loop, damaged)  # while the read goes on
+      raise RuntimeError("the read fails")
+    with ckpt_lib._reading(intact):
+      pass
+    _unretrieved_read_error(loop, damaged)
+    assert caplog.records == []
+    _unretrieved_read_error(loop, intact)
+    _unretrieved_read_error(loop, str(tmp_path / "checkpoints" / "20"))
+  loop.close()
+  logged = [r.exc_info[1] for r in caplog.records]
+  assert [r.getMessage().splitlines()[0] for r in caplog.records] == ["Future exception was never retrieved"] * 2
+  assert f"{intact}/state/" in str(logged[0]) and "checkpoints/20/state/" in str(logged[1]), logged
 
 # ---- numerics: a diverged run stops loudly ------------------------------------------------------------------------
 
