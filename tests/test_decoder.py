@@ -1,5 +1,7 @@
 """Decoder model behaviour: shapes, causality, packed-segment isolation, KV-cache decoding, options."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -146,6 +148,28 @@ def test_remat_and_scan_keep_the_function(remat):
   assert scan_params["blocks"]["block"]["mlp"]["wi"].value.shape[0] == 2  # layers stacked on a leading axis
   assert scan_params["blocks"]["block"]["mlp"]["wi"].names[0] == "layers"
 
+
+
+@pytest.mark.parametrize("equation,x_shape,w_shape", [("bthe,hed->btd", (2, 3, 4, 5), (4, 5, 6)),
+                                                      ("btd,dche->btche", (2, 3, 6), (6, 3, 4, 5)),
+                                                      ("...d,de->...e", (2, 3, 6), (6, 7))])
+def test_weight_major_einsum_is_the_einsum_and_contracts_in_the_weights_order(equation, x_shape, w_shape):
+  rng = np.random.default_rng(0)
+  x, w = rng.normal(size=x_shape).astype(np.float32), rng.normal(size=w_shape).astype(np.float32)
+  np.testing.assert_allclose(layers.einsum(equation, x, w), np.einsum(equation, x, w), rtol=1e-5, atol=1e-5)
+  (eqn,) = jax.make_jaxpr(lambda x, w: layers.einsum(equation, x, w))(x, w).eqns
+  (x_axes, w_axes), _ = eqn.params["dimension_numbers"]
+  assert list(w_axes) == sorted(w_axes) and list(x_axes) == sorted(x_axes)
+
+
+def test_the_training_step_transposes_no_attention_output():
+  """The attention output [B, T, H, E] meets the o weight [H, E, D] in (H, E) order: the compiled gradient holds no
+  copy of either with E before H (jnp.einsum's alphabetical (e, h) contraction order made XLA transpose both)."""
+  cfg = _cfg("gpt2", num_heads=4, d_model=32)  # H 4, E 8, D 32; B 2, T 16
+  model, params, tokens = _init(cfg)
+  hlo = jax.jit(jax.grad(lambda p: model.apply({"params": p}, tokens).sum())).lower(params).compile().as_text()
+  transposed = [line for line in hlo.splitlines() if re.search(r"= f32\[(2,16,|32,)?8,4(,32)?\]", line)]
+  assert transposed == [], transposed[:5]
 
 def test_bad_hyperparameters_are_named():
   with pytest.raises(ValueError, match="num_kv_heads"):

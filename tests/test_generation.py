@@ -391,8 +391,8 @@ def test_time_decoding_reports_prefill_and_per_token_time():
 
 def test_a_decoding_step_of_scanned_layers_slices_no_weights_and_copies_no_whole_cache():
   """A model with scanned layers decodes unrolled, from parameters taken apart once per search (`prepare`): the
-  compiled step (cache donated, as the searches' loops hold it) slices no layer's weights out of a stack and copies
-  no cache array as it is laid out. Scanned, each step sliced every layer's weights out of the stack into new buffers and
+  compiled step (cache donated, as the searches' loops hold it) slices no layer's weights out of a stack, copies
+  no cache array as it is laid out and no weight transposed (the output projection's was, contracted (E, H)). Scanned, each step sliced every layer's weights out of the stack into new buffers and
   stacked every layer's keys and values again."""
   model, params = _model("llama", scan=True)
   decoding = generation.decoder_decoding(model)
@@ -409,3 +409,4 @@ def test_a_decoding_step_of_scanned_layers_slices_no_weights_and_copies_no_whole
   assert copied, "no copy at all: the pattern no longer matches XLA's text"
   assert not [s for s in sliced if s in weights], (weights, sliced)
   assert not [c for c in copied if c in whole], (whole, copied)
+  assert not [c for c in copied if sorted(c) in [sorted(w) for w in weights]], (weights, copied)  # transposed
