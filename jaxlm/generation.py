@@ -42,6 +42,7 @@ import numpy as np
 from jaxlm.models.decoder import Decoder, unstack_layers
 from jaxlm.models.encdec import EncDec
 from jaxlm.models.encdec import init_cache as encdec_init_cache
+from jaxlm.models.encdec import unstack_layers as encdec_unstack_layers
 
 NEG_INF = -jnp.inf
 
@@ -121,8 +122,11 @@ def encdec_decoding(model: EncDec, max_len: int) -> Decoding:
 
   `context` is (encoder tokens [B, S], encoder segment ids [B, S], 0 on padding): init_cache encodes them once and
   stores each row's cross-attention keys/values (models/encdec.init_cache), so a decoding step costs one decoder
-  position. As in decoder_decoding, each row keeps its own cache under jax.vmap (leading row axis, then a batch of 1).
+  position. As in decoder_decoding, each row keeps its own cache under jax.vmap (leading row axis, then a batch of 1),
+  and a model with scanned layers decodes unrolled from its parameters taken apart once per search.
   """
+  cfg = model.cfg
+  model = EncDec(dataclasses.replace(cfg, scan_layers=False))
 
   def init_cache(params, batch_size: int, context):
     tokens, segment_ids = context
@@ -138,7 +142,8 @@ def encdec_decoding(model: EncDec, max_len: int) -> Decoding:
   def step(params, cache, tokens, positions):
     return jax.vmap(step_row, in_axes=(None, 0, 0, 0))(params, cache, tokens, positions)
 
-  return Decoding(init_cache=init_cache, step=step, reorder=take_rows, max_len=max_len)
+  return Decoding(init_cache=init_cache, step=step, reorder=take_rows, max_len=max_len,
+                  prepare=functools.partial(encdec_unstack_layers, cfg=cfg) if cfg.scan_layers else _as_given)
 
 
 def _check_lengths(decoding: Decoding, prompt_width: int, max_new_tokens: int):

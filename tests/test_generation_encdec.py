@@ -3,6 +3,7 @@ whole decoder each step, padded encoder rows decode as alone, beam scores are th
 beam search over sharded parameters and batches gives the single-device outputs."""
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -116,3 +117,20 @@ def test_sharded_beam_search_gives_the_single_device_outputs():
     return generation.beam_search(decoding, p, x, beam_size=3, max_new_tokens=N, alpha=0.6, eos_id=EOS, context=(e, s))
 
   np.testing.assert_array_equal(run(sharded, *placed).tokens, run(params, enc, seg, start).tokens)
+
+
+def test_a_decoding_step_of_scanned_layers_slices_no_weights():
+  """A T5 with scanned layers decodes unrolled from parameters taken apart once per search: its compiled step slices
+  no layer's weights out of the stacks (scanned, each step copied every decoder layer's weights into new buffers)."""
+  model, params = _model("t5_v1_1", scan=True)
+  decoding = generation.encdec_decoding(model, N + 1)
+  prepared = jax.jit(decoding.prepare)(params)
+  assert "layers_1" in prepared["decoder"] and "layers" not in prepared["decoder"]
+  enc, seg = _inputs(np.random.default_rng(3), [12, 5])
+  cache = decoding.init_cache(prepared, 2, (enc, seg))
+  tokens, positions = jnp.zeros((2, 1), jnp.int32), jnp.full((2, 1), 3, jnp.int32)
+  hlo = jax.jit(decoding.step, donate_argnums=1).lower(prepared, cache, tokens, positions).compile().as_text()
+  weights = {tuple(x.shape[1:]) for x in jax.tree.leaves(params["decoder"]["layers"])}
+  sliced = [tuple(int(d) for d in m.group(1).split(","))
+            for m in re.finditer(r"%[\w.-]*dynamic-slice[\w.-]* = f32\[([\d,]+)\]", hlo)]
+  assert not [s for s in sliced if s in weights], (weights, sliced)

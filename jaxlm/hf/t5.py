@@ -14,7 +14,7 @@ from jax.experimental import multihost_utils
 
 from jaxlm.hf.decoders import tensors_where
 from jaxlm.hf.io import ConvertError, TensorReader, read_config_json, read_safetensors, write_model_dir
-from jaxlm.models.encdec import EncDec, EncDecConfig
+from jaxlm.models.encdec import EncDec, EncDecConfig, unstack_layers
 
 # HF feed_forward_proj -> EncDecConfig.style (HF's gated-gelu is the tanh approximation, gelu_new)
 HF_STYLES = {"relu": "t5", "gated-gelu": "t5_v1_1"}
@@ -105,18 +105,6 @@ def stack_layers(params: dict, cfg: EncDecConfig) -> dict:
   for stack, n in (("encoder", cfg.num_encoder_layers), ("decoder", cfg.num_decoder_layers)):
     tree = {k: v for k, v in params[stack].items() if not k.startswith("layers_")}
     tree["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *[params[stack][f"layers_{i}"] for i in range(n)])
-    out[stack] = tree
-  return out
-
-
-def unstack_layers(params: dict, cfg: EncDecConfig) -> dict:
-  """The scan_layers tree -> the per-layer tree; a per-layer tree is returned as it is."""
-  if "layers" not in params["encoder"]:
-    return params
-  out = dict(params)
-  for stack, n in (("encoder", cfg.num_encoder_layers), ("decoder", cfg.num_decoder_layers)):
-    tree = {k: v for k, v in params[stack].items() if k != "layers"}
-    tree.update({f"layers_{i}": jax.tree.map(lambda x, i=i: x[i], params[stack]["layers"]) for i in range(n)})
     out[stack] = tree
   return out
 

@@ -430,3 +430,15 @@ def init_cache(model: EncDec, params, encoded, encoder_segment_ids, max_decode_l
   _, variables = model.apply({"params": params, "cache": cache}, encoded, encoder_segment_ids,
                              jnp.zeros((b, 0), jnp.int32), decode=True, method=EncDec.decode, mutable=["cache"])
   return variables["cache"]
+
+
+def unstack_layers(params: dict, cfg: EncDecConfig) -> dict:
+  """The scan_layers tree -> the per-layer tree; a per-layer tree is returned as it is."""
+  if "layers" not in params["encoder"]:
+    return params
+  out = dict(params)
+  for stack, n in (("encoder", cfg.num_encoder_layers), ("decoder", cfg.num_decoder_layers)):
+    tree = {k: v for k, v in params[stack].items() if k != "layers"}
+    tree.update({f"layers_{i}": jax.tree.map(lambda x, i=i: x[i], params[stack]["layers"]) for i in range(n)})
+    out[stack] = tree
+  return out
