@@ -86,7 +86,8 @@ def _weight_major(equation: str) -> str:
   """`equation` ('x,w->out') with its letters renamed so the weight's come first in the alphabet, in the weight's
   order. jnp.einsum lists contracted axes alphabetically, and XLA:CPU transposes both operands of a product whose
   contracted axes come in neither operand's order: the attention output projection 'bthe,hed->btd' contracted
-  (e, h), copying its activations and its weight at every call, in training and in each decoding step."""
+  (e, h), and its weight was copied transposed in every training step and every decoding step (there, with the
+  attention output too)."""
   inputs, out = equation.split("->")
   xs, ws = inputs.split(",")
   letters = [ch for ch in dict.fromkeys(ws + xs + out) if ch.isalpha()]
