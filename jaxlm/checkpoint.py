@@ -109,10 +109,6 @@ def _names_a_failed_read(exc: BaseException | None) -> bool:
   return False
 
 
-def _about_a_failed_read(unraisable) -> bool:
-  return _names_a_failed_read(unraisable.exc_value)
-
-
 class _FailedReadFutures(logging.Filter):
   """asyncio's 'Future/Task exception was never retrieved', logged when the collector finds a read future of a failed
   restore (late, even after the one-line error): dropped when its error names a step whose read failed."""
@@ -136,7 +132,8 @@ def ignore_closed_loop_callbacks() -> None:
     return
 
   def hook(unraisable):
-    if _closed_loop_callback(unraisable) or _abandoned_orbax_read(unraisable) or _about_a_failed_read(unraisable):
+    if (_closed_loop_callback(unraisable) or _abandoned_orbax_read(unraisable)
+        or _names_a_failed_read(unraisable.exc_value)):
       return
     previous(unraisable)
 

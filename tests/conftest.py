@@ -12,6 +12,7 @@ cache hit is the executable the compiler would have built.
 
 import os
 import pathlib
+import re
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 XLA_TEST_FLAGS = "--xla_backend_optimization_level=1"
@@ -151,6 +152,13 @@ def sampled_batches(arrays: dict, batch_size: int):
 # Optimiser keys that make the real train step plain Adam at a fixed learning rate, for small learning tests.
 PLAIN_ADAM = ["optim.schedule=constant", "optim.warmup_steps=0", "optim.weight_decay=0.0", "optim.grad_clip=0.0",
               "optim.b2=0.999"]
+
+
+def sliced_like(hlo: str, shapes) -> list[tuple[int, ...]]:
+  """Shapes of the float32 arrays that compiled HLO's dynamic slices (fused ones too) produce, of those in `shapes`."""
+  found = [tuple(int(d) for d in m.group(1).split(","))
+           for m in re.finditer(r"%[\w.-]*dynamic-slice[\w.-]* = f32\[([\d,]+)\]", hlo)]
+  return [s for s in found if s in shapes]
 
 
 def devices_for(config):

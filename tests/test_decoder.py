@@ -149,7 +149,6 @@ def test_remat_and_scan_keep_the_function(remat):
   assert scan_params["blocks"]["block"]["mlp"]["wi"].names[0] == "layers"
 
 
-
 @pytest.mark.parametrize("equation,x_shape,w_shape", [("bthe,hed->btd", (2, 3, 4, 5), (4, 5, 6)),
                                                       ("btd,dche->btche", (2, 3, 6), (6, 3, 4, 5)),
                                                       ("...d,de->...e", (2, 3, 6), (6, 7))])
@@ -170,6 +169,7 @@ def test_the_training_step_transposes_no_attention_output():
   hlo = jax.jit(jax.grad(lambda p: model.apply({"params": p}, tokens).sum())).lower(params).compile().as_text()
   transposed = [line for line in hlo.splitlines() if re.search(r"= f32\[(2,16,|32,)?8,4(,32)?\]", line)]
   assert transposed == [], transposed[:5]
+
 
 def test_bad_hyperparameters_are_named():
   with pytest.raises(ValueError, match="num_kv_heads"):
