@@ -1,32 +1,86 @@
-"""Dropout from 16-bit draws (layers.dropout_keep / layers.Dropout): the rate it keeps, the expectation, the rng
-stream, and both halves of every random word in use."""
+"""Dropout from counter-based 32-bit draws (layers.dropout_keep / layers.Dropout): the rate it keeps, the expectation,
+independence between neighbours, rows and keys, the rng stream, and the same mask however the array is sharded."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlm.models import layers
 
 
+def _close_to(observed, p, n, sigmas=5.0):
+  """observed frequency within `sigmas` standard errors of a Bernoulli(p) mean over n draws."""
+  return abs(observed - p) < sigmas * np.sqrt(p * (1 - p) / n) + 2.0 ** -33
+
+
 @pytest.mark.parametrize("rate", [0.1, 0.25, 0.5])
-@pytest.mark.parametrize("shape", [(64, 128, 96), (512, 257)])  # an even last axis (two draws a word) and an odd one
-def test_keep_fraction_is_the_rate(rate, shape):
+@pytest.mark.parametrize("shape", [(64, 128, 96), (512, 257), (100_003,)])
+def test_keep_fraction_is_the_rate_and_neighbours_are_independent(rate, shape):
   keep, scale = layers.dropout_keep(jax.random.key(3, impl="rbg"), rate, shape)
   keep = np.asarray(keep)
   assert keep.shape == shape and keep.dtype == bool
-  n = keep.size
-  sd = np.sqrt(rate * (1 - rate) / n)
-  assert abs((1 - keep.mean()) - rate) < 5 * sd + 2 ** -17
-  assert scale * (1 - round(rate * 2 ** 16) / 2 ** 16) == pytest.approx(1.0, rel=1e-12)
-  # each half of a 32-bit word drives its own element: even and odd positions drop at the rate alike
-  flat = keep.reshape(-1, shape[-1])
-  for part in (flat[:, 0::2], flat[:, 1::2]):
-    assert abs((1 - part.mean()) - rate) < 5 * np.sqrt(rate * (1 - rate) / part.size) + 2 ** -17
-  # neighbours are independent: a drop says nothing about the element beside it
-  both = (~flat[:, 0:-1:2] & ~flat[:, 1::2]).mean()
-  assert abs(both - rate * rate) < 5 * np.sqrt(rate * rate / flat[:, 1::2].size)
+  assert _close_to(1 - keep.mean(), rate, keep.size)
+  assert scale * (1 - round(rate * 2 ** 32) / 2 ** 32) == pytest.approx(1.0, rel=1e-12)
+  flat = keep.reshape(keep.shape[0], -1) if keep.ndim > 1 else keep[None]
+  # every position within a row and every row drops at the rate: no stripes from the counter
+  for part in (flat[:, 0::2], flat[:, 1::2], flat[: max(1, len(flat) // 2)], flat[len(flat) // 2:]):
+    assert _close_to(1 - part.mean(), rate, part.size)
+  # a drop says nothing about the element beside it, nor about the same position in the next row
+  pairs = [(flat[:, :-1], flat[:, 1:])] + ([(flat[:-1], flat[1:])] if len(flat) > 1 else [])
+  for left, right in pairs:
+    assert _close_to((~left & ~right).mean(), rate * rate, left.size)
+    assert _close_to((~left & right).mean(), rate * (1 - rate), left.size)
+
+
+def _chi_square_of_bytes(bits):
+  """chi-square statistic of the 256 patterns of 8 consecutive bits (non-overlapping windows) against uniform."""
+  windows = bits[: bits.size // 8 * 8].reshape(-1, 8).astype(np.int64) @ (1 << np.arange(8))
+  counts = np.bincount(windows, minlength=256)
+  expected = windows.size / 256
+  return ((counts - expected) ** 2 / expected).sum()
+
+
+def test_runs_of_eight_draws_take_every_pattern_alike():
+  """At rate 1/2 a mask bit is a fair coin: eight neighbours (along a row, or down eight rows) show all 256 patterns
+  equally often (chi-square with 255 degrees of freedom, refused beyond 6 standard deviations). The bare counter, or the
+  counter only xor-shifted, fails this and the tests above."""
+  keep = np.asarray(layers.dropout_keep(jax.random.key(11, impl="rbg"), 0.5, (512, 2048))[0])
+  bound = 255 + 6 * np.sqrt(2 * 255)
+  assert _chi_square_of_bytes(keep.reshape(-1)) < bound
+  assert _chi_square_of_bytes(keep.T.reshape(-1)) < bound
+
+
+def test_masks_of_two_keys_are_independent_and_a_key_repeats_its_mask():
+  keys = jax.random.split(jax.random.key(0, impl="rbg"), 4)
+  masks = [np.asarray(layers.dropout_keep(k, 0.3, (256, 1024))[0]) for k in keys]
+  for i in range(len(masks)):
+    for j in range(i + 1, len(masks)):
+      assert _close_to((~masks[i] & ~masks[j]).mean(), 0.09, masks[i].size)
+      # nor shifted copies of each other: a mask against the other shifted by a few positions
+      for shift in (1, 2, 1024):
+        a, b = masks[i].reshape(-1)[shift:], masks[j].reshape(-1)[:-shift]
+        assert _close_to((~a & ~b).mean(), 0.09, a.size)
+  np.testing.assert_array_equal(masks[0], np.asarray(layers.dropout_keep(keys[0], 0.3, (256, 1024))[0]))
+
+
+def test_the_mask_is_the_same_however_the_array_is_sharded():
+  devices = np.array(jax.devices()[:8]).reshape(2, 2, 2)
+  mesh = Mesh(devices, ("data", "fsdp", "tensor"))
+  key = jax.random.key(5, impl="rbg")
+  whole = np.asarray(jax.jit(lambda k: layers.dropout_keep(k, 0.1, (8, 64, 96))[0])(key))
+  for spec in (PartitionSpec("data", None, "tensor"), PartitionSpec(None, ("fsdp", "tensor"), "data")):
+    sharding = NamedSharding(mesh, spec)
+    split = jax.jit(lambda k: layers.dropout_keep(k, 0.1, (8, 64, 96))[0], out_shardings=sharding)(key)
+    assert split.sharding == sharding
+    np.testing.assert_array_equal(np.asarray(split), whole)
+
+
+def test_a_row_of_two_to_the_32_elements_is_refused():
+  with pytest.raises(ValueError, match="fewer than 2\\*\\*32"):
+    layers.dropout_keep(jax.random.key(0, impl="rbg"), 0.1, (2, 2 ** 16, 2 ** 16))
 
 
 def test_dropout_module_keeps_the_expectation_and_follows_the_rng():
@@ -37,7 +91,7 @@ def test_dropout_module_keeps_the_expectation_and_follows_the_rng():
   np.testing.assert_array_equal(np.asarray(a), np.asarray(a2))  # the same key, the same mask
   assert np.mean(np.asarray(a) != np.asarray(b)) > 0.2  # another key, another mask
   kept = np.asarray(a) != 0
-  scale = 2 ** 16 / (2 ** 16 - round(0.2 * 2 ** 16))
+  scale = 2 ** 32 / (2 ** 32 - round(0.2 * 2 ** 32))
   np.testing.assert_allclose(np.asarray(a)[kept], np.asarray(x)[kept] * scale, rtol=1e-6)
   # E[dropout(x)] = x: averaged over many keys, the output approaches the input
   mean = np.mean([np.asarray(run(jax.random.key(k, impl="rbg"))) for k in range(200)], axis=0)

@@ -170,23 +170,42 @@ def normal(std: float) -> Initializer:
   return nn.initializers.normal(stddev=std)
 
 
-DROPOUT_LEVELS = 1 << 16  # a dropout draw is a 16-bit uniform: two draws from each 32-bit random word
+DROPOUT_LEVELS = 1 << 32  # a dropout draw is a 32-bit word: the rate is exact to 2**-33
+
+
+def _mix32(h):
+  """A bijective avalanche of uint32 words (xor-shift-multiply, "lowbias32"): each output bit depends on every input
+  bit, so consecutive counters give unrelated words."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x7FEB352D)
+  h = h ^ (h >> 15)
+  h = h * jnp.uint32(0x846CA68B)
+  return h ^ (h >> 16)
 
 
 def dropout_keep(rng, rate: float, shape: Sequence[int]) -> tuple[jax.Array, float]:
-  """(keep mask, scale of the kept values) for dropout at `rate`: each element is dropped when its 16-bit uniform
-  falls below round(rate * 2**16), so the rate is exact to 2**-17, and the scale 1 / (1 - that rate) keeps the
-  expectation. Half the random words of a float uniform per element (flax's nn.Dropout), and no float conversion:
-  on XLA:CPU generating the bits is the cost of dropout."""
-  threshold = round(rate * DROPOUT_LEVELS)
-  scale = DROPOUT_LEVELS / (DROPOUT_LEVELS - threshold)
+  """(keep mask, scale of the kept values) for dropout at `rate`: each element is dropped when its 32-bit draw falls
+  below round(rate * 2**32), and the scale 1 / (1 - that rate) keeps the expectation.
+
+  The draws are counter-based: two words taken from `rng` key a hash of each element's index (row along the first
+  axis, position within the row), so the mask is a pure elementwise function that XLA fuses into its consumer and
+  partitions like any iota. On XLA:CPU drawing a [8, 128, 1024] mask this way takes ~0.5 ms against ~9 ms for
+  jax.random.bits, and the bits were a fifth of a T5 training step with dropout 0.1."""
   shape = tuple(shape)
-  if shape and shape[-1] % 2 == 0:  # two 16-bit draws per word, along the last axis: leading axes keep their layout
-    words = jax.random.bits(rng, shape[:-1] + (shape[-1] // 2,), jnp.uint32)
-    draws = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(shape)
-  else:
-    draws = jax.random.bits(rng, shape, jnp.uint16)
-  return draws >= threshold, scale
+  threshold = min(round(rate * DROPOUT_LEVELS), DROPOUT_LEVELS - 1)
+  scale = DROPOUT_LEVELS / (DROPOUT_LEVELS - threshold)
+  first = 1 if len(shape) >= 2 else 0  # rows along the first axis of a 2-D or larger shape
+  if math.prod(shape[first:]) >= DROPOUT_LEVELS:
+    raise ValueError(f"dropout over rows of {math.prod(shape[first:])} elements: a row must hold fewer than 2**32")
+  a, b = jax.random.bits(rng, (2,), jnp.uint32)
+  # the index within the row from one iota per axis, in the mask's own shape: no reshape for sharding to resolve
+  index, stride = jnp.zeros(shape, jnp.uint32), 1
+  for axis in reversed(range(first, len(shape))):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+    stride *= shape[axis]
+  row = _mix32(jax.lax.broadcasted_iota(jnp.uint32, shape, 0) + b) if first else b
+  words = _mix32(_mix32(index + a) ^ row)
+  return words >= jnp.uint32(threshold), scale
 
 
 class Dropout(nn.Module):
