@@ -189,7 +189,7 @@ def dropout_keep(rng, rate: float, shape: Sequence[int]) -> tuple[jax.Array, flo
 
   The draws are counter-based: two words taken from `rng` key a hash of each element's index (row along the first
   axis, position within the row), so the mask is a pure elementwise function that XLA fuses into its consumer and
-  partitions like any iota. On XLA:CPU drawing a [8, 128, 1024] mask this way takes ~0.5 ms against ~9 ms for
+  partitions like any iota. On XLA:CPU dropout of a [8, 128, 1024] activation this way takes ~0.7 ms against ~9 ms with
   jax.random.bits, and the bits were a fifth of a T5 training step with dropout 0.1."""
   shape = tuple(shape)
   threshold = min(round(rate * DROPOUT_LEVELS), DROPOUT_LEVELS - 1)
