@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxlm import config as config_lib
-from jaxlm.data import builders, encoder_inputs
+from jaxlm.data import builders, encoder_inputs, records, sources
 from jaxlm.data import seq2seq as pairs
 from jaxlm.data.sources import DataError
 from jaxlm.tasks import make_task
@@ -169,6 +169,43 @@ def test_samsum_duplicates_dropped_on_request(shared_data):
   assert len(got) == len(clean) == 14730  # one pair (13731178, 13809905) repeats dialogue and summary
   with pytest.raises(DataError, match=r"samsum\.zip: holds 0 DailyDialog dialogues_\*\.txt file\(s\) and 0 JSON"):
     _read(path, input_field="dialogue", target_field="summary")
+
+
+def test_samsum_dialogues_as_pretraining_text(tmp_path, shared_data):
+  """data.source='text' reads one field of each record (data.jsonl_field) of the split's JSON inside a zip: SAMSum's
+  train dialogues for the train split (val's for eval) as span-corruption text, the empty one left out, a turn a
+  line."""
+  zip_path = shared_data / "samsum" / "samsum.zip"
+  with zipfile.ZipFile(zip_path) as z:
+    raw = {s: json.loads(z.read(f"samsum/{s}.json")) for s in ("train", "val")}
+  c = config_lib.load(BASE, ["task.name=span_corruption", "model.family=encoder_decoder", "model.style=t5",
+                             "data.source=text", f"data.train_files={zip_path}", f"data.eval_files={zip_path}",
+                             "data.jsonl_field=dialogue", f"data.tfds_data_dir={tmp_path / 'tfds'}"])
+  source = builders.open_source(records.TEXT, c.data)
+  for split, name, count in (("train", "train", 14731), ("eval", "val", 818)):
+    docs = [r["text"] for r in source.split(split).records]
+    expected = [[" ".join(t.split()) for t in r["dialogue"].splitlines() if t.strip()] for r in raw[name]]
+    expected = [turns for turns in expected if turns]
+    assert len(docs) == len(expected) == count
+    assert [d.split("\n") for d in docs] == expected
+
+
+def test_record_documents_errors_name_file_and_line(tmp_path):
+  good = [{"dialogue": "A: hi\r\nB: hello", "summary": "greeting"}, {"dialogue": " ", "summary": "none"}]
+  path = tmp_path / "d.json"
+  path.write_text(json.dumps(good, indent=1))
+  assert sources.read_record_documents(str(path), "dialogue", "train") == ["A: hi\nB: hello"]
+  path.write_text(json.dumps(good + [{"text": "x"}], indent=1))
+  with pytest.raises(DataError, match=r"d\.json:10: no field 'dialogue' \(data\.jsonl_field\); its fields: text"):
+    sources.read_record_documents(str(path), "dialogue", "train")
+  lines = tmp_path / "d.jsonl"
+  lines.write_text('{"dialogue": "A: hi"}\n\n{"dialogue": 3}\n')
+  with zipfile.ZipFile(tmp_path / "d.zip", "w") as z:
+    z.write(lines, "set/train.jsonl")
+  with pytest.raises(DataError, match=r"d\.zip:set/train\.jsonl:3: field 'dialogue' is int, not text"):
+    sources.read_record_documents(str(tmp_path / "d.zip"), "dialogue", "train")
+  with pytest.raises(DataError, match=r"d\.zip: holds 0 JSON file\(s\) for the dev split \(named dev, val"):
+    sources.read_record_documents(str(tmp_path / "d.zip"), "dialogue", "dev")
 
 
 def test_tfds_fields_and_tokenizer_text():

@@ -18,7 +18,7 @@ import tensorflow_datasets as tfds
 
 from jaxlm.data import seq2seq as pairs_lib
 from jaxlm.data.records import RecordKind, text, texts
-from jaxlm.data.sources import DataError, _snippet
+from jaxlm.data.sources import DataError, _snippet, json_array_items
 
 SYSTEM, USER, ASSISTANT = "system", "user", "assistant"
 ROLES = (SYSTEM, USER, ASSISTANT)
@@ -85,7 +85,7 @@ def read_conversations(path: str, fields: dict, need_assistant: bool = True) -> 
   s = pairs_lib.read_text(path)
   if path.lower().removesuffix(".gz").endswith(".json"):
     return [conversation(record, fields, f"{path}:{line}", json.dumps(record), need_assistant)
-            for line, record in pairs_lib.json_array_items(s, path)]
+            for line, record in json_array_items(s, path)]
   out = []
   for i, line in enumerate(pairs_lib.text_lines(s), 1):
     if not line.strip():

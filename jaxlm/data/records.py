@@ -100,7 +100,8 @@ class _Labeller:
 
 
 class TextRecords(RecordKind):
-  """Documents: {'text'} (causal LM, MLM, span corruption). Local .txt files split by data.doc_split, or .jsonl;
+  """Documents: {'text'} (causal LM, MLM, span corruption). Local .txt files split by data.doc_split, .jsonl, or the
+  data.jsonl_field of each record of a JSON file or of the split's JSON inside a zip (SAMSum's dialogues);
   data.add_pydoc adds CPython's pydoc topics to the train split of the files."""
   name = "text"
   local_source = "text"
@@ -117,6 +118,8 @@ class TextRecords(RecordKind):
   def read(self, path, options):
     if path.endswith(".jsonl"):
       docs = sources.read_jsonl(path, options["jsonl_field"])
+    elif path.lower().endswith((".json", ".json.gz", ".zip")):
+      docs = sources.read_record_documents(path, options["jsonl_field"], options.get("split", ""))
     else:
       docs = sources.read_text_files([path], options["doc_split"], options["jsonl_field"])
     # the topics join the train split once, with its first file (the reader sees one file at a time)

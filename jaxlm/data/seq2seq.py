@@ -4,10 +4,8 @@ JSON / JSONL / TSV / CSV with named fields, DailyDialog's `__eou__` dialogues an
 
 from __future__ import annotations
 
-import bisect
 import csv
 import dataclasses
-import gzip
 import io
 import json
 import os
@@ -20,24 +18,19 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from jaxlm.data.records import RecordKind, text
-from jaxlm.data.sources import DataError, _snippet
+from jaxlm.data.sources import (
+  SPLIT_MEMBERS,
+  DataError,
+  _snippet,
+  clean,
+  clean_lines,
+  decode_utf8,
+  json_array_items,
+  member_stem,
+  read_text,
+)
 
 _TEXT = tfds.features.Text()
-
-# Names a per-split member of an archive may have (SAMSum's zip: train.json, val.json, test.json); 'eval' is 'dev'.
-SPLIT_MEMBERS = {"train": ("train",), "dev": ("dev", "val", "valid", "validation"), "test": ("test",)}
-SPLIT_MEMBERS["eval"] = SPLIT_MEMBERS["dev"]
-
-
-def clean(s: str) -> str:
-  """One line of text: any whitespace run (tabs, no-break spaces, line breaks) becomes one space; ends stripped."""
-  return " ".join(s.split())
-
-
-def clean_lines(s: str) -> str:
-  """Multi-line text (a dialogue): each line cleaned, blank lines dropped, joined by '\\n'. Splits \\r\\n and \\n
-  alike (str.splitlines), so no '\\r' stays on a turn."""
-  return "\n".join(c for c in (clean(line) for line in s.splitlines()) if c)
 
 
 def has_text(s: str) -> bool:
@@ -46,33 +39,6 @@ def has_text(s: str) -> bool:
 
 
 # ---- reading --------------------------------------------------------------------------------------------------
-
-
-def _decode_utf8(data: bytes, where: str) -> str:
-  try:
-    return data.decode("utf-8")
-  except UnicodeDecodeError as e:
-    line = data[:e.start].count(b"\n") + 1
-    raise DataError(f"{where}:{line}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-
-
-def read_bytes(path: str) -> bytes:
-  """A file's bytes, gunzipped when it is gzip (by its magic number, whatever its name)."""
-  try:
-    with open(path, "rb") as f:
-      data = f.read()
-  except IsADirectoryError:
-    raise DataError(f"{path} is a directory, not a file") from None
-  if data[:2] == b"\x1f\x8b":
-    try:
-      return gzip.decompress(data)
-    except (OSError, EOFError) as e:
-      raise DataError(f"{path}: damaged gzip data ({e})") from None
-  return data
-
-
-def read_text(path: str) -> str:
-  return _decode_utf8(read_bytes(path), path)
 
 
 def text_lines(s: str) -> list[str]:
@@ -150,46 +116,6 @@ def read_jsonl_pairs(s: str, name: str, fields: tuple[str, str]) -> list[dict]:
   return out
 
 
-def json_array_items(s: str, name: str) -> list[tuple[int, object]]:
-  """(line, value) of each element of a JSON array, parsed one at a time so that each keeps the line it starts on."""
-  decoder = json.JSONDecoder()
-  newlines = [m.start() for m in re.finditer("\n", s)]
-
-  def line_of(pos: int) -> int:
-    return bisect.bisect_left(newlines, pos) + 1
-
-  def skip(pos: int) -> int:
-    while pos < len(s) and s[pos] in " \t\r\n":
-      pos += 1
-    return pos
-
-  def fail(pos: int, why: str):
-    raise DataError(f"{name}:{line_of(pos)}: {why}")
-
-  pos = skip(1 if s.startswith("\ufeff") else 0)
-  if pos >= len(s) or s[pos] != "[":
-    fail(pos, "expected a JSON array of objects")
-  pos = skip(pos + 1)
-  items = []
-  if pos < len(s) and s[pos] == "]":
-    return items
-  while True:
-    try:
-      value, end = decoder.raw_decode(s, pos)
-    except json.JSONDecodeError as e:
-      raise DataError(f"{name}:{e.lineno}: invalid JSON ({e.msg})") from None
-    items.append((line_of(pos), value))
-    pos = skip(end)
-    if pos < len(s) and s[pos] == ",":
-      pos = skip(pos + 1)
-    elif pos < len(s) and s[pos] == "]":
-      if skip(pos + 1) != len(s):
-        fail(skip(pos + 1), "text after the JSON array")
-      return items
-    else:
-      fail(pos, "expected ',' or ']' in the JSON array")
-
-
 def read_json_pairs(s: str, name: str, fields: tuple[str, str]) -> list[dict]:
   out = []
   for line, record in json_array_items(s, name):
@@ -250,10 +176,6 @@ def dialogue_pairs(s: str, name: str, context_turns: int, separator: str) -> lis
   return out
 
 
-def _member_stem(member: str) -> str:
-  return os.path.basename(member).split(".")[0].lower()
-
-
 def read_zip_pairs(path: str, split: str, options: dict) -> list[dict]:
   """A zip archive read in place: DailyDialog's (one dialogues_<split>.txt inside), or one holding a JSON / JSONL
   file per split (SAMSum's train.json, val.json, test.json), of which the file for `split` is read."""
@@ -266,16 +188,16 @@ def read_zip_pairs(path: str, split: str, options: dict) -> list[dict]:
     dialogues = [n for n in names if re.fullmatch(r"dialogues_(?!act_|emotion_)\w+\.txt", os.path.basename(n))]
     if len(dialogues) == 1:
       member = dialogues[0]
-      return dialogue_pairs(_decode_utf8(archive.read(member), f"{path}:{member}"), f"{path}:{member}",
+      return dialogue_pairs(decode_utf8(archive.read(member), f"{path}:{member}"), f"{path}:{member}",
                             options["context_turns"], options["turn_separator"])
     wanted = SPLIT_MEMBERS.get(split or "", ())
-    members = [n for n in names if n.endswith((".json", ".jsonl")) and _member_stem(n) in wanted]
+    members = [n for n in names if n.endswith((".json", ".jsonl")) and member_stem(n) in wanted]
     if len(members) != 1:
       raise DataError(f"{path}: holds {len(dialogues)} DailyDialog dialogues_*.txt file(s) and "
                       f"{len(members)} JSON file(s) for the {split} split (named {', '.join(wanted) or '?'}); "
                       f"expected one of either. Its files: {', '.join(names)}")
     member = members[0]
-    s = _decode_utf8(archive.read(member), f"{path}:{member}")
+    s = decode_utf8(archive.read(member), f"{path}:{member}")
   fields = (options["input_field"], options["target_field"])
   read = read_jsonl_pairs if member.endswith(".jsonl") else read_json_pairs
   return read(s, f"{path}:{member}", fields)

@@ -1,13 +1,17 @@
-"""Readers of local input files (text/jsonl documents, CoNLL token/tag files, TSV/CSV classification rows, SQuAD
-JSON), each stopping at bad input with the file, line and offending text; plus CPython's bundled documentation text
-(the `pydoc` source, so a quick start needs no download)."""
+"""Readers of local input files (text/jsonl documents, one text field of JSON records, also per split inside a zip,
+CoNLL token/tag files, TSV/CSV classification rows, SQuAD JSON), each stopping at bad input with the file, line and
+offending text; plus CPython's bundled documentation text (the `pydoc` source, so a quick start needs no download)."""
 
 from __future__ import annotations
 
+import bisect
 import csv
 import glob
+import gzip
 import json
 import os
+import re
+import zipfile
 
 
 class DataError(ValueError):
@@ -17,6 +21,140 @@ class DataError(ValueError):
 def _snippet(text: str, n: int = 80) -> str:
   text = text.rstrip("\r\n")
   return repr(text if len(text) <= n else text[:n] + "...")
+
+
+# Names a per-split member of an archive may have (SAMSum's zip: train.json, val.json, test.json); 'eval' is 'dev'.
+SPLIT_MEMBERS = {"train": ("train",), "dev": ("dev", "val", "valid", "validation"), "test": ("test",)}
+SPLIT_MEMBERS["eval"] = SPLIT_MEMBERS["dev"]
+
+
+def clean(s: str) -> str:
+  """One line of text: any whitespace run (tabs, no-break spaces, line breaks) becomes one space; ends stripped."""
+  return " ".join(s.split())
+
+
+def clean_lines(s: str) -> str:
+  """Multi-line text (a dialogue): each line cleaned, blank lines dropped, joined by '\\n'. Splits \\r\\n and \\n
+  alike (str.splitlines), so no '\\r' stays on a turn."""
+  return "\n".join(c for c in (clean(line) for line in s.splitlines()) if c)
+
+
+def decode_utf8(data: bytes, where: str) -> str:
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = data[:e.start].count(b"\n") + 1
+    raise DataError(f"{where}:{line}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
+def read_bytes(path: str) -> bytes:
+  """A file's bytes, gunzipped when it is gzip (by its magic number, whatever its name)."""
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except IsADirectoryError:
+    raise DataError(f"{path} is a directory, not a file") from None
+  if data[:2] == b"\x1f\x8b":
+    try:
+      return gzip.decompress(data)
+    except (OSError, EOFError) as e:
+      raise DataError(f"{path}: damaged gzip data ({e})") from None
+  return data
+
+
+def read_text(path: str) -> str:
+  return decode_utf8(read_bytes(path), path)
+
+
+def json_array_items(s: str, name: str) -> list[tuple[int, object]]:
+  """(line, value) of each element of a JSON array, parsed one at a time so that each keeps the line it starts on."""
+  decoder = json.JSONDecoder()
+  newlines = [m.start() for m in re.finditer("\n", s)]
+
+  def line_of(pos: int) -> int:
+    return bisect.bisect_left(newlines, pos) + 1
+
+  def skip(pos: int) -> int:
+    while pos < len(s) and s[pos] in " \t\r\n":
+      pos += 1
+    return pos
+
+  def fail(pos: int, why: str):
+    raise DataError(f"{name}:{line_of(pos)}: {why}")
+
+  pos = skip(1 if s.startswith("\ufeff") else 0)
+  if pos >= len(s) or s[pos] != "[":
+    fail(pos, "expected a JSON array of objects")
+  pos = skip(pos + 1)
+  items = []
+  if pos < len(s) and s[pos] == "]":
+    return items
+  while True:
+    try:
+      value, end = decoder.raw_decode(s, pos)
+    except json.JSONDecodeError as e:
+      raise DataError(f"{name}:{e.lineno}: invalid JSON ({e.msg})") from None
+    items.append((line_of(pos), value))
+    pos = skip(end)
+    if pos < len(s) and s[pos] == ",":
+      pos = skip(pos + 1)
+    elif pos < len(s) and s[pos] == "]":
+      if skip(pos + 1) != len(s):
+        fail(skip(pos + 1), "text after the JSON array")
+      return items
+    else:
+      fail(pos, "expected ',' or ']' in the JSON array")
+
+
+def member_stem(member: str) -> str:
+  return os.path.basename(member).split(".")[0].lower()
+
+
+def _json_records(s: str, name: str, jsonl: bool) -> list[tuple[int, object]]:
+  if not jsonl:
+    return json_array_items(s, name)
+  out = []
+  for lineno, line in enumerate(s.split("\n"), 1):
+    if line.strip():
+      try:
+        out.append((lineno, json.loads(line)))
+      except json.JSONDecodeError as e:
+        raise DataError(f"{name}:{lineno}: invalid JSON ({e.msg}): {_snippet(line)}") from None
+  return out
+
+
+def read_record_documents(path: str, field: str, split: str) -> list[str]:
+  """One document per record, the text of its `field`, from a JSON array or JSONL file (gzip or not), or from the
+  JSON / JSONL file for `split` inside a zip (SAMSum's train.json for the train split): the unlabelled side of a
+  labelled set as pretraining text. Multi-line text keeps a line per turn (clean_lines); empty records are left out."""
+  if path.lower().endswith(".zip"):
+    try:
+      archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as e:
+      raise DataError(f"{path}: not a readable zip archive ({e})") from None
+    with archive:
+      names = [n for n in archive.namelist() if not n.endswith("/")]
+      wanted = SPLIT_MEMBERS.get(split or "", ())
+      members = [n for n in names if n.endswith((".json", ".jsonl")) and member_stem(n) in wanted]
+      if len(members) != 1:
+        raise DataError(f"{path}: holds {len(members)} JSON file(s) for the {split} split (named "
+                        f"{', '.join(wanted) or '?'}), expected one. Its files: {', '.join(names)}")
+      member = members[0]
+      name = f"{path}:{member}"
+      s = decode_utf8(archive.read(member), name)
+  else:
+    member, name, s = path.removesuffix(".gz"), path, read_text(path)
+  docs = []
+  for line, record in _json_records(s, name, member.endswith(".jsonl")):
+    if not isinstance(record, dict) or field not in record:
+      fields = ", ".join(record) if isinstance(record, dict) else f"a {type(record).__name__}, not an object"
+      raise DataError(f"{name}:{line}: no field {field!r} (data.jsonl_field); its fields: {fields}")
+    if not isinstance(record[field], str):
+      raise DataError(f"{name}:{line}: field {field!r} is {type(record[field]).__name__}, not text")
+    text = clean_lines(record[field])
+    if text:
+      docs.append(text)
+  return docs
 
 
 def expand_globs(patterns: str, key: str) -> list[str]:
