@@ -11,7 +11,6 @@ import json
 import os
 import re
 import sys
-import zipfile
 
 import grain
 import numpy as np
@@ -19,15 +18,15 @@ import tensorflow_datasets as tfds
 
 from jaxlm.data.records import RecordKind, text
 from jaxlm.data.sources import (
-  SPLIT_MEMBERS,
   DataError,
   _snippet,
   clean,
   clean_lines,
   decode_utf8,
   json_array_items,
-  member_stem,
+  open_zip,
   read_text,
+  split_json_members,
 )
 
 _TEXT = tfds.features.Text()
@@ -179,19 +178,14 @@ def dialogue_pairs(s: str, name: str, context_turns: int, separator: str) -> lis
 def read_zip_pairs(path: str, split: str, options: dict) -> list[dict]:
   """A zip archive read in place: DailyDialog's (one dialogues_<split>.txt inside), or one holding a JSON / JSONL
   file per split (SAMSum's train.json, val.json, test.json), of which the file for `split` is read."""
-  try:
-    archive = zipfile.ZipFile(path)
-  except zipfile.BadZipFile as e:
-    raise DataError(f"{path}: not a readable zip archive ({e})") from None
-  with archive:
+  with open_zip(path) as archive:
     names = [n for n in archive.namelist() if not n.endswith("/")]
     dialogues = [n for n in names if re.fullmatch(r"dialogues_(?!act_|emotion_)\w+\.txt", os.path.basename(n))]
     if len(dialogues) == 1:
       member = dialogues[0]
       return dialogue_pairs(decode_utf8(archive.read(member), f"{path}:{member}"), f"{path}:{member}",
                             options["context_turns"], options["turn_separator"])
-    wanted = SPLIT_MEMBERS.get(split or "", ())
-    members = [n for n in names if n.endswith((".json", ".jsonl")) and member_stem(n) in wanted]
+    members, wanted = split_json_members(names, split)
     if len(members) != 1:
       raise DataError(f"{path}: holds {len(dialogues)} DailyDialog dialogues_*.txt file(s) and "
                       f"{len(members)} JSON file(s) for the {split} split (named {', '.join(wanted) or '?'}); "

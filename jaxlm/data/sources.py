@@ -110,6 +110,19 @@ def member_stem(member: str) -> str:
   return os.path.basename(member).split(".")[0].lower()
 
 
+def open_zip(path: str) -> zipfile.ZipFile:
+  try:
+    return zipfile.ZipFile(path)
+  except zipfile.BadZipFile as e:
+    raise DataError(f"{path}: not a readable zip archive ({e})") from None
+
+
+def split_json_members(names: list[str], split: str) -> tuple[list[str], tuple[str, ...]]:
+  """The JSON / JSONL members of an archive named for `split` (SPLIT_MEMBERS), and the names it looked for."""
+  wanted = SPLIT_MEMBERS.get(split or "", ())
+  return [n for n in names if n.endswith((".json", ".jsonl")) and member_stem(n) in wanted], wanted
+
+
 def _json_records(s: str, name: str, jsonl: bool) -> list[tuple[int, object]]:
   if not jsonl:
     return json_array_items(s, name)
@@ -128,14 +141,9 @@ def read_record_documents(path: str, field: str, split: str) -> list[str]:
   JSON / JSONL file for `split` inside a zip (SAMSum's train.json for the train split): the unlabelled side of a
   labelled set as pretraining text. Multi-line text keeps a line per turn (clean_lines); empty records are left out."""
   if path.lower().endswith(".zip"):
-    try:
-      archive = zipfile.ZipFile(path)
-    except zipfile.BadZipFile as e:
-      raise DataError(f"{path}: not a readable zip archive ({e})") from None
-    with archive:
+    with open_zip(path) as archive:
       names = [n for n in archive.namelist() if not n.endswith("/")]
-      wanted = SPLIT_MEMBERS.get(split or "", ())
-      members = [n for n in names if n.endswith((".json", ".jsonl")) and member_stem(n) in wanted]
+      members, wanted = split_json_members(names, split)
       if len(members) != 1:
         raise DataError(f"{path}: holds {len(members)} JSON file(s) for the {split} split (named "
                         f"{', '.join(wanted) or '?'}), expected one. Its files: {', '.join(names)}")
