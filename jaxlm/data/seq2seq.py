@@ -24,6 +24,7 @@ from jaxlm.data.sources import (
   clean_lines,
   decode_utf8,
   json_array_items,
+  jsonl_items,
   open_zip,
   read_text,
   split_json_members,
@@ -103,16 +104,7 @@ def _pair(record, fields: tuple[str, str], where: str, line: str) -> dict:
 
 
 def read_jsonl_pairs(s: str, name: str, fields: tuple[str, str]) -> list[dict]:
-  out = []
-  for i, line in enumerate(text_lines(s), 1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise DataError(f"{name}:{i}: invalid JSON ({e.msg}): {_snippet(line)}") from None
-    out.append(_pair(record, fields, f"{name}:{i}", line))
-  return out
+  return [_pair(record, fields, f"{name}:{i}", line) for i, record, line in jsonl_items(s, name)]
 
 
 def read_json_pairs(s: str, name: str, fields: tuple[str, str]) -> list[dict]:

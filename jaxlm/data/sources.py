@@ -123,14 +123,15 @@ def split_json_members(names: list[str], split: str) -> tuple[list[str], tuple[s
   return [n for n in names if n.endswith((".json", ".jsonl")) and member_stem(n) in wanted], wanted
 
 
-def _json_records(s: str, name: str, jsonl: bool) -> list[tuple[int, object]]:
-  if not jsonl:
-    return json_array_items(s, name)
+def jsonl_items(s: str, name: str) -> list[tuple[int, object, str]]:
+  """(line number, value, line) of each non-blank line of JSONL text; lines split on '\n' only, a trailing '\r'
+  dropped."""
   out = []
   for lineno, line in enumerate(s.split("\n"), 1):
+    line = line.removesuffix("\r")
     if line.strip():
       try:
-        out.append((lineno, json.loads(line)))
+        out.append((lineno, json.loads(line), line))
       except json.JSONDecodeError as e:
         raise DataError(f"{name}:{lineno}: invalid JSON ({e.msg}): {_snippet(line)}") from None
   return out
@@ -153,7 +154,11 @@ def read_record_documents(path: str, field: str, split: str) -> list[str]:
   else:
     member, name, s = path.removesuffix(".gz"), path, read_text(path)
   docs = []
-  for line, record in _json_records(s, name, member.endswith(".jsonl")):
+  if member.endswith(".jsonl"):
+    items = [(line, record) for line, record, _ in jsonl_items(s, name)]
+  else:
+    items = json_array_items(s, name)
+  for line, record in items:
     if not isinstance(record, dict) or field not in record:
       fields = ", ".join(record) if isinstance(record, dict) else f"a {type(record).__name__}, not an object"
       raise DataError(f"{name}:{line}: no field {field!r} (data.jsonl_field); its fields: {fields}")
