@@ -4,6 +4,7 @@ relation the packed batch gives the unpacked batch's loss, gradient, predictions
 step too."""
 
 import io
+import json
 
 import flax.linen as nn
 import jax
@@ -245,7 +246,12 @@ def test_sentence_tasks_packed_equal_unpacked(name):
   text_u, text_p = io.StringIO(), io.StringIO()
   assert packed_task.write_predictions(records, packed_pairs, text_p, True) == len(records)
   plain_task.write_predictions(records, plain_pairs, text_u, True)
-  assert text_p.getvalue() == text_u.getvalue()
+  # the same lines but for the rounded probability, which may differ in its 6th decimal (float sums in another order)
+  rows_u = [json.loads(line) for line in text_u.getvalue().splitlines()]
+  rows_p = [json.loads(line) for line in text_p.getvalue().splitlines()]
+  assert [{k: v for k, v in r.items() if k != "probability"} for r in rows_p] == \
+      [{k: v for k, v in r.items() if k != "probability"} for r in rows_u]
+  np.testing.assert_allclose([r["probability"] for r in rows_p], [r["probability"] for r in rows_u], atol=2e-6)
 
 
 def _padded(batch: dict, rows: int, pad_values: dict) -> dict:
