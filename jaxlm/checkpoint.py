@@ -242,6 +242,32 @@ class Checkpointer:
     metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
     return self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
 
+  def rank(self, step: int, metrics: Mapping[str, float]) -> bool:
+    """Ranks a checkpoint saved without metrics (a stop saves before any evaluation) by dev metrics found later;
+    False if the step is gone, already ranked, or no checkpoint.best_metric is tracked.
+
+    The metrics go where Orbax keeps the ones given to save() (STEP/metrics/metrics, the JSON its manager reads
+    back when it lists the steps), written beside the step and moved in by one rename: a process killed meanwhile
+    leaves the step as it was. Nothing of the step is rewritten."""
+    self.wait()
+    if not self.best_metric or step not in self.manager.all_steps() or self.manager.metrics(step) is not None:
+      return False
+    if self.best_metric not in metrics:
+      raise KeyError(f"checkpoint.best_metric='{self.best_metric}' is not among the metrics given for step {step}: "
+                     f"{sorted(metrics)}")
+    if jax.process_index() == 0:
+      final = os.path.join(self.step_path(step), "metrics")
+      partial = final + ".jaxlm-tmp"
+      os.makedirs(partial, exist_ok=True)
+      with open(os.path.join(partial, "metrics"), "w") as f:
+        json.dump({k: float(v) for k, v in metrics.items()}, f)
+        f.flush()
+        os.fsync(f.fileno())
+      os.rename(partial, final)
+    _sync(f"jaxlm_rank_{step}")
+    self.manager.reload()
+    return True
+
   def metadata(self, step: int) -> dict:
     return dict(self.manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"])
 

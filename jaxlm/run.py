@@ -325,7 +325,10 @@ class _Loop:
       self._emit(pending)
     finished = step >= c.train.steps and not stopping
     if finished and last_eval != step:
-      self._evaluate(evaluator, step, is_main)
+      results = self._evaluate(evaluator, step, is_main)
+      if c.checkpoint.best_metric and ckpt.rank(step, results[setup.task.eval_splits[0]]):
+        # resumed from a stop's checkpoint with no steps left: it was saved before any evaluation
+        writer.log(f"checkpoint {ckpt.step_path(step)} ranked by this dev pass ({c.checkpoint.best_metric})")
     if finished:
       writer.log(f"trained {step} steps in {self.clock.train_seconds():.1f} s (evaluation excluded)")
       if setup.task.test_split:

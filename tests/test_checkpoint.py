@@ -102,6 +102,26 @@ def test_keep_best_by_metric(one_device, tmp_path, mode, values, best):
   ckpt.close()
 
 
+def test_a_checkpoint_saved_without_metrics_is_ranked_later(one_device, tmp_path):
+  setup, state = one_device
+  config = tiny("checkpoint.keep=1", "checkpoint.best_metric=score")
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), config.checkpoint)
+  ckpt.save(1, state, None, config, {}, metrics={"score": 0.5})
+  ckpt.save(2, state, None, config, {})  # as a stop saves: before any evaluation
+  ckpt.wait()
+  assert ckpt.best_step() == 1
+  with pytest.raises(KeyError, match="checkpoint.best_metric='score' is not among"):
+    ckpt.rank(2, {"accuracy": 1.0})
+  os.makedirs(tmp_path / "checkpoints" / "2" / "metrics.jaxlm-tmp")  # as left by a process killed while ranking
+  assert ckpt.rank(2, {"score": 0.7, "loss": 1.0})
+  assert not ckpt.rank(2, {"score": 0.1}) and not ckpt.rank(1, {"score": 0.9}) and not ckpt.rank(7, {"score": 1.0})
+  assert ckpt.best_step() == 2
+  ckpt.close()
+  reader = ckpt_lib.Checkpointer(str(tmp_path), config.checkpoint, read_only=True)
+  assert reader.best_step() == 2 and reader.manager.metrics(2) == {"score": 0.7, "loss": 1.0}
+  reader.close()
+
+
 @pytest.mark.parametrize("override, message", [
     ("checkpoint.best_mode=best", "--config.checkpoint.best_mode=best: expected one of 'max', 'min'"),
     ("checkpoint.keep=-1", "--config.checkpoint.keep=-1: expected a number >= 0"),

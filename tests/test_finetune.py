@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from seqeval import metrics as seqeval_metrics
 
-from jaxlm import cli
+from jaxlm import checkpoint, cli, run
 from jaxlm import config as config_lib
 from jaxlm.data import pipeline, sources
 from jaxlm.data.tokenizer import load_tokenizer
@@ -136,6 +136,36 @@ def test_sst2_dev_only_best_checkpoint_and_predict(shared_data, tmp_path):
   assert len(predicted) == len(gold)
   accuracy = float(np.mean([p == g for p, g in zip(predicted, gold)]))
   assert accuracy == pytest.approx(max(r["accuracy"] for r in dev_rows.values()), abs=1e-9)
+
+
+@pytest.mark.slow
+def test_a_stops_checkpoint_is_ranked_by_the_dev_pass_of_the_resume(shared_data, tmp_path, capsys):
+  """A stop (SIGTERM) saves its step before any evaluation; resumed with no steps left, the run's final dev pass
+  ranks that checkpoint for checkpoint.best_metric, and the test split is evaluated with it when it is the best."""
+  src = shared_data / "conll2003"
+  files = {split: conll_slice(src / f"{name}.txt", tmp_path / f"{name}.txt", n)
+           for split, name, n in (("train", "train", 200), ("dev", "valid", 40), ("test", "test", 40))}
+  overrides = [f"data.{split}_files={path}" for split, path in files.items()] + [
+      "train.steps=40", "checkpoint.every_steps=10", "checkpoint.best_metric=loss", "checkpoint.best_mode=min"]
+  workdir = tmp_path / "run"
+  run.run(config_lib.load(str(CONFIGS / "bert_tiny_ner.py"), overrides), str(workdir),
+          stop_requested=lambda step: step == 25)
+  dev = {r["step"]: r for r in rows_of(workdir) if r["split"] == "dev"}
+  assert sorted(dev) == [10, 20] and not [r for r in rows_of(workdir) if r["split"] == "test"]
+  capsys.readouterr()
+  run.run(config_lib.load(str(CONFIGS / "bert_tiny_ner.py"), overrides + ["train.steps=25"]), str(workdir))
+  rows = rows_of(workdir)
+  dev = {r["step"]: r for r in rows if r["split"] == "dev"}
+  assert sorted(dev) == [10, 20, 25]
+  assert dev[25]["loss"] < min(dev[10]["loss"], dev[20]["loss"])  # the premise: the stop's step is the best
+  assert f"checkpoint {workdir}/checkpoints/25 ranked by this dev pass (loss)" in capsys.readouterr().out
+  [test] = [r for r in rows if r["split"] == "test"]
+  assert test["step"] == 25
+  ckpt = checkpoint.Checkpointer(str(workdir), config_lib.load(str(CONFIGS / "bert_tiny_ner.py"), overrides).checkpoint,
+                                 read_only=True)
+  assert ckpt.best_step() == 25
+  assert ckpt.manager.metrics(25)["loss"] == pytest.approx(dev[25]["loss"])
+  ckpt.close()
 
 
 def _squad(path, seed: int, n: int) -> str:
