@@ -396,6 +396,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000  # optimiser steps to train for (the run ends at this step)
   CHECKS["train.steps"] = at_least(1)
+  # a budget of training seconds (train_seconds: evaluation excluded, resumes included): the run ends at the last log
+  # row before one more log interval would pass it, as if train.steps were that step (dev, ranked save, test); 0 = none
+  c.train.time_limit_s = 0.0
+  CHECKS["train.time_limit_s"] = at_least(0)
   c.train.batch_size = 8  # global batch size in sequences, across all devices and processes
   CHECKS["train.batch_size"] = at_least(1)
   c.train.seed = 0  # seeds parameter init, dropout and data order

@@ -9,6 +9,8 @@ import os
 import time
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxlm import sharding, train
 from jaxlm.checkpoint import Checkpointer, check_config, checkpoint_dir, finalized_steps
@@ -90,6 +92,37 @@ class _Clock:
 
   def train_seconds(self) -> float:
     return self.prior + time.time() - self.start - self.eval_seconds
+
+
+class _TimeBudget:
+  """train.time_limit_s: training ends at the last log row the budget allows, as if train.steps were that step (final
+  dev pass, a ranked checkpoint, the test pass). Read at each log row, once its step is done: the run ends there when
+  one more log interval (as long as the last one; at a resume, log_every steps at the mean pace so far) would pass
+  the limit. With several processes, process 0's clock decides for all. 0 = no budget."""
+
+  def __init__(self, limit: float, clock: _Clock, log_every: int, log):
+    self.limit, self.clock, self.log_every, self.log = float(limit), clock, log_every, log
+    self.last: tuple[int, float] | None = None  # (step, train_seconds) at the previous log row
+
+  def __bool__(self) -> bool:
+    return self.limit > 0
+
+  def spent(self, step: int) -> bool:
+    if not self:
+      return False
+    seconds = self.clock.train_seconds()
+    if self.last is not None:
+      interval = seconds - self.last[1]
+    else:
+      interval = seconds / step * self.log_every if step else 0.0
+    self.last = (step, seconds)
+    over = seconds + interval > self.limit
+    if jax.process_count() > 1:
+      over = bool(multihost_utils.broadcast_one_to_all(np.array(over)))
+    if over:
+      self.log(f"time budget: {seconds:.1f} s of training at step {step}; one more log interval (~{interval:.1f} s) "
+               f"would pass train.time_limit_s={self.limit:g}: training ends here")
+    return over
 
 
 class _Throughput:
@@ -267,9 +300,11 @@ class _Loop:
     pending = None  # (step, metrics on device, token counts) of the last logged step, pulled after the next dispatch
     step, stopping, last_eval = int(self.state.step), False, None
     first_step = step
+    budget = _TimeBudget(c.train.time_limit_s, self.clock, c.train.log_every, writer.log)
+    out_of_time = budget.spent(step)  # a resume of a run that ended on its budget trains no further
 
     profiler = _Profiler(c.train.profile, self.workdir, writer.log)
-    while step < c.train.steps:
+    while step < c.train.steps and not out_of_time:
       local = next(self.train_iter)
       throughput.count(local)
       profiler.before(step)
@@ -287,14 +322,19 @@ class _Loop:
         if skipping:
           self._count_skips(pending[0], None)  # the steps up to the row just pulled are done: no extra sync
         pending = None
-      if step % c.train.log_every == 0 or step == c.train.steps:
+      logged = step % c.train.log_every == 0 or step == c.train.steps
+      if logged:
         pending = (step, metrics, throughput.cut())
-        if step == c.train.steps:  # the last row is stamped when its step is done, before the final save and eval
+        # the last row is stamped when its step is done, before the final save and eval; with a time budget every
+        # row is, to read how long training has taken
+        if step == c.train.steps or budget:
           nonfinite = self._emit(pending)["nonfinite_skips"] > nonfinite_seen or nonfinite
           pending = None
+      out_of_time = logged and step < c.train.steps and budget.spent(step)
+      last = step == c.train.steps or out_of_time
       stopping = stop_requested(step)  # every process asks at every step: the multi-process sync point needs it
       save_due = save_due or step % c.checkpoint.every_steps == 0
-      saving = stopping or save_due or step == c.train.steps
+      saving = stopping or save_due or last
       # With 'stop', the non-finite counter in the state is read at every log row and before every save (which waits
       # for the state anyway): a poisoned state is never written.
       if saving and c.train.nonfinite == "stop":
@@ -302,13 +342,13 @@ class _Loop:
       if nonfinite and c.train.nonfinite == "stop":
         self._stop_nonfinite(step, pending)
       ranked = None  # the dev metrics a best-by-metric checkpoint is ranked by
-      if not stopping and (step == c.train.steps or (eval_every and step % eval_every == 0)):
+      if not stopping and (last or (eval_every and step % eval_every == 0)):
         results = self._evaluate(evaluator, step, is_main)
         last_eval = step
         ranked = results[setup.task.eval_splits[0]] if c.checkpoint.best_metric else None
       if skipping and (saving or ranked is not None):
         self._count_skips(step, pending)  # a save waits for this step anyway
-        if self.skips.streak_start and not (stopping or step == c.train.steps):
+        if self.skips.streak_start and not (stopping or last):
           # no checkpoint from inside a run of skips: if it ends in divergence, the newest one predates it, and the
           # keep policy never deletes it for checkpoints of the same parameters
           saving, ranked = False, None
@@ -318,12 +358,12 @@ class _Loop:
                   dict(meta, train_seconds=self.clock.train_seconds(), **{STREAK_KEY: self.skips.streak_start},
                        **({BASE_KEY: self.base} if self.base else {})), metrics=ranked)
         save_due = False
-      if stopping:
+      if stopping or out_of_time:
         break
     profiler.after(step, self.state, last=True)
     if pending is not None:
       self._emit(pending)
-    finished = step >= c.train.steps and not stopping
+    finished = (step >= c.train.steps or out_of_time) and not stopping
     if finished and last_eval != step:
       results = self._evaluate(evaluator, step, is_main)
       if c.checkpoint.best_metric and ckpt.rank(step, results[setup.task.eval_splits[0]]):

@@ -168,6 +168,54 @@ def test_a_stops_checkpoint_is_ranked_by_the_dev_pass_of_the_resume(shared_data,
   ckpt.close()
 
 
+@pytest.mark.slow
+def test_a_time_budget_ends_training_as_its_last_step_would(shared_data, tmp_path, capsys, monkeypatch):
+  """train.time_limit_s: the run ends at the last log row before one more log interval would pass the budget, with
+  the final dev pass, a ranked checkpoint and the test pass; a resume trains on only under a larger budget."""
+  src = shared_data / "conll2003"
+  files = {split: conll_slice(src / f"{name}.txt", tmp_path / f"{name}.txt", n)
+           for split, name, n in (("train", "train", 200), ("dev", "valid", 40), ("test", "test", 40))}
+  overrides = [f"data.{split}_files={path}" for split, path in files.items()] + ["train.steps=1000",
+                                                                                 "train.time_limit_s=45"]
+  seconds = [0.0]  # a clock of 2 s a step, read by the run's training clock
+  monkeypatch.setattr(run._Clock, "train_seconds", lambda self: seconds[0])
+
+  def tick(step):
+    seconds[0] = 2.0 * step
+    return False
+
+  workdir = tmp_path / "run"
+  run.run(config_lib.load(str(CONFIGS / "bert_tiny_ner.py"), overrides), str(workdir), stop_requested=tick)
+  # log rows every 5 steps read 8, 18, 28, 38 s (the clock ticks after each row); at step 20 one more interval
+  # (10 s) would pass 45 s
+  out = capsys.readouterr().out
+  assert ("time budget: 38.0 s of training at step 20; one more log interval (~10.0 s) would pass "
+          "train.time_limit_s=45: training ends here") in out
+  rows = rows_of(workdir)
+  assert [r["step"] for r in rows if r["split"] == "train"] == [5, 10, 15, 20]
+  dev = {r["step"]: r for r in rows if r["split"] == "dev"}
+  assert sorted(dev) == [10, 20]
+  [test] = [r for r in rows if r["split"] == "test"]
+  assert dev[test["step"]]["f1"] == max(r["f1"] for r in dev.values())
+  ckpt = checkpoint.Checkpointer(str(workdir), config_lib.load(str(CONFIGS / "bert_tiny_ner.py"), overrides).checkpoint,
+                                 read_only=True)
+  assert 20 in ckpt.all_steps() and ckpt.manager.metrics(20)["f1"] == pytest.approx(dev[20]["f1"])
+  assert ckpt.metadata(20)["train_seconds"] == 40.0  # saved after the step's stop request (the clock's tick)
+  ckpt.close()
+
+  # the same budget again: nothing more to train; a larger one trains on from step 20
+  run.run(config_lib.load(str(CONFIGS / "bert_tiny_ner.py"), overrides), str(workdir), stop_requested=tick)
+  assert ("time budget: 40.0 s of training at step 20; one more log interval (~10.0 s) would pass "
+          "train.time_limit_s=45: training ends here") in capsys.readouterr().out
+  assert [r["step"] for r in rows_of(workdir) if r["split"] == "train"] == [5, 10, 15, 20]
+  run.run(config_lib.load(str(CONFIGS / "bert_tiny_ner.py"), overrides + ["train.time_limit_s=70"]), str(workdir),
+          stop_requested=tick)
+  # at step 20 the mean pace (2 s a step) makes the next interval 10 s: 50 <= 70. Rows at 25, 30 and 35 read 48, 58
+  # and 68 s; at 35, 68 + 10 would pass 70 s
+  assert [r["step"] for r in rows_of(workdir) if r["split"] == "train"] == [5, 10, 15, 20, 25, 30, 35]
+  assert 35 in {r["step"] for r in rows_of(workdir) if r["split"] == "dev"}
+
+
 def _squad(path, seed: int, n: int) -> str:
   """Generated SQuAD v1 data: who lives where, one or two facts per paragraph."""
   rng = np.random.default_rng(seed)
