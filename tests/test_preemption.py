@@ -58,27 +58,56 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(common, tmp_path):
+def two_processes(shared, workdir, *extra) -> list[Train]:
+  """`jaxlm train` as processes 0 and 1 of one run (data parallel across them), training until stopped."""
   env = {"JAXLM_COORDINATOR": f"127.0.0.1:{free_port()}", "JAXLM_NUM_PROCESSES": "2",
          "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
   extra = ["--config.train.steps=100000", "--config.checkpoint.every_steps=100000", "--config.mesh.data=1",
-           "--config.mesh.dcn_data=2", "--config.distributed.initialization_timeout_s=120"]
-  runs = [Train(common, tmp_path, *extra, env={**env, "JAXLM_PROCESS_ID": str(i)}) for i in range(2)]
+           "--config.mesh.dcn_data=2", "--config.distributed.initialization_timeout_s=120", *extra]
+  return [Train(shared, workdir, *extra, env={**env, "JAXLM_PROCESS_ID": str(i)}) for i in range(2)]
+
+
+def both_end(runs: list[Train], prefix: str, timeout: float) -> tuple[str, int]:
+  """Waits for both processes to exit 0; process 0's log line starting with `prefix` and the step it names."""
   try:
-    runs[0].wait_for("step 1 loss")  # both are training, in step
-    runs[1].proc.send_signal(signal.SIGTERM)  # the scheduler preempts one host
-    codes = [run.finish(timeout=120) for run in runs]
+    codes = [run.finish(timeout=timeout) for run in runs]
   finally:
     for run in runs:
       run.kill()
   assert codes == [0, 0], "\n".join(run.output[-2000:] for run in runs)
-  line = next((x for x in runs[0].lines if x.startswith("stopped by a preemption notice")), None)
+  line = next((x for x in runs[0].lines if x.startswith(prefix)), None)
   assert line is not None, runs[0].output[-3000:]
-  step = int(line.split(" at step ")[1].split(";")[0])
+  return line, int(line.split(" at step ")[1].split(";")[0])
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(common, tmp_path):
+  runs = two_processes(common, tmp_path)
+  try:
+    runs[0].wait_for("step 1 loss")  # both are training, in step
+    runs[1].proc.send_signal(signal.SIGTERM)  # the scheduler preempts one host
+  except BaseException:
+    for run in runs:
+      run.kill()
+    raise
+  line, step = both_end(runs, "stopped by a preemption notice", timeout=120)
   step_dir = tmp_path / "checkpoints" / str(step)
   assert f"checkpoint saved in {step_dir}" in line
   assert os.listdir(tmp_path / "checkpoints") == [str(step)]
   # one checkpoint, written by both processes at the same step (the data position is that step: nothing else to save)
   assert (step_dir / "state").is_dir() and json.loads((step_dir / "metadata" / "metadata").read_text())[
       "process_count"] == 2
+
+
+@pytest.mark.slow
+def test_a_time_budget_ends_two_processes_at_the_same_step(common, tmp_path):
+  """train.time_limit_s with two processes: process 0's clock decides, both end at the same step, exit 0 and write
+  one checkpoint together."""
+  runs = two_processes(common, tmp_path, "--config.train.time_limit_s=15")
+  line, step = both_end(runs, "time budget: ", timeout=240)
+  assert "train.time_limit_s=15: training ends here" in line
+  assert f"trained {step} steps in " in runs[0].output
+  assert os.listdir(tmp_path / "checkpoints") == [str(step)]
+  meta = json.loads((tmp_path / "checkpoints" / str(step) / "metadata" / "metadata").read_text())
+  # the last row was at most one interval (a step here, well under a second) from 15 s; the save reads the clock later
+  assert meta["process_count"] == 2 and 10 < meta["train_seconds"] < 17
