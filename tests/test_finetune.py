@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from seqeval import metrics as seqeval_metrics
 
-from jaxlm import checkpoint, cli, run
+from jaxlm import checkpoint, cli, loop_timing, run
 from jaxlm import config as config_lib
 from jaxlm.data import pipeline, sources
 from jaxlm.data.tokenizer import load_tokenizer
@@ -178,7 +178,7 @@ def test_a_time_budget_ends_training_as_its_last_step_would(shared_data, tmp_pat
   overrides = [f"data.{split}_files={path}" for split, path in files.items()] + ["train.steps=1000",
                                                                                  "train.time_limit_s=45"]
   seconds = [0.0]  # a clock of 2 s a step, read by the run's training clock
-  monkeypatch.setattr(run._Clock, "train_seconds", lambda self: seconds[0])
+  monkeypatch.setattr(loop_timing.Clock, "train_seconds", lambda self: seconds[0])
 
   def tick(step):
     seconds[0] = 2.0 * step
