@@ -228,9 +228,7 @@ class Checkpointer:
     """
     if step in self.manager.all_steps():
       return False
-    if metrics is not None and self.best_metric and self.best_metric not in metrics:
-      raise KeyError(f"checkpoint.best_metric='{self.best_metric}' is not among the metrics given for step {step}: "
-                     f"{sorted(metrics)}")
+    metrics = None if metrics is None else self._ranking(step, metrics)
     meta = dict(metadata, **{CHECKSUM_KEY: checksums(state), "saved_at": time.time()})
     items = {
         "state": ocp.args.PyTreeSave(state),
@@ -239,8 +237,14 @@ class Checkpointer:
     }
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
     return self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+
+  def _ranking(self, step: int, metrics: Mapping[str, float]) -> dict[str, float]:
+    """The metrics a step is ranked by, as floats; they must hold checkpoint.best_metric when one is tracked."""
+    if self.best_metric and self.best_metric not in metrics:
+      raise KeyError(f"checkpoint.best_metric='{self.best_metric}' is not among the metrics given for step {step}: "
+                     f"{sorted(metrics)}")
+    return {k: float(v) for k, v in metrics.items()}
 
   def rank(self, step: int, metrics: Mapping[str, float]) -> bool:
     """Ranks a checkpoint saved without metrics (a stop saves before any evaluation) by dev metrics found later;
@@ -252,15 +256,13 @@ class Checkpointer:
     self.wait()
     if not self.best_metric or step not in self.manager.all_steps() or self.manager.metrics(step) is not None:
       return False
-    if self.best_metric not in metrics:
-      raise KeyError(f"checkpoint.best_metric='{self.best_metric}' is not among the metrics given for step {step}: "
-                     f"{sorted(metrics)}")
+    ranking = self._ranking(step, metrics)
     if jax.process_index() == 0:
       final = os.path.join(self.step_path(step), "metrics")
       partial = final + ".jaxlm-tmp"
       os.makedirs(partial, exist_ok=True)
       with open(os.path.join(partial, "metrics"), "w") as f:
-        json.dump({k: float(v) for k, v in metrics.items()}, f)
+        json.dump(ranking, f)
         f.flush()
         os.fsync(f.fileno())
       os.rename(partial, final)
