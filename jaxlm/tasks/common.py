@@ -32,8 +32,18 @@ def cross_entropy(logits, labels, weights, z_loss: float = 0.0) -> CrossEntropy:
   gold = jnp.take_along_axis(logits, jnp.clip(labels, 0, logits.shape[-1] - 1)[..., None], axis=-1)[..., 0]
   ce = jnp.sum((log_z - gold) * weights)
   loss = ce + z_loss * jnp.sum(jnp.square(log_z) * weights) if z_loss else ce
-  correct = jnp.sum((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32) * weights)
+  correct = jnp.sum(is_argmax(logits, labels, gold).astype(jnp.float32) * weights)
   return CrossEntropy(loss, ce, correct, jnp.sum(weights))
+
+
+def is_argmax(logits, labels, gold) -> jax.Array:
+  """argmax(logits, -1) == labels (the first of tied maxima wins), without the argmax: XLA:CPU runs the variadic
+  (value, index) reduce of an argmax over [1024, 8000] logits in ~15 ms, and this one boolean reduce in ~2.5 ms."""
+  c = logits.shape[-1]
+  index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+  at = labels[..., None]
+  beaten = jnp.where(index < at, logits >= gold[..., None], logits > gold[..., None])  # an entry argmax picks first
+  return ~jnp.any(beaten, axis=-1) & (labels >= 0) & (labels < c)
 
 
 def check_head(task_name: str, head: str, allowed: tuple[str, ...]) -> str:
