@@ -145,6 +145,9 @@ def get_config() -> ml_collections.ConfigDict:
   CHECKS["model.relative_attention_num_buckets"] = at_least(4)
   c.model.relative_attention_max_distance = 128  # key-query distances from this on share the last bucket
   CHECKS["model.relative_attention_max_distance"] = at_least(1)
+  # dropout (model.dropout) on the MLP's hidden units too, as T5 does; False: only on residual branches and embeddings,
+  # the Transformer paper's places (T5 steps ~8% faster on CPU, where the hidden units are the largest activation)
+  c.model.mlp_dropout = True
   c.model.init_factor = 1.0  # T5's initializer_factor: multiplies every init stddev, which T5 derives from the shapes
   CHECKS["model.init_factor"] = positive()
 

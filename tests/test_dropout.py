@@ -1,5 +1,8 @@
 """Dropout from counter-based 32-bit draws (layers.dropout_keep / layers.Dropout): the rate it keeps, the expectation,
-independence between neighbours, rows and keys, the rng stream, and the same mask however the array is sharded."""
+independence between neighbours, rows and keys, the rng stream, the same mask however the array is sharded; and where
+T5 drops (model.mlp_dropout)."""
+
+import dataclasses
 
 import flax.linen as nn
 import jax
@@ -9,6 +12,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlm.models import layers
+from jaxlm.models.encdec import EncDec, EncDecConfig, Mlp
 
 
 def _close_to(observed, p, n, sigmas=5.0):
@@ -134,3 +138,26 @@ def test_adapter_dropout_drops_the_adapter_input_in_training_only():
   mean = np.mean([np.asarray(model.apply(variables, x, rngs={"dropout": jax.random.key(k, impl="rbg")}))
                   for k in range(100)], axis=0)
   assert np.abs(mean - full).mean() < 0.1 * np.abs(full - base).mean()  # and the expectation is kept
+
+
+@pytest.mark.parametrize("style", ["t5", "t5_v1_1"])
+def test_t5_mlp_dropout_switches_off_only_the_hidden_units(style):
+  """model.mlp_dropout=False: the MLP block of a training pass equals the deterministic one (its only dropout is on
+  the hidden units), while T5's default drops hidden units; the whole model still drops on its residual branches."""
+  cfg = EncDecConfig(vocab_size=64, d_model=32, num_heads=4, head_dim=8, d_ff=128, num_encoder_layers=1,
+                     num_decoder_layers=1, style=style, dropout=0.3)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 16, 32)), jnp.float32)
+  params = Mlp(cfg).init(jax.random.key(0), x)
+  quiet = Mlp(cfg).apply(params, x)
+  drop = {"dropout": jax.random.key(1, impl="rbg")}
+  t5_like = Mlp(cfg, deterministic=False).apply(params, x, rngs=drop)
+  hidden_off = Mlp(dataclasses.replace(cfg, mlp_dropout=False), deterministic=False).apply(params, x, rngs=drop)
+  assert not np.allclose(t5_like, quiet)
+  np.testing.assert_array_equal(hidden_off, quiet)
+
+  tokens = jnp.asarray(np.random.default_rng(1).integers(2, 64, (2, 12)), jnp.int32)
+  model = EncDec(dataclasses.replace(cfg, mlp_dropout=False))
+  variables = model.init(jax.random.key(0), tokens, tokens)
+  assert not np.allclose(model.apply(variables, tokens, tokens, deterministic=False, rngs=drop),
+                         model.apply(variables, tokens, tokens))
+

@@ -250,7 +250,9 @@ def test_config_from_model_keys_and_named_errors():
                              "model.num_heads=4", "model.relative_attention_num_buckets=16"])
   cfg = EncDecConfig.from_config(c.model)
   assert (cfg.num_encoder_layers, cfg.num_decoder_layers, cfg.head_dim, cfg.d_ff) == (3, 2, 12, 192)
-  assert (cfg.style, cfg.tied, cfg.relative_attention_num_buckets) == ("t5_v1_1", False, 16)
+  assert (cfg.style, cfg.tied, cfg.relative_attention_num_buckets, cfg.mlp_dropout) == ("t5_v1_1", False, 16, True)
+  assert not EncDecConfig.from_config(config_lib.load(BASE, ["model.family=encoder_decoder", "model.style=t5",
+                                                             "model.mlp_dropout=False"]).model).mlp_dropout
   c.model.num_decoder_layers = 0
   assert EncDecConfig.from_config(c.model).num_decoder_layers == 3  # 0 = model.num_layers
 

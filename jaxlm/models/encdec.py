@@ -44,6 +44,7 @@ class EncDecConfig:
   relative_attention_max_distance: int = 128
   norm_eps: float = 1e-6
   dropout: float = 0.1
+  mlp_dropout: bool = True  # dropout on the MLP's hidden units too (T5); False: residual branches and embeddings only
   init_factor: float = 1.0  # T5's initializer_factor: every init stddev (derived from the shapes) is scaled by it
   dtype: str = "float32"
   remat: str = "none"
@@ -113,7 +114,7 @@ class EncDecConfig:
         num_decoder_layers=model_cfg.num_decoder_layers or model_cfg.num_layers, style=model_cfg.style,
         relative_attention_num_buckets=model_cfg.relative_attention_num_buckets,
         relative_attention_max_distance=model_cfg.relative_attention_max_distance, norm_eps=model_cfg.norm_eps,
-        dropout=model_cfg.dropout, init_factor=model_cfg.init_factor, dtype=model_cfg.dtype, remat=model_cfg.remat,
+        dropout=model_cfg.dropout, mlp_dropout=model_cfg.mlp_dropout, init_factor=model_cfg.init_factor, dtype=model_cfg.dtype, remat=model_cfg.remat,
         scan_layers=model_cfg.scan_layers, attention=model_cfg.attention, tie_embeddings=model_cfg.tie_embeddings)
 
 
@@ -223,7 +224,8 @@ class CrossAttention(nn.Module):
 
 
 class Mlp(nn.Module):
-  """ReLU (t5) or gated GELU with the tanh approximation, HF's gelu_new (t5_v1_1); dropout on the hidden units."""
+  """ReLU (t5) or gated GELU with the tanh approximation, HF's gelu_new (t5_v1_1); dropout on the hidden units
+  unless mlp_dropout is off."""
   cfg: EncDecConfig
   deterministic: bool = True
 
@@ -237,7 +239,7 @@ class Mlp(nn.Module):
       h = nn.relu(wi("wi"))
     else:
       h = nn.gelu(wi("wi_0"), approximate=True) * wi("wi_1")
-    h = layers.Dropout(c.dropout)(h, deterministic=self.deterministic)
+    h = layers.Dropout(c.dropout if c.mlp_dropout else 0.0)(h, deterministic=self.deterministic)
     return layers.project(self, "wo", "btf,fd->btd", h, layers.normal(c.init_factor * f ** -0.5), (f, d),
                           ("mlp", "embed"), dt, c.lora)  # [B, T, D]
 
