@@ -131,11 +131,13 @@ class Attention(nn.Module):
       key = layers.rope(key, positions, c.rope_theta)
 
     if decode:
-      key, value, positions_k, segment_ids_k = self._update_cache(key, value, segment_ids)
+      key_t, value_h, positions_k, segment_ids_k = self._update_cache(key, value, segment_ids)
     else:
       positions_k, segment_ids_k = positions, segment_ids
     mask = layers.attention_mask(segment_ids, segment_ids_k, positions, positions_k, causal=True)
-    if c.attention == "blocked" and not decode:
+    if decode:
+      y = layers.cached_attention(q, key_t, value_h, mask)  # [B, T, H, E]
+    elif c.attention == "blocked":
       y = layers.blocked_causal_attention(q, key, value, mask)  # [B, T, H, E]
     else:
       y = layers.dot_product_attention(q, key, value, mask, c.attention_impl)  # [B, T, H, E]
@@ -146,18 +148,20 @@ class Attention(nn.Module):
     return out
 
   def _update_cache(self, key, value, segment_ids):
-    """Writes this call's keys/values at the cache index; returns the whole cache and its positions."""
+    """Writes this call's keys/values at the cache index; returns the whole cache (keys [B, K, E, S], values
+    [B, K, S, E]: the layouts layers.cached_attention multiplies without a transposed copy) and its positions."""
     b, t, k, e = key.shape
     max_len = self.cfg.cache_len or self.cfg.max_len  # slots; the position table (gpt2) keeps max_len rows
-    cached_k = self.variable("cache", "key", jnp.zeros, (b, max_len, k, e), key.dtype)
-    cached_v = self.variable("cache", "value", jnp.zeros, (b, max_len, k, e), value.dtype)
+    cached_k = self.variable("cache", "key", jnp.zeros, (b, k, e, max_len), key.dtype)
+    cached_v = self.variable("cache", "value", jnp.zeros, (b, k, max_len, e), value.dtype)
     cached_seg = self.variable("cache", "segment_ids", jnp.zeros, (b, max_len), jnp.int32)
     index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
     if self.is_initializing():
-      return key, value, jnp.broadcast_to(jnp.arange(t), (b, t)), segment_ids
+      return key.transpose(0, 2, 3, 1), value.transpose(0, 2, 1, 3), jnp.broadcast_to(jnp.arange(t), (b, t)), \
+          segment_ids
     i = index.value
-    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, key, (0, i, 0, 0))
-    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, value, (0, i, 0, 0))
+    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, key.transpose(0, 2, 3, 1), (0, 0, 0, i))
+    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, value.transpose(0, 2, 1, 3), (0, 0, i, 0))
     cached_seg.value = jax.lax.dynamic_update_slice(cached_seg.value, segment_ids.astype(jnp.int32), (0, i))
     index.value = i + t
     # cache slots are indexed by absolute position; unwritten slots hold segment 0, and a slot past the
