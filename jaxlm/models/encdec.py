@@ -168,10 +168,12 @@ def _heads(module: nn.Module, name: str, x, std: float):
                         ("embed", "heads", "head_dim"), c.compute_dtype, c.lora)
 
 
-def _attend(module: nn.Module, q, k, v, mask, bias):
-  """Unscaled softmax(q k + bias) v over the allowed keys, then the output projection: [B, T, H, E] -> [B, T, D]."""
+def _attend(module: nn.Module, q, k, v, mask, bias, cached: bool = False):
+  """Unscaled softmax(q k + bias) v over the allowed keys, then the output projection: [B, T, H, E] -> [B, T, D].
+  `cached`: k [B, H, E, S] and v [B, H, S, E] from a decoding cache, in the layouts layers.cached_attention reads."""
   c = module.cfg
-  y = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=1.0, implementation=c.attention_impl)
+  y = layers.cached_attention(q, k, v, mask, bias, scale=1.0) if cached else \
+      jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=1.0, implementation=c.attention_impl)
   std = c.init_factor * (c.num_heads * c.head_dim) ** -0.5
   return layers.project(module, "o", "bthe,hed->btd", y, layers.normal(std), (c.num_heads, c.head_dim, c.d_model),
                         ("heads", "head_dim", "embed"), c.compute_dtype, c.lora)  # [B, T, D]
@@ -188,14 +190,15 @@ class SelfAttention(nn.Module):
     q = _heads(self, "q", x, c.init_factor * (c.d_model * c.head_dim) ** -0.5)
     k = _heads(self, "k", x, c.init_factor * c.d_model ** -0.5)
     v = _heads(self, "v", x, c.init_factor * c.d_model ** -0.5)
-    if self.decode:
+    if self.decode:  # init only sizes the cache: keys [B, H, E, max decode length], values [B, H, length, E]
+      k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
       cached_k = self.variable("cache", "key", jnp.zeros, k.shape, k.dtype)
       cached_v = self.variable("cache", "value", jnp.zeros, v.shape, v.dtype)
-      if not self.is_initializing():  # init only sizes the cache: [B, max decode length, H, E]
-        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, cache_index, 0, 0))
-        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, cache_index, 0, 0))
+      if not self.is_initializing():
+        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, 0, 0, cache_index))
+        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, 0, cache_index, 0))
         k, v = cached_k.value, cached_v.value
-    return _attend(self, q, k, v, mask, bias)
+    return _attend(self, q, k, v, mask, bias, cached=self.decode)
 
 
 class CrossAttention(nn.Module):
@@ -215,12 +218,13 @@ class CrossAttention(nn.Module):
     else:
       k = _heads(self, "k", encoded, c.init_factor * c.d_model ** -0.5)
       v = _heads(self, "v", encoded, c.init_factor * c.d_model ** -0.5)
-      if self.decode:
+      if self.decode:  # kept as keys [B, H, E, S] and values [B, H, S, E], as the self-attention cache
+        k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
         cached_k = self.variable("cache", "key", jnp.zeros, k.shape, k.dtype)
         cached_v = self.variable("cache", "value", jnp.zeros, v.shape, v.dtype)
         if not self.is_initializing():
           cached_k.value, cached_v.value = k, v
-    return _attend(self, q, k, v, mask, None)
+    return _attend(self, q, k, v, mask, None, cached=self.decode)
 
 
 class Mlp(nn.Module):

@@ -312,18 +312,21 @@ def blocked_causal_attention(q, k, v, mask, block: int = ATTENTION_BLOCK):
   return jnp.concatenate(outs, axis=3).transpose(0, 3, 1, 2, 4).reshape(b, t, h, e)
 
 
-def cached_attention(q, key_t, value, mask):
+def cached_attention(q, key_t, value, mask, bias=None, scale: float | None = None):
   """Attention over a KV cache kept in the layouts its two products read as they are: q [B, T, H, E], key_t
-  [B, K, E, S], value [B, K, S, E] (K divides H), mask [B, 1, T, S] -> [B, T, H, E]; numbers as
-  blocked_causal_attention's (float32 logits and softmax, the same large negative at masked keys). A cache in the
-  [B, S, K, E] layout of the other paths made XLA:CPU copy all of it, transposed, for every layer at every token."""
+  [B, K, E, S], value [B, K, S, E] (K divides H), mask [B, 1, T, S], bias None or [B|1, H, T, S] -> [B, T, H, E];
+  numbers as jax.nn.dot_product_attention's XLA path (float32 logits times `scale`, default E**-0.5, plus the bias,
+  the same large negative at masked keys, float32 softmax). A cache in the [B, S, K, E] layout of the other paths made
+  XLA:CPU copy all of it, transposed, for every layer at every token."""
   b, t, h, e = q.shape
   kh = key_t.shape[1]
   logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
   big_negative = -0.7 * jnp.finfo(logits_dtype).max
   qh = q.reshape(b, t, kh, h // kh, e).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, E]
-  logits = jnp.einsum("bkgte,bkes->bkgts", qh, key_t,
-                      preferred_element_type=logits_dtype) * jnp.asarray(e ** -0.5, logits_dtype)
+  logits = jnp.einsum("bkgte,bkes->bkgts", qh, key_t, preferred_element_type=logits_dtype)
+  logits = logits * jnp.asarray(e ** -0.5 if scale is None else scale, logits_dtype)
+  if bias is not None:
+    logits = logits + bias.reshape(bias.shape[0], kh, h // kh, *bias.shape[2:]).astype(logits_dtype)
   probs = jax.nn.softmax(jnp.where(mask[:, :, None], logits, big_negative).astype(jnp.float32), axis=-1)
   out = jnp.einsum("bkgts,bkse->bkgte", probs.astype(value.dtype), value)  # [B, K, G, T, E]
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, e)
