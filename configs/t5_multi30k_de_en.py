@@ -20,7 +20,9 @@ perplexity 15.92 / 10.55 / 8.36 / 7.12 / 7.11 at steps 1,000 / 2,000 / 3,000 / 4
 from step 4,100 (best by dev BLEU): **beam 4 BLEU 35.13**, chrF 54.56 (brevity penalty 0.970), 36.1 s for the 1,000
 sentences (27.7 a second; an epoch of training is ~3.1 minutes); greedy (`jaxlm eval` of a copy with
 `--config.task.beam_size=1`) 33.93, chrF 53.70, in 6.9 s. **The target (>= 33 within 25 minutes) is met**, and greedy
-decoding passes the PyTorch reference's 29.9 (greedy) by 4.0.
+decoding passes the PyTorch reference's 29.9 (greedy) by 4.0. With the decoding cache's layout changed afterwards
+(README, Benchmark), `jaxlm eval` of copies of the workdir decodes the test split with beam 4 in 25.0 / 25.8 s
+(32.4 s before that change, the same session), the same BLEU.
 
 Measured earlier that day on a 2-core machine with a jitted float32 matmul peak of 280-294 GFLOP/s,
 nothing else running, the recipe then written (dropout on the MLP's hidden units too): `jaxlm train --config
