@@ -93,8 +93,9 @@ SAME_AS_CHECKPOINT = ("model.", "tokenizer.", "task.name", "task.head", "data.la
 
 
 # ... except these, which change how the same arrays are computed or trained, or how a new tokenizer would be made.
-FREE_ON_RESUME = ("model.dropout", "model.attention_dropout", "model.mlp_dropout", "model.dtype", "model.remat", "model.attention",
-                  "model.init_std", "model.init_factor", "tokenizer.path", "tokenizer.max_sentences", "peft.dropout")
+FREE_ON_RESUME = ("model.dropout", "model.attention_dropout", "model.mlp_dropout", "model.dtype", "model.remat",
+                  "model.attention", "model.init_std", "model.init_factor", "tokenizer.path", "tokenizer.max_sentences",
+                  "peft.dropout")
 
 
 @dataclasses.dataclass

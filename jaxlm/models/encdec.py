@@ -114,8 +114,9 @@ class EncDecConfig:
         num_decoder_layers=model_cfg.num_decoder_layers or model_cfg.num_layers, style=model_cfg.style,
         relative_attention_num_buckets=model_cfg.relative_attention_num_buckets,
         relative_attention_max_distance=model_cfg.relative_attention_max_distance, norm_eps=model_cfg.norm_eps,
-        dropout=model_cfg.dropout, mlp_dropout=model_cfg.mlp_dropout, init_factor=model_cfg.init_factor, dtype=model_cfg.dtype, remat=model_cfg.remat,
-        scan_layers=model_cfg.scan_layers, attention=model_cfg.attention, tie_embeddings=model_cfg.tie_embeddings)
+        dropout=model_cfg.dropout, mlp_dropout=model_cfg.mlp_dropout, init_factor=model_cfg.init_factor,
+        dtype=model_cfg.dtype, remat=model_cfg.remat, scan_layers=model_cfg.scan_layers, attention=model_cfg.attention,
+        tie_embeddings=model_cfg.tie_embeddings)
 
 
 def _bucket_table(num_buckets: int, max_distance: int) -> np.ndarray:
@@ -228,8 +229,7 @@ class CrossAttention(nn.Module):
 
 
 class Mlp(nn.Module):
-  """ReLU (t5) or gated GELU with the tanh approximation, HF's gelu_new (t5_v1_1); dropout on the hidden units
-  unless mlp_dropout is off."""
+  """ReLU (t5) or gated GELU (tanh approximation, HF's gelu_new: t5_v1_1); dropout on the hidden units (mlp_dropout)."""
   cfg: EncDecConfig
   deterministic: bool = True
 
