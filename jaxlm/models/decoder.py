@@ -156,12 +156,12 @@ class Attention(nn.Module):
     cached_v = self.variable("cache", "value", jnp.zeros, (b, k, max_len, e), value.dtype)
     cached_seg = self.variable("cache", "segment_ids", jnp.zeros, (b, max_len), jnp.int32)
     index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    key_t, value_h = key.transpose(0, 2, 3, 1), value.transpose(0, 2, 1, 3)  # [B, K, E, T], [B, K, T, E]
     if self.is_initializing():
-      return key.transpose(0, 2, 3, 1), value.transpose(0, 2, 1, 3), jnp.broadcast_to(jnp.arange(t), (b, t)), \
-          segment_ids
+      return key_t, value_h, jnp.broadcast_to(jnp.arange(t), (b, t)), segment_ids
     i = index.value
-    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, key.transpose(0, 2, 3, 1), (0, 0, 0, i))
-    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, value.transpose(0, 2, 1, 3), (0, 0, i, 0))
+    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, key_t, (0, 0, 0, i))
+    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, value_h, (0, 0, i, 0))
     cached_seg.value = jax.lax.dynamic_update_slice(cached_seg.value, segment_ids.astype(jnp.int32), (0, i))
     index.value = i + t
     # cache slots are indexed by absolute position; unwritten slots hold segment 0, and a slot past the

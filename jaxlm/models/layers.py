@@ -285,6 +285,13 @@ DECODER_ATTENTION_IMPLS = (*ATTENTION_IMPLS, "blocked")  # decoders also: blocke
 ATTENTION_BLOCK = 128  # query rows per block of blocked_causal_attention
 
 
+def _masked_softmax(logits, keep):
+  """float32 softmax over the last axis, the entries not kept set to jax.nn.dot_product_attention's large negative
+  (-0.7 of the logits dtype's largest number) first, as its XLA path does."""
+  big_negative = -0.7 * jnp.finfo(logits.dtype).max
+  return jax.nn.softmax(jnp.where(keep, logits, big_negative).astype(jnp.float32), axis=-1)
+
+
 def blocked_causal_attention(q, k, v, mask, block: int = ATTENTION_BLOCK):
   """Causal attention as jax.nn.dot_product_attention's XLA path computes it (logits and softmax in float32, the
   same large negative number at masked keys), in blocks of `block` query rows that skip the keys after the block.
@@ -298,7 +305,6 @@ def blocked_causal_attention(q, k, v, mask, block: int = ATTENTION_BLOCK):
   b, t, h, e = q.shape
   kh = k.shape[2]
   logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
-  big_negative = -0.7 * jnp.finfo(logits_dtype).max
   qh = q.reshape(b, t, kh, h // kh, e).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, E]
   kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, E]
   outs = []
@@ -307,7 +313,7 @@ def blocked_causal_attention(q, k, v, mask, block: int = ATTENTION_BLOCK):
     logits = jnp.einsum("bkgte,bkse->bkgts", qh[:, :, :, start:stop], kt[:, :, :stop],
                         preferred_element_type=logits_dtype) * jnp.asarray(e ** -0.5, logits_dtype)
     keep = mask[:, :, None, start:stop, :stop]  # [B, 1, 1, t, s]
-    probs = jax.nn.softmax(jnp.where(keep, logits, big_negative).astype(jnp.float32), axis=-1).astype(v.dtype)
+    probs = _masked_softmax(logits, keep).astype(v.dtype)
     outs.append(jnp.einsum("bkgts,bkse->bkgte", probs, vt[:, :, :stop]))  # [B, K, G, t, E]
   return jnp.concatenate(outs, axis=3).transpose(0, 3, 1, 2, 4).reshape(b, t, h, e)
 
@@ -321,13 +327,12 @@ def cached_attention(q, key_t, value, mask, bias=None, scale: float | None = Non
   b, t, h, e = q.shape
   kh = key_t.shape[1]
   logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
-  big_negative = -0.7 * jnp.finfo(logits_dtype).max
   qh = q.reshape(b, t, kh, h // kh, e).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, E]
   logits = jnp.einsum("bkgte,bkes->bkgts", qh, key_t, preferred_element_type=logits_dtype)
   logits = logits * jnp.asarray(e ** -0.5 if scale is None else scale, logits_dtype)
   if bias is not None:
     logits = logits + bias.reshape(bias.shape[0], kh, h // kh, *bias.shape[2:]).astype(logits_dtype)
-  probs = jax.nn.softmax(jnp.where(mask[:, :, None], logits, big_negative).astype(jnp.float32), axis=-1)
+  probs = _masked_softmax(logits, mask[:, :, None])
   out = jnp.einsum("bkgts,bkse->bkgte", probs.astype(value.dtype), value)  # [B, K, G, T, E]
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, e)
 
