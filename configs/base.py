@@ -73,6 +73,10 @@ def get_config() -> ml_collections.ConfigDict:
                                        "bleu3", "bleu4", "distinct1", "distinct2", "distinct3", "distinct4"))
   c.task.lead_turns = 0  # also score the first N lines of each input as its output (LEAD-3 summaries: 3); 0 = off
   CHECKS["task.lead_turns"] = at_least(0)
+  # dialogue inputs of 'Name: text' lines: the first N speakers' names become the pieces <speaker_1> .. <speaker_N>
+  # in input and target, and outputs get the names back (a tokenizer trained by the run has the pieces); 0 = off
+  c.task.speaker_tags = 0
+  CHECKS["task.speaker_tags"] = at_least(0)
   c.task.report_examples = 5  # (input, reference, output) examples in each eval report (WORKDIR/report_*.txt)
   CHECKS["task.report_examples"] = at_least(0)
 

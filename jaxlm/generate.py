@@ -19,6 +19,7 @@ from jaxlm import evaluation, generation, train
 from jaxlm import workdir as workdir_lib
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data import chat
+from jaxlm.data import seq2seq as pairs_lib
 from jaxlm.data.sources import DataError
 from jaxlm.data.tokenizer import load_tokenizer
 from jaxlm.models.decoder import Decoder
@@ -79,10 +80,13 @@ def generate_text(config, workdir: str, prompt: str) -> str:
     new = _search(decoding, params, jnp.asarray([ids], jnp.int32), s, eos_id, pad_id)
     return tokenizer.decode(ids + new)  # decoding the whole sequence keeps the spacing between prompt and sample
   if isinstance(model, EncDec):
-    ids = tokenizer.encode(config.task.prefix + prompt)[:config.data.seq_len - 1] + [eos_id]
+    tags = int(config.task.speaker_tags)  # a dialogue's speakers as the workdir's model saw them in training
+    source = pairs_lib.tag_speakers({"source": prompt, "target": ""}, tags)["source"] if tags else prompt
+    ids = tokenizer.encode(config.task.prefix + source)[:config.data.seq_len - 1] + [eos_id]
     context = (jnp.asarray([ids], jnp.int32), jnp.ones((1, len(ids)), jnp.int32))
     decoding = generation.encdec_decoding(model, int(s.max_new_tokens) + 1)  # + the start token (T5: the pad id)
-    return tokenizer.decode(_search(decoding, params, jnp.full((1, 1), pad_id, jnp.int32), s, eos_id, pad_id, context))
+    text = tokenizer.decode(_search(decoding, params, jnp.full((1, 1), pad_id, jnp.int32), s, eos_id, pad_id, context))
+    return pairs_lib.untag_speakers(text, prompt, tags) if tags else text
   raise ValueError(f"task.name='{config.task.name}' does not generate text: its model ({type(model).__name__}) has no "
                    "decoder")
 

@@ -160,6 +160,32 @@ def test_samsum_zip_splits_through_the_source(tmp_path, shared_data):
   assert len(texts) == 2 * 14731 and texts[:2] == [first["source"], first["target"]]
 
 
+def test_speaker_tags_replace_whole_names_and_come_back():
+  record = {"source": "Mary Ann: Hi Tom, is Mary's car here?\nTom: Tomorrow, Mary Ann.\nMary:ok\nBob: :)",
+            "target": "Tom will bring Mary Ann's car; Mary and Bob agree. Tomas stays.", "where": "x:1"}
+  assert pairs.speakers(record["source"]) == ["Mary Ann", "Tom", "Mary", "Bob"]  # in the order of first turns
+  tagged = pairs.tag_speakers(record, 3)  # Bob is the fourth: he keeps his name
+  assert tagged["source"] == ("<speaker_1>: Hi <speaker_2>, is <speaker_3>'s car here?\n<speaker_2>: Tomorrow, "
+                              "<speaker_1>.\n<speaker_3>:ok\nBob: :)")
+  assert tagged["target"] == "<speaker_2> will bring <speaker_1>'s car; <speaker_3> and Bob agree. Tomas stays."
+  assert tagged["where"] == "x:1"
+  assert pairs.untag_speakers(tagged["target"], record["source"], 3) == record["target"]
+  assert pairs.untag_speakers("<speaker_4> and <speaker_2>", record["source"], 3) == "<speaker_4> and Tom"
+  plain = {"source": "no turns here, 5:30 pm", "target": "x"}
+  assert pairs.speakers(plain["source"]) == [] and pairs.tag_speakers(plain, 3) is plain
+
+
+def test_speaker_tags_on_samsum_round_trip(shared_data):
+  """On SAMSum's dev dialogues: nearly every summary names a speaker, and untagging a tagged summary with its
+  dialogue gives the summary back."""
+  got = _read(shared_data / "samsum" / "samsum.zip", split="dev", input_field="dialogue", target_field="summary")
+  assert len(got) == 818
+  tagged = [pairs.tag_speakers(r, 16) for r in got]
+  assert all(t["source"] != r["source"] for t, r in zip(tagged, got))  # every dialogue has turns
+  assert sum(t["target"] != r["target"] for t, r in zip(tagged, got)) > 0.9 * len(got)
+  assert [pairs.untag_speakers(t["target"], r["source"], 16) for t, r in zip(tagged, got)] == [r["target"] for r in got]
+
+
 def test_samsum_duplicates_dropped_on_request(shared_data):
   path = shared_data / "samsum" / "samsum.zip"
   with zipfile.ZipFile(path) as z:

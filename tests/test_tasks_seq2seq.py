@@ -23,6 +23,7 @@ from jaxlm import config as config_lib
 from jaxlm import text_metrics, train
 from jaxlm.data import builders, rows
 from jaxlm.data import seq2seq as pairs_lib
+from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.tasks import make_task, seq2seq
 from tests.conftest import BASE, PLAIN_ADAM, REPO, child_env, devices_for, task_batches, train_steps
 
@@ -221,6 +222,49 @@ def test_lead_baseline_and_report_from_the_records(tmp_path):
     assert metrics[t] == pytest.approx(100 * np.mean([scorer.score(r["target"], h)[t].fmeasure
                                                       for r, h in zip(records, ["w2 w3", "w8"])]))
   assert "LEAD-3" in metrics["report"] and "output:    w2 w3" in metrics["report"] and "[f:2]" not in metrics["report"]
+
+
+class TagTokenizer(WordTokenizer):
+  """WordTokenizer over a few dialogue words and the speaker-tag pieces (or without them)."""
+  def __init__(self, words=("Ann", "Bob", ":", "hi", "<speaker_1>", "<speaker_2>")):
+    self.words = list(words)
+
+  def encode(self, text):
+    return [4 + self.words.index(w) for w in text.split()]
+
+  def decode(self, ids):
+    return " ".join(self.words[i - 4] for i in ids if i >= 4)
+
+  def piece_to_id(self, piece):
+    return 4 + self.words.index(piece) if piece in self.words else self.unk_id
+
+
+def test_speaker_tags_in_rows_and_names_in_outputs(tmp_path):
+  """task.speaker_tags: the rows hold the tag pieces where the speakers' names stood (input and target), and the
+  outputs, scored and written, carry the names again."""
+  records = [{"source": "Ann : hi Bob\nBob : hi", "target": "Bob hi Ann"}]
+  (tmp_path / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  config = _config(tmp_path, "task.speaker_tags=2", "task.metrics=rouge1", "train.batch_size=1")
+  tok = TagTokenizer()
+  ids = lambda text: [tok.encode(text)[0] for text in text.split()]
+  batch = next(iter(task_batches(config, tok, "dev", task=(task := make_task(config)))))
+  assert list(batch["encoder_input_ids"][0, :8]) == ids("<speaker_1> : hi <speaker_2> <speaker_2> : hi") + [3]
+  assert list(batch["decoder_target_ids"][0, :4]) == ids("<speaker_2> hi <speaker_1>") + [3]
+  out = {"tokens": batch["decoder_target_ids"][:, :5], "lengths": np.asarray([4])}
+  records = builders.open_source(task.kind, config.data).split("dev").records
+  metrics = task.host_metrics([(batch, out)], records)
+  assert metrics["rouge1"] == pytest.approx(100.0) and "output:    Bob hi Ann" in metrics["report"]
+  with pytest.raises(ValueError, match=r"task.speaker_tags=2 needs the tokenizer pieces <speaker_1> .. <speaker_2>"):
+    make_task(config).row_steps(rows.RowContext(TagTokenizer(("Ann", "Bob")), config.data, "dev", 0, []))
+
+
+def test_a_trained_tokenizer_has_the_speaker_tags(tmp_path):
+  config = _config(tmp_path, "task.speaker_tags=3", "tokenizer.vocab_size=44", "tokenizer.num_sentinels=2")
+  texts = [f"{a}: {b} {c}\n{c}: {a}" for a in ANIMALS for b in ANIMALS[:4] for c in WORDS[:3]]
+  tok = tokenizer_lib.SentencePieceTokenizer.from_file(tokenizer_lib.train_tokenizer(config, str(tmp_path), texts))
+  tags = [tok.piece_to_id(f"<speaker_{i}>") for i in (1, 2, 3)]
+  assert tok.unk_id not in tags and len(set(tags)) == 3 and tok.piece_to_id("<speaker_4>") == tok.unk_id
+  assert tags[1] in tok.encode("<speaker_2>: zebra") and tok.decode(tok.encode("<speaker_3> owl")) == "<speaker_3> owl"
 
 
 def test_lead_baseline_of_a_split_without_a_model(tmp_path):

@@ -29,6 +29,7 @@ from jaxlm.data.sources import (
   read_text,
   split_json_members,
 )
+from jaxlm.data.tokenizer import speaker_tag
 
 _TEXT = tfds.features.Text()
 
@@ -261,6 +262,55 @@ class PairRecords(RecordKind):
 
 
 PAIRS = PairRecords()
+
+
+# ---- speaker tags (task.speaker_tags) --------------------------------------------------------------------------
+
+_TURN = re.compile(r"([^:]{1,40}):")  # a dialogue line 'Name: text' (SAMSum has 'Aida:?!' too)
+_NAME = re.compile(r"\w[\w '’.\-]*")  # letters, digits, spaces, apostrophes, dots, hyphens
+_TAG = re.compile(r"<speaker_(\d+)>")
+
+
+def speakers(source: str) -> list[str]:
+  """The distinct speakers of a dialogue whose lines read 'Name: text', in the order of their first turns (a name:
+  up to three words of letters, digits, apostrophes, dots and hyphens)."""
+  names = []
+  for line in source.split("\n"):
+    m = _TURN.match(line)
+    name = m.group(1).strip() if m else ""
+    if _NAME.fullmatch(name) and len(name.split()) <= 3 and name not in names:
+      names.append(name)
+  return names
+
+
+def tag_speakers(record: dict, max_tags: int) -> dict:
+  """The pair with its first `max_tags` speakers' names, wherever they stand as words in the input or the target,
+  replaced by <speaker_1> .. (a name that is part of a longer name or word stays)."""
+  names = speakers(record["source"])[:max_tags]
+  if not names:
+    return record
+  tags = {name: speaker_tag(i) for i, name in enumerate(names, 1)}
+  alternatives = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))  # 'Mary Ann' before 'Mary'
+  pattern = re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)")
+  sub = lambda s: pattern.sub(lambda m: tags[m.group(0)], s)
+  return {**record, "source": sub(record["source"]), "target": sub(record["target"])}
+
+
+def untag_speakers(text_: str, source: str, max_tags: int) -> str:
+  """An output's <speaker_i> pieces back to the names they stand for in its (untagged) input; a tag with no
+  speaker behind it stays."""
+  names = speakers(source)[:max_tags]
+  return _TAG.sub(lambda m: names[int(m.group(1)) - 1] if 0 < int(m.group(1)) <= len(names) else m.group(0), text_)
+
+
+@dataclasses.dataclass
+class TagSpeakers(grain.transforms.Map):
+  """(index, pair) -> (index, tag_speakers(pair))."""
+  max_tags: int
+
+  def map(self, item):
+    index, record = item
+    return index, tag_speakers(record, self.max_tags)
 
 
 # ---- rows ----------------------------------------------------------------------------------------------------

@@ -125,6 +125,11 @@ def sentinel(i: int) -> str:
   return f"<extra_id_{i}>"
 
 
+def speaker_tag(i: int) -> str:
+  """The piece that stands for a dialogue's i-th speaker (from 1) under task.speaker_tags."""
+  return f"<speaker_{i}>"
+
+
 def require_ids(tokenizer, names: tuple[str, ...], task: str) -> None:
   """A clear error before any batch is built when the task's special pieces are missing from the vocabulary."""
   missing = [n for n in names if getattr(tokenizer, f"{n}_id") < 0]
@@ -195,6 +200,7 @@ def train_tokenizer(config, workdir: str, texts) -> str:
   path = tokenizer_path(config, workdir)
   symbols = [s for s in t.user_defined_symbols if s]
   symbols += [sentinel(i) for i in range(t.num_sentinels) if sentinel(i) not in symbols]
+  symbols += [speaker_tag(i) for i in range(1, config.task.speaker_tags + 1) if speaker_tag(i) not in symbols]
   proto = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(

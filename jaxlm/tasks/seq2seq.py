@@ -19,6 +19,7 @@ import numpy as np
 from jaxlm import generation, text_metrics
 from jaxlm.data import builders, rows, sources
 from jaxlm.data import seq2seq as pairs_lib
+from jaxlm.data.tokenizer import speaker_tag
 from jaxlm.models.encdec import EncDec, EncDecConfig
 from jaxlm.tasks.common import cross_entropy, fine_tuning_splits
 
@@ -92,6 +93,7 @@ class Seq2SeqTask:
       raise ValueError(f"task.max_decode_len must be positive (0 = data.target_len), got {t.max_decode_len}")
     self.metrics = text_metrics.check_names(t.metrics)
     self.lead_turns, self.report_examples = int(t.lead_turns), int(t.report_examples)
+    self.speaker_tags = int(t.speaker_tags)
     self.decoding = generation.encdec_decoding(self.model, self.max_decode_len + 1)  # + the start token
     self._tokenizer = None  # set by row_steps: predictions are decoded to text with the rows' tokenizer
     self._serving = False  # `jaxlm predict` reads its input: generate whatever task.metrics says
@@ -147,8 +149,9 @@ class Seq2SeqTask:
       return None  # nothing is scored from generated text: evaluation stays loss/perplexity only
     return self.generate(params, batch)
 
-  def outputs(self, pairs) -> dict[int, str]:
-    """example id -> generated text (up to its EOS), over the (batch, predictions) pairs of a pass."""
+  def outputs(self, pairs, records_) -> dict[int, str]:
+    """example id -> generated text (up to its EOS; speaker tags back to the record's names), over the (batch,
+    predictions) pairs of a pass."""
     _, eos_id = self._ids()
     texts = {}
     for batch, out in pairs:
@@ -157,7 +160,10 @@ class Seq2SeqTask:
         tokens = [int(t) for t in np.asarray(out["tokens"][row])[:int(out["lengths"][row])]]
         if tokens and tokens[-1] == eos_id:
           tokens = tokens[:-1]
-        texts[int(ids[row])] = self._tokenizer.decode(tokens)
+        text = self._tokenizer.decode(tokens)
+        if self.speaker_tags:
+          text = pairs_lib.untag_speakers(text, records_[int(ids[row])]["source"], self.speaker_tags)
+        texts[int(ids[row])] = text
     return texts
 
   def host_metrics(self, pairs, records_) -> dict:
@@ -165,7 +171,7 @@ class Seq2SeqTask:
     (task.lead_turns: lead{n}_{metric}), and a report with sacreBLEU's signatures and example outputs."""
     if not pairs:
       return {}
-    texts = self.outputs(pairs)
+    texts = self.outputs(pairs, records_)
     ids = sorted(texts)
     hyps, refs = [texts[i] for i in ids], [records_[i]["target"] for i in ids]
     decoding = generation.describe(self.beam_size, self.length_penalty, self.no_repeat)
@@ -192,13 +198,22 @@ class Seq2SeqTask:
     self._tokenizer = tok
     d = ctx.data_cfg
     encode = pairs_lib.EncodePair(tok, self.prefix, self.source_len, self.target_len)
+    steps = [rows.Map(encode)]
+    if self.speaker_tags:
+      missing = [tag for tag in map(speaker_tag, range(1, self.speaker_tags + 1)) if tok.piece_to_id(tag) == tok.unk_id]
+      if missing:
+        trained = getattr(tok, "path", "") or "this tokenizer"
+        raise ValueError(f"task.speaker_tags={self.speaker_tags} needs the tokenizer pieces {missing[0]} .. "
+                         f"{missing[-1]}: a tokenizer the run trains has them; add them to "
+                         f"tokenizer.user_defined_symbols of the run that trained {trained}")
+      steps.insert(0, rows.Map(pairs_lib.TagSpeakers(self.speaker_tags)))
     if ctx.train and self.pack:
       pack = functools.partial(pairs_lib.pack_pairs, source_len=self.source_len, target_len=self.target_len,
                                num_bins=d.pack_bins, seed=ctx.seed, shuffle_bins=d.shuffle, pad_id=tok.pad_id,
                                start_id=tok.pad_id)
-      return [rows.Map(encode), rows.Stream(pack)]
+      return [*steps, rows.Stream(pack)]
     # T5 starts decoding from the pad id
-    return [rows.Map(encode), rows.Map(pairs_lib.PadPair(self.source_len, self.target_len, tok.pad_id, tok.pad_id))]
+    return [*steps, rows.Map(pairs_lib.PadPair(self.source_len, self.target_len, tok.pad_id, tok.pad_id))]
 
   def pad_values(self, tokenizer):
     return {"encoder_input_ids": tokenizer.pad_id, "decoder_input_ids": tokenizer.pad_id,
@@ -234,7 +249,7 @@ class Seq2SeqTask:
 
   def write_predictions(self, records_, pairs, out, jsonl: bool) -> int:
     """The output text a line, or JSON lines {source, output}, in input order."""
-    texts = self.outputs(pairs)
+    texts = self.outputs(pairs, records_)
     for i, record in enumerate(records_):
       if i not in texts:
         continue
