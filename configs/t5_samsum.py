@@ -6,9 +6,10 @@ From scratch (the run trains its own 8k sentencepiece model on both sides of the
 
     jaxlm train --config configs/t5_samsum.py --workdir /tmp/t5_samsum
 
-From the span-corruption pretraining of configs/t5_span_pretrain.py (same architecture; its tokenizer):
+From the span-corruption pretraining of configs/t5_span_pretrain.py (same architecture; its tokenizer, which has no
+speaker tags):
 
-    jaxlm train --config configs/t5_samsum.py --workdir /tmp/t5_samsum_pre \
+    jaxlm train --config configs/t5_samsum.py --workdir /tmp/t5_samsum_pre --config.task.speaker_tags=0 \
       --config.init.checkpoint_dir=/tmp/t5_span --config.tokenizer.path=/tmp/t5_span/tokenizer/spm.model
 
 LEAD-3 alone, on the test split, with the task's own metric code (no model):
@@ -18,22 +19,42 @@ print(seq2seq.lead_baseline(config.load('configs/t5_samsum.py'), 'test', 3)[1])"
 
 Every dev/test row of metrics.jsonl also carries lead3_rouge1 .. lead3_rougeLsum (task.lead_turns=3).
 
-Measured 2026-12-02 (the recipe as written but for train.steps, `--config.train.steps=6000` stopped by SIGTERM at the
-first log row past 1,775 s of training, `--workdir /tmp/runs/sam_d0`, alone on a 2-core machine with a jitted float32
-matmul peak of 317-323 GFLOP/s; ROUGE F1 x100, beam 4): ~0.52 s a step, ~3,800 tokens/s (source + target, ~3,500
-non-padding); dev ROUGE-1/2/L and perplexity at steps 500 / 1,000 / 1,500 / 2,000 / 2,500 / 3,000 / 3,483 (276 / 531 /
-795 / 1,053 / 1,308 / 1,564 / 1,816 s of training): 7.89 / 1.28 / 7.30 (177.7), 17.90 / 3.20 / 15.48 (115.4), 21.07 /
-4.59 / 18.20 (89.0), 23.51 / 5.28 / 20.04 (72.8), 25.76 / 6.68 / 21.73 (64.4), 27.84 / 7.47 / 22.76 (58.7), 26.95 /
-7.24 / 22.24 (55.6). Test, the best checkpoint (step 3,000, 26 minutes): ROUGE-1/2/L/Lsum 26.48 / 6.96 / 22.28 / 24.37,
-perplexity 57.2, against LEAD-3's 31.31 / 8.68 / 24.17 / 28.60 by the same code: the target (above LEAD-3 within 30
-minutes) is NOT met. Outputs name the speakers but often twice ("Hannah and Hannah are going to the cinema together."),
-and a few loop on a name ("Eric, Eric, Eric, ..."). `jaxlm eval` of a copy of the workdir with
-`--config.task.no_repeat_ngram_size=3` (no trigram twice in an output) scored dev 29.48 / 8.05 / 23.67 (against 27.84 /
-7.47 / 22.76) and test **28.34 / 7.54 / 23.38** / 26.10: the recipe now decodes so (chosen on dev), still below LEAD-3
-(by 3.0 / 1.1 / 0.8). The recipe now trains for 30 minutes of train_seconds (train.time_limit_s=1800), however many
-steps the machine makes of them (the 2026-12-01 machine, peak ~120 GFLOP/s, ran ~1.5 s a step). Length penalty 1.0 /
-1.5 / 2.0 on that checkpoint (step 3,000, no_repeat_ngram_size 3, dev only) scored ROUGE-1/2/L 29.59 / 8.06 / 23.75,
-26.37 / 7.88 / 20.25 and 22.75 / 6.61 / 17.06 against 0.6's 29.48 / 8.05 / 23.67: no decoding setting closes the gap.
+Measured 2026-12-02, later (the recipe as written, `--workdir /tmp/runs/sam_tags`, alone on a 2-core machine with a
+jitted float32 matmul peak of 333-357 GFLOP/s; ROUGE F1 x100, beam 4): the budget ended training at step 3,650 after
+1,783.0 s (~0.49 s a step, ~4,070 tokens/s, 3,744 non-padding). task.speaker_tags=16 writes each dialogue's speakers
+as <speaker_1> .. in input and summary and puts the names back in the outputs. Dev ROUGE-1/2/L at steps 500 / 1,000 /
+1,500 / 2,000 / 2,500 / 3,000 / 3,500 / 3,650: 25.57 / 4.85 / 20.22, 27.85 / 5.36 / 22.00, 26.95 / 5.77 / 22.01,
+30.05 / 7.41 / 23.54, 31.32 / 8.27 / 24.64, 31.82 / 8.24 / 24.90, 32.08 / 8.72 / 25.05, 32.89 / 8.84 / 25.75 (the run
+below without the tags: 7.89 / 1.28 / 7.30 at step 500, 17.90 / 3.20 / 15.48 at 1,000). The length penalty, chosen on
+dev with `jaxlm eval` of copies of the workdir (`--config.data.test_files=` keeps them off test): 0.6 -> 32.89 / 8.84 /
+25.75, 1.0 -> 33.02 / 8.87 / 25.80, **1.4 -> 33.52 / 9.15 / 25.92**, 1.7 -> 30.66 / 9.15 / 23.26, 2.0 -> 26.88 / 8.30 /
+20.34; 8 beams at 0.6: 32.19 / 8.74 / 25.40. Test with the recipe's 1.4 (`jaxlm eval`, 86.4 s for 819 dialogues):
+ROUGE-1/2/L/Lsum **32.98 / 8.75 / 25.70** / 28.82 against LEAD-3's 31.31 / 8.68 / 24.17 / 28.60 by the same code:
+above LEAD-3 on all three within 30 minutes (by 1.67 / 0.07 / 1.53: ROUGE-2 only just). At 0.6, as trained: 32.19 /
+8.42 / 25.60 (ROUGE-2 below LEAD-3). The names come back right, the content is often
+wrong (WORKDIR/report_test_step3650.txt: "Eric and Rob are going to watch a stand-up on youtube." came out as "Eric
+and Rob are going to watch "A" and watch "FFFs" by Eric. ..."; `jaxlm generate --workdir /tmp/runs/sam_tags --prompt
+$'Amanda: I baked cookies. Do you want some?\nJerry: Sure!\nAmanda: I\'ll bring you tomorrow :-)' --beam-size 4`:
+"Jerry will bring Amanda tomorrow."). The run trained with a looser name rule (up to four words of any characters)
+than the one the evals and the recipe use (up to three words of letters, digits, apostrophes, dots and hyphens); on
+SAMSum the two differ in 3 of 16,369 dialogues, all in train ('June, thanks!' was a speaker).
+
+The earlier runs, without speaker tags. Measured 2026-12-02 (train.steps=6000 stopped by SIGTERM past 1,775 s of
+training, `--workdir /tmp/runs/sam_d0`, a matmul peak of 317-323 GFLOP/s, length penalty 0.6): ~0.52 s a step, ~3,800
+tokens/s (source + target, ~3,500 non-padding); dev ROUGE-1/2/L and perplexity at steps 500 / 1,000 / 1,500 / 2,000 /
+2,500 / 3,000 / 3,483 (276 / 531 / 795 / 1,053 / 1,308 / 1,564 / 1,816 s of training): 7.89 / 1.28 / 7.30 (177.7), 17.90
+/ 3.20 / 15.48 (115.4), 21.07 / 4.59 / 18.20 (89.0), 23.51 / 5.28 / 20.04 (72.8), 25.76 / 6.68 / 21.73 (64.4), 27.84 /
+7.47 / 22.76 (58.7), 26.95 / 7.24 / 22.24 (55.6). Test, the best checkpoint (step 3,000, 26 minutes): ROUGE-1/2/L/Lsum
+26.48 / 6.96 / 22.28 / 24.37, perplexity 57.2, against LEAD-3's 31.31 / 8.68 / 24.17 / 28.60 by the same code: the
+target (above LEAD-3 within 30 minutes) is NOT met. Outputs name the speakers but often twice ("Hannah and Hannah are
+going to the cinema together."), and a few loop on a name ("Eric, Eric, Eric, ..."). `jaxlm eval` of a copy of the
+workdir with `--config.task.no_repeat_ngram_size=3` (no trigram twice in an output) scored dev 29.48 / 8.05 / 23.67
+(against 27.84 / 7.47 / 22.76) and test **28.34 / 7.54 / 23.38** / 26.10: the recipe now decodes so (chosen on dev),
+still below LEAD-3 (by 3.0 / 1.1 / 0.8). The recipe now trains for 30 minutes of train_seconds
+(train.time_limit_s=1800), however many steps the machine makes of them (the 2026-12-01 machine, peak ~120 GFLOP/s, ran
+~1.5 s a step). Length penalty 1.0 / 1.5 / 2.0 on that checkpoint (step 3,000, no_repeat_ngram_size 3, dev only) scored
+ROUGE-1/2/L 29.59 / 8.06 / 23.75, 26.37 / 7.88 / 20.25 and 22.75 / 6.61 / 17.06 against 0.6's 29.48 / 8.05 / 23.67: no
+decoding setting closes the gap.
 
 Dropout is 0 (as in configs/t5_multi30k_de_en.py): the 2026-12-01 run with dropout 0.1 (1,200 steps, 1794.1 s on that
 slower machine) stood at dev perplexity 129.5 and ROUGE-1 16.26 at its end, where this one passed 115.4 and 17.90 by
@@ -77,8 +98,9 @@ def get_config():
   c.task.prefix = "summarize: "
   c.task.label_smoothing = 0.1
   c.task.beam_size = 4
-  c.task.length_penalty = 0.6
+  c.task.length_penalty = 1.4  # chosen on dev (docstring)
   c.task.no_repeat_ngram_size = 3  # chosen on dev (docstring): the outputs had looped on a name
+  c.task.speaker_tags = 16  # speakers as <speaker_1> .. (the names come back in the outputs); SAMSum has up to 14
   c.task.max_decode_len = 64
   c.task.metrics = ("rouge1", "rouge2", "rougeL", "rougeLsum")
   c.task.lead_turns = 3

@@ -3,7 +3,7 @@ WikiText-2 and the pydoc topics: span-corruption pretraining on the text the SAM
 spans to restore are often the speakers' names that the dialogue holds elsewhere.
 
     jaxlm train --config configs/t5_span_pretrain_samsum.py --workdir /tmp/t5_span_samsum
-    jaxlm train --config configs/t5_samsum.py --workdir /tmp/t5_samsum_pre \\
+    jaxlm train --config configs/t5_samsum.py --workdir /tmp/t5_samsum_pre --config.task.speaker_tags=0 \\
       --config.init.checkpoint_dir=/tmp/t5_span_samsum \\
       --config.tokenizer.path=/tmp/t5_span_samsum/tokenizer/spm.model
 

@@ -161,7 +161,7 @@ def test_a_tiny_t5_learns_to_copy_and_its_outputs_score_with_sacrebleu(tmp_path)
   for beams in (1, 3):
     task.beam_size = beams
     pairs = _predict_pass(task, config, state.params, tok)
-    outputs = task.outputs(pairs)
+    outputs = task.outputs(pairs, records)
     assert sorted(outputs) == list(range(len(records)))
     hyps = [outputs[i] for i in range(len(records))]
     metrics = task.host_metrics(pairs, records)
@@ -174,7 +174,7 @@ def test_a_tiny_t5_learns_to_copy_and_its_outputs_score_with_sacrebleu(tmp_path)
   # the copies repeat the words the sources repeat; with no 1-gram repeated, no output holds a word twice
   assert any(len(set(h.split())) < len(h.split()) for h in greedy)
   task.beam_size, task.no_repeat = 1, 1
-  banned = task.outputs(_predict_pass(task, config, state.params, tok))
+  banned = task.outputs(_predict_pass(task, config, state.params, tok), records)
   assert all(len(set(h.split())) == len(h.split()) for h in banned.values())
   assert sum(banned[i] == greedy[i] for i in banned) >= len(records) // 2  # sources without repeats: copied still
 
