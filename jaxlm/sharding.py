@@ -7,7 +7,9 @@ maps each name to mesh axes. Everything that turns a logical name into a Partiti
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -133,6 +135,34 @@ def logical_to_spec(logical_axes: Sequence[str | None], rules, shape: Sequence[i
     used.update(free)
     spec.append(free[0] if len(free) == 1 else (tuple(free) or None))
   return PartitionSpec(*spec)
+
+
+_ACTIVATIONS = threading.local()  # (mesh, rules) while a step is traced under activation_sharding
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules):
+  """Within it, `constrain` pins activations to the rules on `mesh` (a step's tracing: see train.compile_train_step)."""
+  before = getattr(_ACTIVATIONS, "value", None)
+  _ACTIVATIONS.value = (mesh, rules)
+  try:
+    yield
+  finally:
+    _ACTIVATIONS.value = before
+
+
+def constrain(x, logical_axes: Sequence[str | None]):
+  """x laid out as its logical axes ask, inside activation_sharding; x itself anywhere else (init, decoding, tests).
+
+  Without it XLA chooses activation layouts by propagation from the parameters, and the embedding lookup's table
+  layout (vocab over tensor, embed over fsdp) reached the residual stream: all-to-alls around every step's layers.
+  """
+  active = getattr(_ACTIVATIONS, "value", None)
+  if active is None:
+    return x
+  mesh, rules = active
+  return jax.lax.with_sharding_constraint(
+      x, NamedSharding(mesh, logical_to_spec(logical_axes, rules, x.shape, dict(mesh.shape))))
 
 
 def shardings_for(abstract_tree, mesh: Mesh, rules):

@@ -173,12 +173,21 @@ def compile_train_step(setup: Setup):
       train_step, task=setup.task, tx=setup.tx, schedule=setup.schedule, accum_steps=c.optim.grad_accum_steps,
       seed=c.train.seed, skip_nonfinite=c.train.nonfinite == "skip", trainable=setup.trainable)
   replicated = NamedSharding(setup.mesh, PartitionSpec())
-  return jax.jit(step, in_shardings=(setup.state_shardings, setup.batch_shardings),
+  return jax.jit(pinned(step, setup, train_step), in_shardings=(setup.state_shardings, setup.batch_shardings),
                  out_shardings=(setup.state_shardings, replicated), donate_argnums=(0,))
 
 
+def pinned(fn, setup: Setup, like):
+  """fn traced with the models' activations pinned to the rules on the mesh (sharding.constrain), named as `like`."""
+  def traced(*args):
+    with sharding.activation_sharding(setup.mesh, setup.rules):
+      return fn(*args)
+  traced.__name__ = traced.__qualname__ = like.__name__  # as traces and profiles show it
+  return traced
+
+
 def compile_eval_step(setup: Setup):
-  return jax.jit(functools.partial(eval_step, task=setup.task),
+  return jax.jit(pinned(functools.partial(eval_step, task=setup.task), setup, eval_step),
                  in_shardings=(setup.state_shardings.params, setup.batch_shardings))
 
 

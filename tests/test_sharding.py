@@ -119,3 +119,20 @@ def test_adafactor_factored_state_shards_like_one_device():
   for mesh in [(2, 2, 2), (1, 8, 1)]:
     got = _losses([f"mesh.data={mesh[0]}", f"mesh.fsdp={mesh[1]}", f"mesh.tensor={mesh[2]}"] + extra)
     np.testing.assert_allclose(got, base, rtol=1e-5, err_msg=f"mesh {mesh}")
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_the_residual_stream_stays_split_over_the_batch_on_2x2x2(style):
+  """The train step pins the residual stream to the rules ([B, T, D] split over the batch axes only): without it XLA
+  took the embedding table's layout (vocab over tensor, embed over fsdp) into the layers and resharded activations
+  with all-to-alls in every step. Outside a traced step, constrain leaves its input alone."""
+  extra = [f"model.style={style}"] + (["model.num_kv_heads=2", "model.tie_embeddings=false"] if style == "llama" else [])
+  c = config_lib.load(TINY, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"] + extra)
+  setup = train.build(c)
+  state = train.init_state(setup, 0)
+  batch = train.global_batch(setup.task.dummy_batch(c.train.batch_size, c.data.seq_len), setup.batch_shardings)
+  hlo = train.compile_train_step(setup).lower(state, batch).compile().as_text()
+  assert " all-to-all(" not in hlo
+  assert "all-reduce(" in hlo  # the check reads the sharded program: the tensor axis still reduces
+  x = np.ones((4, 8, 16), np.float32)
+  assert sharding.constrain(x, ("batch", "length", None)) is x

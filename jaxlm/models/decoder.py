@@ -17,7 +17,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxlm import sharding
 from jaxlm.models import layers
+
+RESIDUAL = ("batch", "length", None)  # the residual stream [B, T, D]: split over the batch only
 
 REMAT_POLICIES = {
     "full": None,  # save nothing inside a block: recompute everything in the backward pass
@@ -183,7 +186,7 @@ class Block(nn.Module):
     h = layers.Mlp(c.ffn_dim, c.hidden_act if c.style == "gpt2" else "swiglu", c.use_bias, c.init_std,
                    c.init_std / math.sqrt(2 * c.num_layers), c.compute_dtype, c.lora, name="mlp")(norm("ln_mlp")(x))
     x = x + layers.Dropout(c.dropout)(h, deterministic=deterministic)
-    return x
+    return sharding.constrain(x, RESIDUAL)
 
 
 class ScanBlock(nn.Module):
@@ -223,6 +226,7 @@ class Decoder(nn.Module):
       pos_emb = layers.param(self, "pos_embedding", layers.normal(c.init_std), (c.max_len, c.d_model), (None, "embed"))
       x = x + jnp.take(pos_emb, positions, axis=0).astype(c.compute_dtype)
     x = layers.Dropout(c.dropout)(x, deterministic=deterministic)
+    x = sharding.constrain(x, RESIDUAL)
 
     block = Block
     if c.remat != "none":
