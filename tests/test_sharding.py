@@ -121,13 +121,18 @@ def test_adafactor_factored_state_shards_like_one_device():
     np.testing.assert_allclose(got, base, rtol=1e-5, err_msg=f"mesh {mesh}")
 
 
-@pytest.mark.parametrize("style", ["gpt2", "llama"])
+@pytest.mark.parametrize("style", ["gpt2", "llama", "t5"])
 def test_the_residual_stream_stays_split_over_the_batch_on_2x2x2(style):
-  """The train step pins the residual stream to the rules ([B, T, D] split over the batch axes only): without it XLA
-  took the embedding table's layout (vocab over tensor, embed over fsdp) into the layers and resharded activations
-  with all-to-alls in every step. Outside a traced step, constrain leaves its input alone."""
-  extra = [f"model.style={style}"] + (["model.num_kv_heads=2", "model.tie_embeddings=false"] if style == "llama" else [])
-  c = config_lib.load(TINY, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"] + extra)
+  """The train step pins the residual stream to the rules ([B, T, D] split over the batch axes only) and looks up
+  embeddings from tables whole along D: without it XLA took the embedding table's layout (vocab over tensor, embed
+  over fsdp) into the layers and resharded activations with all-to-alls in every step (T5's step held 70).
+  Outside a traced step, constrain leaves its input alone."""
+  mesh = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
+  if style == "t5":
+    c = config_lib.load(str(REPO / "configs" / "t5_multi30k_de_en.py"), mesh)
+  else:
+    llama = ["model.num_kv_heads=2", "model.tie_embeddings=false"] if style == "llama" else []
+    c = config_lib.load(TINY, [f"model.style={style}"] + llama + mesh)
   setup = train.build(c)
   state = train.init_state(setup, 0)
   batch = train.global_batch(setup.task.dummy_batch(c.train.batch_size, c.data.seq_len), setup.batch_shardings)

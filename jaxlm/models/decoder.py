@@ -17,10 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlm import sharding
 from jaxlm.models import layers
-
-RESIDUAL = ("batch", "length", None)  # the residual stream [B, T, D]: split over the batch only
 
 REMAT_POLICIES = {
     "full": None,  # save nothing inside a block: recompute everything in the backward pass
@@ -186,7 +183,7 @@ class Block(nn.Module):
     h = layers.Mlp(c.ffn_dim, c.hidden_act if c.style == "gpt2" else "swiglu", c.use_bias, c.init_std,
                    c.init_std / math.sqrt(2 * c.num_layers), c.compute_dtype, c.lora, name="mlp")(norm("ln_mlp")(x))
     x = x + layers.Dropout(c.dropout)(h, deterministic=deterministic)
-    return sharding.constrain(x, RESIDUAL)
+    return layers.residual(x)
 
 
 class ScanBlock(nn.Module):
@@ -214,7 +211,7 @@ class Decoder(nn.Module):
     if segment_ids is None:
       segment_ids = jnp.ones((b, t), jnp.int32)
     emb = layers.param(self, "embedding", layers.normal(c.init_std), (c.vocab_size, c.d_model), ("vocab", "embed"))
-    x = jnp.take(emb, tokens, axis=0)  # [B, T, D]
+    x = layers.lookup(emb, tokens)  # [B, T, D]
     token_ids = c.lora.token_ids if c.lora is not None else ()
     if token_ids:  # trained rows: emb[id] + delta for the listed ids (zero at the start)
       ids = jnp.asarray(token_ids, jnp.int32)
@@ -224,9 +221,9 @@ class Decoder(nn.Module):
     x = x.astype(c.compute_dtype)
     if c.style == "gpt2":
       pos_emb = layers.param(self, "pos_embedding", layers.normal(c.init_std), (c.max_len, c.d_model), (None, "embed"))
-      x = x + jnp.take(pos_emb, positions, axis=0).astype(c.compute_dtype)
+      x = x + layers.lookup(pos_emb, positions, None).astype(c.compute_dtype)
     x = layers.Dropout(c.dropout)(x, deterministic=deterministic)
-    x = sharding.constrain(x, RESIDUAL)
+    x = layers.residual(x)
 
     block = Block
     if c.remat != "none":

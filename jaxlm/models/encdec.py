@@ -261,7 +261,7 @@ class EncoderLayer(nn.Module):
     drop = lambda h: layers.Dropout(c.dropout)(h, deterministic=self.deterministic)
     x = x + drop(SelfAttention(c, name="attn")(norm("ln_attn")(x), mask, bias))
     x = x + drop(Mlp(c, self.deterministic, name="mlp")(norm("ln_mlp")(x)))
-    return x, None
+    return layers.residual(x), None
 
 
 class DecoderLayer(nn.Module):
@@ -280,7 +280,7 @@ class DecoderLayer(nn.Module):
     x = x + drop(h)
     x = x + drop(CrossAttention(c, self.decode, name="cross_attn")(norm("ln_cross_attn")(x), encoded, cross_mask))
     x = x + drop(Mlp(c, self.deterministic, name="mlp")(norm("ln_mlp")(x)))
-    return x, None
+    return layers.residual(x), None
 
 
 def _run_layers(layer_cls, cfg: EncDecConfig, num_layers: int, x, inputs, **attrs):
@@ -312,7 +312,7 @@ class EncoderStack(nn.Module):
     b, s = tokens.shape
     segment_ids = jnp.ones((b, s), jnp.int32) if segment_ids is None else segment_ids
     positions = _default_positions(positions, s)
-    x = jnp.take(embedding, tokens, axis=0).astype(c.compute_dtype)  # [B, S, D]
+    x = layers.lookup(embedding, tokens).astype(c.compute_dtype)  # [B, S, D]
     x = layers.Dropout(c.dropout)(x, deterministic=deterministic)
     bias = RelativePositionBias(c, bidirectional=True, name="relpos_bias")(positions, positions)  # [B|1, H, S, S]
     mask = layers.attention_mask(segment_ids, segment_ids, causal=False)  # [B, 1, S, S]
@@ -340,7 +340,7 @@ class DecoderStack(nn.Module):
       positions = positions_k = _default_positions(positions, t)
       segment_ids_k = segment_ids
 
-    x = jnp.take(embedding, tokens, axis=0).astype(c.compute_dtype)  # [B, T, D]
+    x = layers.lookup(embedding, tokens).astype(c.compute_dtype)  # [B, T, D]
     x = layers.Dropout(c.dropout)(x, deterministic=deterministic)
     self_bias = RelativePositionBias(c, bidirectional=False, name="relpos_bias")(positions, positions_k)
     self_mask = layers.attention_mask(segment_ids, segment_ids_k, positions, positions_k, causal=True)

@@ -147,8 +147,8 @@ class Block(nn.Module):
     x = layers.LayerNorm(c.norm_eps, True, c.compute_dtype, name="ln_attn")(
         x + layers.Dropout(c.dropout)(h, deterministic=deterministic))
     h = layers.Mlp(c.ffn_dim, c.hidden_act, True, c.init_std, c.init_std, c.compute_dtype, c.lora, name="mlp")(x)
-    return layers.LayerNorm(c.norm_eps, True, c.compute_dtype, name="ln_mlp")(
-        x + layers.Dropout(c.dropout)(h, deterministic=deterministic))
+    return layers.residual(layers.LayerNorm(c.norm_eps, True, c.compute_dtype, name="ln_mlp")(
+        x + layers.Dropout(c.dropout)(h, deterministic=deterministic)))
 
 
 class Encoder(nn.Module):
@@ -186,12 +186,12 @@ class Encoder(nn.Module):
       raise ValueError(f"input length {t} exceeds model.max_len={c.max_len} (the position table's size)")
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    x = jnp.take(self.word_embeddings, input_ids, axis=0) + jnp.take(self.position_embeddings, positions, axis=0)
+    x = layers.lookup(self.word_embeddings, input_ids) + layers.lookup(self.position_embeddings, positions, None)
     if token_type_ids is not None:
-      x = x + jnp.take(self.type_embeddings, token_type_ids, axis=0)
+      x = x + layers.lookup(self.type_embeddings, token_type_ids, None)
     else:  # every token is segment A
       x = x + self.type_embeddings[0]
-    x = self.drop(self.ln_embed(x.astype(c.compute_dtype)), deterministic=deterministic)  # [B, L, D]
+    x = layers.residual(self.drop(self.ln_embed(x.astype(c.compute_dtype)), deterministic=deterministic))  # [B, L, D]
 
     # keys only: [B, 1, 1, S] broadcasts over heads and queries, so padding costs no [B, T, S] mask
     mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]

@@ -17,7 +17,23 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxlm import sharding
+
 Initializer = Callable[..., jax.Array]
+
+
+def residual(x):
+  """The residual stream [B, T, D] pinned to the batch axes (sharding.constrain; a no-op outside a traced step)."""
+  return sharding.constrain(x, ("batch", "length", None))
+
+
+def lookup(table, ids, rows: str | None = "vocab"):
+  """Rows of an embedding table [V, D] (V's logical axis `rows`) for ids [B, T]: a residual stream split over the batch.
+
+  In a traced step the table is first gathered whole along D (its fsdp shards): looked up from those shards, the rows
+  came out split over D and XLA went to the batch layout by replicating them on every device.
+  """
+  return residual(jnp.take(sharding.constrain(table, (rows, None)), ids, axis=0))
 
 
 def param(module: nn.Module, name: str, init: Initializer, shape: Sequence[int], axes: Sequence[str | None]):
