@@ -11,7 +11,9 @@ The contract a model family fulfils (`Decoding`):
   to cache slot `positions[b, t]`, and a query at position p attends to the slots 0..p of its row and nothing else.
   Slots above p may hold stale values from an earlier write (a prompt's padding); they must stay invisible.
 - `reorder(cache, rows [N]) -> cache`: the cache of N rows where row n is old row `rows[n]` (repeats allowed); beam
-  search uses it to copy a prompt's cache to its K beams and to follow each beam's parent.
+  search uses it to copy a prompt's cache to its K beams.
+- `copy_rows(cache, dst [M], src [M], n) -> cache`: rows dst[:n] replaced by rows src[:n], no row both a source and a
+  destination; beam search uses it to follow each beam's parent (None: `copy_rows` here, every leaf on axis 0).
 - `max_len`: the number of cache slots; every position must stay below it.
 - `prepare(params) -> params`: the parameters in the form `init_cache` and `step` take, made once per search before
   its loop (the identity for most families).
@@ -31,13 +33,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxlm.models.decoder import Decoder, unstack_layers
 from jaxlm.models.encdec import EncDec
@@ -63,11 +63,24 @@ class Decoding:
   reorder: Callable[[Any, jax.Array], Any]
   max_len: int
   prepare: Callable[[Any], Any] = _as_given
+  copy_rows: Callable[[Any, jax.Array, jax.Array, jax.Array], Any] | None = None
 
 
 def take_rows(cache, rows, axis: int = 0):
   """Every cache leaf indexed by `rows` along its batch `axis`: a `Decoding.reorder` for caches of one layout."""
   return jax.tree.map(lambda x: jnp.take(x, rows, axis=axis), cache)
+
+
+def copy_rows(cache, dst, src, n):
+  """Every cache leaf with rows dst[:n] (batch axis 0) replaced by rows src[:n], one row at a time, in place.
+
+  Beam search moves only the rows of beams that left their parent's row with it; a gather of every row (take_rows)
+  moved the whole cache at every generated token, as many bytes as the model's weights at batch 8 x 4 beams.
+  """
+  def one(i, cache):
+    return jax.tree.map(lambda x: jax.lax.dynamic_update_index_in_dim(
+        x, jax.lax.dynamic_index_in_dim(x, src[i], 0), dst[i], 0), cache)
+  return jax.lax.fori_loop(0, n, one, cache)
 
 
 def _at_index(cache, positions):
@@ -146,7 +159,7 @@ def encdec_decoding(model: EncDec, max_len: int) -> Decoding:
                   prepare=functools.partial(encdec_unstack_layers, cfg=cfg) if cfg.scan_layers else _as_given)
 
 
-def _check_lengths(decoding: Decoding, prompt_width: int, max_new_tokens: int):
+def check_lengths(decoding: Decoding, prompt_width: int, max_new_tokens: int):
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
   if prompt_width + max_new_tokens > decoding.max_len:
@@ -154,7 +167,7 @@ def _check_lengths(decoding: Decoding, prompt_width: int, max_new_tokens: int):
                      f"{decoding.max_len}")
 
 
-def _prefill(decoding: Decoding, params, prompt, prompt_lengths, context):
+def prefill(decoding: Decoding, params, prompt, prompt_lengths, context):
   """Runs the padded prompt [B, P] through the model: the cache and the logits [B, V] after each row's last token."""
   b, p = prompt.shape
   cache = decoding.init_cache(params, b, context)
@@ -234,7 +247,7 @@ def _sample(decoding, params, prompt, prompt_lengths, rng, temperature, top_p, e
   b = prompt.shape[0]
   n = max_new_tokens
   params = decoding.prepare(params)
-  cache, logits = _prefill(decoding, params, prompt, prompt_lengths, context)
+  cache, logits = prefill(decoding, params, prompt, prompt_lengths, context)
   first = _pick(logits, jax.random.fold_in(rng, 0), temperature, top_k, top_p)
   tokens = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(first)
   state = (jnp.int32(1), tokens, jnp.ones((b,), jnp.int32), first == eos_id, first, cache)
@@ -267,7 +280,7 @@ def sample(decoding: Decoding, params, prompt, prompt_lengths=None, *, max_new_t
   ended. Compiled once per shape, decoding, max_new_tokens, top_k and no_repeat_ngram_size; temperature, top_p, eos_id
   and pad_id are traced. Sharded params and inputs keep their shardings.
   """
-  _check_lengths(decoding, prompt.shape[1], max_new_tokens)
+  check_lengths(decoding, prompt.shape[1], max_new_tokens)
   return _sample(decoding, params, jnp.asarray(prompt, jnp.int32), _lengths_or_full(prompt, prompt_lengths),
                  jax.random.key(0) if rng is None else rng, jnp.float32(temperature), jnp.float32(top_p),
                  jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad_id), context,
@@ -295,6 +308,26 @@ def length_penalty(length, alpha):
   return ((5.0 + length) / 6.0) ** alpha
 
 
+def stable_slots(parent):
+  """Rows for K new beams given their parents' rows ([B, K], 0..K-1): each parent's first child stays in the parent's
+  row, its other children take the rows of childless parents in order, so only those rows' caches are copied.
+
+  Returns `order` [B, K], the new beam each row holds, and `src` [B, K], the row whose cache it continues (src == row
+  where the beam stays); no row is both copied from and copied to.
+  """
+  k = parent.shape[-1]
+  j = jnp.arange(k)
+  sibling = parent[:, :, None] == parent[:, None, :]  # [B, j, j']
+  first = ~jnp.any(sibling & (j[None, :] < j[:, None]), axis=2)  # no earlier beam has the same parent
+  childless = ~jnp.any(parent[:, :, None] == j, axis=1)  # [B, row]
+  free_rank = jnp.cumsum(childless, axis=1) - 1  # [B, row]: the m-th childless row
+  later_rank = jnp.cumsum(~first, axis=1) - 1  # [B, j]: the m-th later child
+  takes = childless[:, None, :] & (free_rank[:, None, :] == later_rank[:, :, None])  # [B, j, row]
+  row = jnp.where(first, parent, jnp.argmax(takes, axis=2))  # a permutation of 0..K-1 per prompt
+  order = jnp.argmax(row[:, :, None] == j, axis=1)  # [B, row]
+  return order, jnp.take_along_axis(parent, order, axis=1)
+
+
 def _top_pool(tokens, scores, lengths, k: int):
   """The k best of a pool of hypotheses ([B, M, N], [B, M], [B, M]), best first."""
   scores, idx = jax.lax.top_k(scores, k)
@@ -307,9 +340,10 @@ def _beam_search(decoding, params, prompt, prompt_lengths, alpha, eos_id, pad_id
                  max_new_tokens: int, return_all: bool, no_repeat_ngram_size: int):
   b, k, n = prompt.shape[0], beam_size, max_new_tokens
   params = decoding.prepare(params)
-  cache, logits = _prefill(decoding, params, prompt, prompt_lengths, context)
+  cache, logits = prefill(decoding, params, prompt, prompt_lengths, context)
   cache = decoding.reorder(cache, jnp.repeat(jnp.arange(b), k))  # row b*K + j: beam j of prompt b
   rows = jnp.arange(b)[:, None] * k
+  move = decoding.copy_rows or copy_rows
 
   def penalty(length):
     return length_penalty(jnp.asarray(length, jnp.float32), alpha)
@@ -329,13 +363,17 @@ def _beam_search(decoding, params, prompt, prompt_lengths, alpha, eos_id, pad_id
         jnp.concatenate([fin_tok, seqs], axis=1), jnp.concatenate([fin_score, new_score], axis=1),
         jnp.concatenate([fin_len, jnp.full((b, 2 * k), i + 1, jnp.int32)], axis=1), k)
     live_lp, keep = jax.lax.top_k(jnp.where(ends, NEG_INF, cand_lp), k)  # [B, K]
+    # live beams in stable rows (not ranked): most continue in their parent's cache row
+    order, parent = stable_slots(jnp.take_along_axis(parent, keep, axis=1))
+    keep = jnp.take_along_axis(keep, order, axis=1)
+    live_lp = jnp.take_along_axis(live_lp, order, axis=1)
     live_tok = jnp.take_along_axis(seqs, keep[:, :, None], axis=1)
-    parent = jnp.take_along_axis(parent, keep, axis=1)
     # A live beam's log-prob only falls, so its best final score is live_lp / the largest penalty of the
     # lengths still ahead (i+2 .. n). A row is done when that cannot beat the worst of a full finished pool.
     ahead = jnp.maximum(penalty(jnp.minimum(i + 2, n)), penalty(n))
     worst = fin_score[:, -1]
-    done = done | ((worst > NEG_INF) & (live_lp[:, 0] / ahead <= worst)) | (live_lp[:, 0] == NEG_INF)
+    best = live_lp.max(axis=1)
+    done = done | ((worst > NEG_INF) & (best / ahead <= worst)) | (best == NEG_INF)
     return (live_tok, live_lp, fin_tok, fin_score, fin_len, done), parent
 
   # only beam 0 is live at first: the K copies of the prompt would otherwise give K identical candidates
@@ -357,7 +395,9 @@ def _beam_search(decoding, params, prompt, prompt_lengths, alpha, eos_id, pad_id
     logp = jax.nn.log_softmax(logits[:, 0], axis=-1)  # [B*K, V]
     logp = _ban_repeats(logp, state[0].reshape(b * k, n), i, no_repeat_ngram_size).reshape(b, k, -1)
     state, parent = extend(state, logp, i)
-    return i + 1, state, decoding.reorder(cache, (rows + parent).reshape(-1))
+    moved = (parent != jnp.arange(k)).reshape(-1)  # beams that left their parent's row
+    dst = jnp.nonzero(moved, size=b * k, fill_value=0)[0]
+    return i + 1, state, move(cache, dst, (rows + parent).reshape(-1)[dst], moved.sum())
 
   steps, state, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), state, cache))
   live_tok, live_lp, fin_tok, fin_score, fin_len, done = state
@@ -381,53 +421,8 @@ def beam_search(decoding: Decoding, params, prompt, prompt_lengths=None, *, beam
   can beat its K-th finished hypothesis. no_repeat_ngram_size n > 0: no hypothesis holds an n-gram twice (its
   scores stay log-probabilities). Returns the best hypothesis per row, or all K best first (return_all).
   """
-  _check_lengths(decoding, prompt.shape[1], max_new_tokens)
+  check_lengths(decoding, prompt.shape[1], max_new_tokens)
   return _beam_search(decoding, params, jnp.asarray(prompt, jnp.int32), _lengths_or_full(prompt, prompt_lengths),
                       jnp.float32(alpha), jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad_id), context,
                       beam_size=beam_size, max_new_tokens=max_new_tokens, return_all=return_all,
                       no_repeat_ngram_size=no_repeat_ngram_size)
-
-
-# ---- measurement ----------------------------------------------------------------------------------------------
-
-
-class DecodeTiming(NamedTuple):
-  prefill_seconds: float  # one prefill of batch_size prompts of prompt_len tokens
-  per_token_seconds: float  # one decode step for the whole batch
-  tokens_per_second: float  # batch_size / per_token_seconds
-
-
-def time_decoding(decoding: Decoding, params, *, batch_size: int, prompt_len: int, new_tokens: int,
-                  repeats: int = 3, context=None) -> DecodeTiming:
-  """Times prefill and greedy decode steps apart (compiled first, then the median of `repeats` runs)."""
-  _check_lengths(decoding, prompt_len, new_tokens)
-  prompt = jnp.zeros((batch_size, prompt_len), jnp.int32)  # the values do not change the work done
-
-  @jax.jit
-  def prefill(params, context):
-    params = decoding.prepare(params)
-    cache, logits = _prefill(decoding, params, prompt, jnp.full((batch_size,), prompt_len, jnp.int32), context)
-    return cache, jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-  @jax.jit
-  def decode(params, cache, token):
-    params = decoding.prepare(params)
-
-    def body(i, carry):
-      cache, token = carry
-      positions = jnp.full((batch_size, 1), prompt_len + i, jnp.int32)
-      logits, cache = decoding.step(params, cache, token[:, None], positions)
-      return cache, jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
-    return jax.lax.fori_loop(0, new_tokens, body, (cache, token))
-
-  def clock(fn, *args):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - start
-
-  cache, token = jax.block_until_ready(prefill(params, context))  # compiles
-  jax.block_until_ready(decode(params, cache, token))
-  prefill_s = float(np.median([clock(prefill, params, context) for _ in range(repeats)]))
-  decode_s = float(np.median([clock(decode, params, cache, token) for _ in range(repeats)]))
-  per_token = decode_s / new_tokens
-  return DecodeTiming(prefill_s, per_token, batch_size / per_token)

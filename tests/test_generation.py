@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxlm import bench_generate, generation, sharding
 from jaxlm import config as config_lib
-from jaxlm import generation, sharding
 from jaxlm.models.decoder import Decoder, DecoderConfig
 from tests.conftest import REPO, sliced_like
 
@@ -272,6 +272,26 @@ def test_beam_search_equals_exhaustive_search(style):
         np.testing.assert_allclose(float(out.scores[b, j]), score, rtol=1e-5, atol=1e-5)
 
 
+def test_stable_slots_keep_one_child_in_each_parents_row():
+  """Beam search copies only the cache rows of beams that left their parent's row: every parent with children keeps
+  one of them in its row, the others fill childless rows, and no row is both read and written."""
+  rng = np.random.default_rng(7)
+  for k in (1, 2, 4, 5):
+    parent = rng.integers(0, k, (200, k)).astype(np.int32)
+    order, src = map(np.asarray, generation.stable_slots(jnp.asarray(parent)))
+    for p, o, s in zip(parent, order, src):
+      assert sorted(o) == list(range(k))  # every new beam in exactly one row
+      np.testing.assert_array_equal(s, p[o])  # a row continues its beam's parent
+      children = set(p)
+      for row in range(k):
+        assert (s[row] == row) == (row in children)  # a parent's row keeps a child; a childless row is refilled
+      assert not set(s[s != np.arange(k)]) & set(np.flatnonzero(s != np.arange(k)))  # sources are never written
+      for q in children:  # the child that stays is the best-ranked one
+        assert o[q] == np.flatnonzero(p == q)[0]
+    moved = (np.asarray(src) != np.arange(k)).sum()
+    assert (moved > 0) == (k > 1)  # the draws hold forks, so copies are checked too
+
+
 def test_beam_search_stops_early_once_no_live_beam_can_win():
   vocab, n = 5, 10
   model, params = _model("llama", vocab=vocab, max_len=16, seed=6)
@@ -382,11 +402,11 @@ def test_sharded_params_give_the_single_device_tokens():
 def test_time_decoding_reports_prefill_and_per_token_time():
   model, params = _model("llama")
   decoding = generation.decoder_decoding(model)
-  timing = generation.time_decoding(decoding, params, batch_size=4, prompt_len=8, new_tokens=8, repeats=2)
+  timing = bench_generate.time_decoding(decoding, params, batch_size=4, prompt_len=8, new_tokens=8, repeats=2)
   assert timing.prefill_seconds > 0 and timing.per_token_seconds > 0
   np.testing.assert_allclose(timing.tokens_per_second, 4 / timing.per_token_seconds)
   with pytest.raises(ValueError, match="exceeds the cache length"):
-    generation.time_decoding(decoding, params, batch_size=1, prompt_len=20, new_tokens=8)
+    bench_generate.time_decoding(decoding, params, batch_size=1, prompt_len=20, new_tokens=8)
 
 
 def test_a_decoding_step_of_scanned_layers_slices_no_weights_and_copies_no_whole_cache():
