@@ -31,12 +31,12 @@ dev with `jaxlm eval` of copies of the workdir (`--config.data.test_files=` keep
 20.34; 8 beams at 0.6: 32.19 / 8.74 / 25.40. Test with the recipe's 1.4 (`jaxlm eval`, 86.4 s for 819 dialogues):
 ROUGE-1/2/L/Lsum **32.98 / 8.75 / 25.70** / 28.82 against LEAD-3's 31.31 / 8.68 / 24.17 / 28.60 by the same code:
 above LEAD-3 on all three within 30 minutes (by 1.67 / 0.07 / 1.53: ROUGE-2 only just). At 0.6, as trained: 32.19 /
-8.42 / 25.60 (ROUGE-2 below LEAD-3). A second seed of this recipe as it stands (`--config.train.seed=1`,
-2026-12-03, 1,794.2 s of training): test 33.11 / 9.51 / 25.92 / 29.37, above LEAD-3 again. The names come back right, the content is often
-wrong (WORKDIR/report_test_step3650.txt: "Eric and Rob are going to watch a stand-up on youtube." came out as "Eric
-and Rob are going to watch "A" and watch "FFFs" by Eric. ..."; `jaxlm generate --workdir /tmp/runs/sam_tags --prompt
-$'Amanda: I baked cookies. Do you want some?\nJerry: Sure!\nAmanda: I\'ll bring you tomorrow :-)' --beam-size 4`:
-"Jerry will bring Amanda tomorrow."). The run trained with a looser name rule (up to four words of any characters)
+8.42 / 25.60 (ROUGE-2 below LEAD-3). A second seed of this recipe as it stands (`--config.train.seed=1`, 2026-12-03,
+1,794.2 s of training): test 33.11 / 9.51 / 25.92 / 29.37, above LEAD-3 again. The names come back right, the content
+is often wrong (WORKDIR/report_test_step3650.txt: "Eric and Rob are going to watch a stand-up on youtube." came out as
+"Eric and Rob are going to watch "A" and watch "FFFs" by Eric. ..."; `jaxlm generate --workdir /tmp/runs/sam_tags
+--prompt $'Amanda: I baked cookies. Do you want some?\nJerry: Sure!\nAmanda: I\'ll bring you tomorrow :-)' --beam-size
+4`: "Jerry will bring Amanda tomorrow."). The run trained with a looser name rule (up to four words of any characters)
 than the one the evals and the recipe use (up to three words of letters, digits, apostrophes, dots and hyphens); on
 SAMSum the two differ in 3 of 16,369 dialogues, all in train ('June, thanks!' was a speaker).
 
