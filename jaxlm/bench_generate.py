@@ -92,7 +92,7 @@ def bench_generate(config, *, hf_dir: str | None = None, batch_sizes=(1, 8), pro
   for b in batch_sizes:
     prompt = jnp.asarray(rng.integers(0, vocab, (b, prompt_len)), jnp.int32)
     timing = time_decoding(decoding, params, batch_size=b, prompt_len=prompt_len, new_tokens=new_tokens,
-                                      repeats=repeats)
+                           repeats=repeats)
     greedy = _clock(lambda p=prompt: generation.sample(decoding, params, p, max_new_tokens=new_tokens), repeats)
     out["runs"].append({"search": "greedy", "batch": b, "seconds": float(f"{greedy:.6g}"),
                         "tokens_per_s": round(b * new_tokens / greedy, 1),

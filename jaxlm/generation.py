@@ -13,7 +13,7 @@ The contract a model family fulfils (`Decoding`):
 - `reorder(cache, rows [N]) -> cache`: the cache of N rows where row n is old row `rows[n]` (repeats allowed); beam
   search uses it to copy a prompt's cache to its K beams.
 - `copy_rows(cache, dst [M], src [M], n) -> cache`: rows dst[:n] replaced by rows src[:n], no row both a source and a
-  destination; beam search uses it to follow each beam's parent (None: `copy_rows` here, every leaf on axis 0).
+  destination; beam search uses it to follow each beam's parent.
 - `max_len`: the number of cache slots; every position must stay below it.
 - `prepare(params) -> params`: the parameters in the form `init_cache` and `step` take, made once per search before
   its loop (the identity for most families).
@@ -61,9 +61,9 @@ class Decoding:
   init_cache: Callable[[Any, int, Any], Any]
   step: Callable[[Any, Any, jax.Array, jax.Array], tuple[jax.Array, Any]]
   reorder: Callable[[Any, jax.Array], Any]
+  copy_rows: Callable[[Any, jax.Array, jax.Array, jax.Array], Any]
   max_len: int
   prepare: Callable[[Any], Any] = _as_given
-  copy_rows: Callable[[Any, jax.Array, jax.Array, jax.Array], Any] | None = None
 
 
 def take_rows(cache, rows, axis: int = 0):
@@ -72,7 +72,8 @@ def take_rows(cache, rows, axis: int = 0):
 
 
 def copy_rows(cache, dst, src, n):
-  """Every cache leaf with rows dst[:n] (batch axis 0) replaced by rows src[:n], one row at a time, in place.
+  """Every cache leaf with rows dst[:n] (batch axis 0) replaced by rows src[:n], one row at a time, in place: a
+  `Decoding.copy_rows` for caches of one layout.
 
   Beam search moves only the rows of beams that left their parent's row with it; a gather of every row (take_rows)
   moved the whole cache at every generated token, as many bytes as the model's weights at batch 8 x 4 beams.
@@ -125,7 +126,7 @@ def decoder_decoding(model: Decoder, max_len: int | None = None) -> Decoding:
   def step(params, cache, tokens, positions):
     return jax.vmap(step_row, in_axes=(None, 0, 0, 0))(params, cache, tokens, positions)
 
-  return Decoding(init_cache=init_cache, step=step, reorder=take_rows, max_len=max_len,
+  return Decoding(init_cache=init_cache, step=step, reorder=take_rows, copy_rows=copy_rows, max_len=max_len,
                   prepare=unstack_layers if cfg.scan_layers else _as_given)
 
 
@@ -155,7 +156,7 @@ def encdec_decoding(model: EncDec, max_len: int) -> Decoding:
   def step(params, cache, tokens, positions):
     return jax.vmap(step_row, in_axes=(None, 0, 0, 0))(params, cache, tokens, positions)
 
-  return Decoding(init_cache=init_cache, step=step, reorder=take_rows, max_len=max_len,
+  return Decoding(init_cache=init_cache, step=step, reorder=take_rows, copy_rows=copy_rows, max_len=max_len,
                   prepare=functools.partial(encdec_unstack_layers, cfg=cfg) if cfg.scan_layers else _as_given)
 
 
@@ -343,7 +344,6 @@ def _beam_search(decoding, params, prompt, prompt_lengths, alpha, eos_id, pad_id
   cache, logits = prefill(decoding, params, prompt, prompt_lengths, context)
   cache = decoding.reorder(cache, jnp.repeat(jnp.arange(b), k))  # row b*K + j: beam j of prompt b
   rows = jnp.arange(b)[:, None] * k
-  move = decoding.copy_rows or copy_rows
 
   def penalty(length):
     return length_penalty(jnp.asarray(length, jnp.float32), alpha)
@@ -397,7 +397,7 @@ def _beam_search(decoding, params, prompt, prompt_lengths, alpha, eos_id, pad_id
     state, parent = extend(state, logp, i)
     moved = (parent != jnp.arange(k)).reshape(-1)  # beams that left their parent's row
     dst = jnp.nonzero(moved, size=b * k, fill_value=0)[0]
-    return i + 1, state, move(cache, dst, (rows + parent).reshape(-1)[dst], moved.sum())
+    return i + 1, state, decoding.copy_rows(cache, dst, (rows + parent).reshape(-1)[dst], moved.sum())
 
   steps, state, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), state, cache))
   live_tok, live_lp, fin_tok, fin_score, fin_len, done = state

@@ -223,7 +223,6 @@ class Decoder(nn.Module):
       pos_emb = layers.param(self, "pos_embedding", layers.normal(c.init_std), (c.max_len, c.d_model), (None, "embed"))
       x = x + layers.lookup(pos_emb, positions, None).astype(c.compute_dtype)
     x = layers.Dropout(c.dropout)(x, deterministic=deterministic)
-    x = layers.residual(x)
 
     block = Block
     if c.remat != "none":

@@ -191,7 +191,7 @@ class Encoder(nn.Module):
       x = x + layers.lookup(self.type_embeddings, token_type_ids, None)
     else:  # every token is segment A
       x = x + self.type_embeddings[0]
-    x = layers.residual(self.drop(self.ln_embed(x.astype(c.compute_dtype)), deterministic=deterministic))  # [B, L, D]
+    x = self.drop(self.ln_embed(x.astype(c.compute_dtype)), deterministic=deterministic)  # [B, L, D]
 
     # keys only: [B, 1, 1, S] broadcasts over heads and queries, so padding costs no [B, T, S] mask
     mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
