@@ -240,7 +240,7 @@ class Dropout(nn.Module):
 
 
 class LayerNorm(nn.Module):
-  """LayerNorm computed in float32 whatever the compute dtype."""
+  """LayerNorm computed in float32 whatever the compute dtype (gradients by norm_vjp's closed forms)."""
   eps: float = 1e-5
   use_bias: bool = True
   dtype: jnp.dtype = jnp.float32
@@ -249,13 +249,8 @@ class LayerNorm(nn.Module):
   def __call__(self, x):
     d = x.shape[-1]
     scale = param(self, "scale", nn.initializers.ones, (d,), ("norm",))
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale
-    if self.use_bias:
-      y = y + param(self, "bias", nn.initializers.zeros, (d,), ("norm",))
-    return y.astype(self.dtype)
+    bias = param(self, "bias", nn.initializers.zeros, (d,), ("norm",)) if self.use_bias else None
+    return norm(x.astype(jnp.float32), scale, bias, self.eps, True).astype(self.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -265,9 +260,39 @@ class RMSNorm(nn.Module):
   @nn.compact
   def __call__(self, x):
     scale = param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("norm",))
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps) * scale
-    return y.astype(self.dtype)
+    return norm(x.astype(jnp.float32), scale, None, self.eps, False).astype(self.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def norm(x, scale, bias, eps: float, center: bool):
+  """LayerNorm (center=True) or RMSNorm of float32 x [..., D] over D, times scale, plus bias (None: none).
+
+  The backward pass is the closed form dx = r (g' - mean(g') - x^ mean(g' x^)) with g' = g scale, x^ the normalised x
+  and r the reciprocal deviation (no mean(g') term without centring), where autodiff of the forward formula left XLA
+  several reductions and broadcasts per norm."""
+  return _norm_fwd(x, scale, bias, eps, center)[0]
+
+
+def _norm_fwd(x, scale, bias, eps, center):
+  xc = x - jnp.mean(x, axis=-1, keepdims=True) if center else x
+  r = jax.lax.rsqrt(jnp.mean(jnp.square(xc), axis=-1, keepdims=True) + eps)
+  y = xc * r * scale
+  return (y if bias is None else y + bias), (xc, r, scale, bias)
+
+
+def _norm_bwd(eps, center, res, g):
+  xc, r, scale, bias = res
+  g = g.astype(jnp.float32)
+  xhat = xc * r
+  gs = g * scale
+  inner = gs - xhat * jnp.mean(gs * xhat, axis=-1, keepdims=True)
+  dx = r * (inner - jnp.mean(gs, axis=-1, keepdims=True) if center else inner)
+  rows = tuple(range(g.ndim - 1))
+  dbias = None if bias is None else jnp.sum(g, axis=rows).astype(bias.dtype)
+  return dx, jnp.sum(g * xhat, axis=rows).astype(scale.dtype), dbias
+
+
+norm.defvjp(_norm_fwd, _norm_bwd)
 
 
 def rope(x, positions, theta: float):
