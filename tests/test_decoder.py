@@ -1,5 +1,6 @@
 """Decoder model behaviour: shapes, causality, packed-segment isolation, KV-cache decoding, options."""
 
+import math
 import re
 
 import jax
@@ -157,9 +158,43 @@ def test_weight_major_einsum_is_the_einsum_and_contracts_in_the_weights_order(eq
   rng = np.random.default_rng(0)
   x, w = rng.normal(size=x_shape).astype(np.float32), rng.normal(size=w_shape).astype(np.float32)
   np.testing.assert_allclose(layers.einsum(equation, x, w), np.einsum(equation, x, w), rtol=1e-5, atol=1e-5)
-  (eqn,) = jax.make_jaxpr(lambda x, w: layers.einsum(equation, x, w))(x, w).eqns
+  (eqn,) = _dots(jax.make_jaxpr(lambda x, w: layers.einsum(equation, x, w))(x, w).jaxpr)
   (x_axes, w_axes), _ = eqn.params["dimension_numbers"]
   assert list(w_axes) == sorted(w_axes) and list(x_axes) == sorted(x_axes)
+
+
+def _dots(jaxpr):
+  """The dot_general equations of a jaxpr, looking inside the calls it makes (a custom_vjp's forward)."""
+  found = []
+  for eqn in jaxpr.eqns:
+    found += [eqn] if eqn.primitive.name == "dot_general" else []
+    for value in eqn.params.values():
+      inner = getattr(value, "jaxpr", value)
+      if hasattr(inner, "eqns"):
+        found += _dots(inner)
+  return found
+
+
+@pytest.mark.parametrize("equation,x_shape,w_shape", [("btd,df->btf", (4, 16, 32), (32, 96)),
+                                                      ("bthe,hed->btd", (4, 16, 4, 8), (4, 8, 48)),
+                                                      ("btd,dche->btche", (4, 16, 32), (32, 3, 4, 8)),
+                                                      ("btd,vd->btv", (4, 16, 32), (96, 32))])
+def test_projection_gradients_contract_one_token_axis(equation, x_shape, w_shape):
+  """layers.einsum's weight gradient merges [B, T] into one axis: the gradients equal autodiff of jnp.einsum, and
+  the compiled gradient holds no copy of the [tokens, outputs] gradient transposed (XLA:CPU's copy when B and T were
+  contracted apart)."""
+  kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+  x, w = jax.random.normal(kx, x_shape), jax.random.normal(kw, w_shape)
+  g = jax.random.normal(kg, jnp.einsum(equation, x, w).shape)
+  ours = jax.grad(lambda x, w: jnp.sum(jnp.tanh(layers.einsum(equation, x, w)) * g), (0, 1))
+  want = jax.grad(lambda x, w: jnp.sum(jnp.tanh(jnp.einsum(equation, x, w)) * g), (0, 1))(x, w)
+  for a, b in zip(ours(x, w), want):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  tokens, outputs = 64, math.prod(g.shape[2:])
+  hlo = jax.jit(ours).lower(x, w).compile().as_text()
+  out_axes = ",".join(map(str, g.shape[2:]))
+  transposed = re.findall(rf"f32\[{outputs},{tokens}\]", hlo) + re.findall(rf"f32\[{out_axes},4,16\]", hlo)
+  assert not transposed, transposed
 
 
 def test_the_training_step_transposes_no_attention_output():

@@ -244,7 +244,7 @@ class Decoder(nn.Module):
     else:
       x = layers.RMSNorm(c.norm_eps, c.compute_dtype, name="ln_final")(x)
     if c.tie_embeddings:
-      logits = jnp.einsum("btd,vd->btv", x, emb.astype(c.compute_dtype))  # [B, T, V]
+      logits = layers.einsum("btd,vd->btv", x, emb.astype(c.compute_dtype))  # [B, T, V]
       if token_ids:  # the tied output rows are the trained embedding rows
         logits = logits.at[..., ids].add(jnp.einsum("btd,kd->btk", x, delta.astype(c.compute_dtype)))
     else:

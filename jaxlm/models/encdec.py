@@ -351,7 +351,7 @@ class DecoderStack(nn.Module):
     x = layers.Dropout(c.dropout)(x, deterministic=deterministic)
 
     if c.tied:  # T5's tied output rescales by d_model**-0.5 before reusing the embedding
-      logits = jnp.einsum("btd,vd->btv", x * c.d_model ** -0.5, embedding.astype(c.compute_dtype))  # [B, T, V]
+      logits = layers.einsum("btd,vd->btv", x * c.d_model ** -0.5, embedding.astype(c.compute_dtype))  # [B, T, V]
     else:
       logits = layers.project(self, "lm_head", "btd,dv->btv", x, layers.normal(c.init_factor),
                               (c.d_model, c.vocab_size), ("embed", "vocab"), c.compute_dtype, c.lora)  # [B, T, V]
