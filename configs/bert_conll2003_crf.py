@@ -10,9 +10,13 @@ with the best checkpoint (step 1314), against 0.8604 for the softmax recipe with
 import bert_conll2003
 
 
-def get_config():
-  c = bert_conll2003.get_config()
-  c.name = "bert_conll2003_crf"
+def with_crf_head(c, name: str):
+  """The IOB2-constrained CRF head on a CoNLL-2003 recipe's config (also configs/bert_conll2003_crf_packed.py)."""
+  c.name = name
   c.task.head = "crf"
   c.task.crf_constrained = True
   return c
+
+
+def get_config():
+  return with_crf_head(bert_conll2003.get_config(), "bert_conll2003_crf")
