@@ -82,8 +82,9 @@ class Throughput:
 
   def __init__(self, tokens_per_step: int):
     self.tokens_per_step = tokens_per_step
-    self.seen = 0.0  # train_seconds when the last row's step was seen done, or the first step dispatched
+    self.seen = 0.0  # train_seconds when the last row's step was seen done, or the first step
     self.real = self.slots = 0
+    self.first: tuple[tuple[int, int], float] | None = None  # (token counts, seconds) of the first step
 
   def count(self, local: dict) -> None:
     if "attention_mask" in local:
@@ -92,9 +93,12 @@ class Throughput:
     else:
       self.slots += self.tokens_per_step // jax.process_count()
 
-  def start(self, train_seconds: float) -> None:
-    """The first step is compiled and dispatched: the first interval starts here (its work is still to run)."""
-    self.seen = train_seconds
+  def first_done(self, dispatched: float, done: float) -> None:
+    """The first step has run. XLA:CPU finishes preparing a program on its first run (seconds on a small model, ten
+    times its later steps), so the rows count from here, without the first step, unless a row is that step alone:
+    it is then timed from its dispatch (after compiling)."""
+    self.first = (self.cut(), done - dispatched)
+    self.seen = done
 
   def cut(self) -> tuple[int, int]:
     """(slots, non-padding tokens) dispatched since the last cut: the tokens of the row at this step."""
@@ -105,6 +109,8 @@ class Throughput:
     """(tokens/s, extra row values) of a row whose step has just been seen done; starts the next interval."""
     elapsed = max(train_seconds - self.seen, 1e-9)
     self.seen = train_seconds
+    if counts == (0, 0) and self.first is not None:  # the row of the first step alone
+      counts, elapsed = self.first[0], max(self.first[1], 1e-9)
     slots, real = counts
     extra = {"nonpad_tokens_per_s": real * jax.process_count() / elapsed} if real else {}
     return slots * jax.process_count() / elapsed, extra

@@ -61,7 +61,7 @@ def run(config, workdir: str, *, stop_requested=None) -> train.TrainState:
     return loop.train(stop, signals)
 
 
-STREAK_KEY = "nonfinite_streak_start"  # checkpoint metadata: first step of the run of skipped updates it is in; 0 = none
+STREAK_KEY = "nonfinite_streak_start"  # checkpoint metadata: first step of the skipped run it is in; 0 = none
 
 
 class _Skips:
@@ -209,8 +209,10 @@ class _Loop:
       throughput.count(local)
       profiler.before(step)
       self.state, metrics = step_fn(self.state, local_batch(setup, local))
-      if step == first_step:
-        throughput.start(self.clock.train_seconds())  # compiled: the rows count device time from here
+      if step == first_step:  # compiled and dispatched; once it has run, the rows count device time from there
+        dispatched = self.clock.train_seconds()
+        jax.block_until_ready(self.state)
+        throughput.first_done(dispatched, self.clock.train_seconds())
       step += 1
       profiler.after(step, self.state)
       if skipping:

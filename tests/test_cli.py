@@ -6,8 +6,10 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
+from jaxlm import loop_timing
 from tests.conftest import REPO, child_env
 
 TINY = str(REPO / "configs" / "gpt_tiny.py")
@@ -106,7 +108,7 @@ def test_train_rows_time_the_device_not_the_host(tmp_path):
   queued when it started) are ordinary, and the last row does not cover two intervals."""
   wd = str(tmp_path / "run")
   r = jaxlm("train", "--config", TINY, "--workdir", wd, "--config.train.steps=40", "--config.train.log_every=5",
-            "--config.train.eval_every=20", "--config.train.batch_size=64", "--config.checkpoint.every_steps=100",
+            "--config.train.eval_every=20", "--config.train.batch_size=256", "--config.checkpoint.every_steps=100",
             devices=1)
   assert r.returncode == 0, r.stderr[-3000:]
   train_rows = rows(wd, "train")
@@ -120,7 +122,23 @@ def test_train_rows_time_the_device_not_the_host(tmp_path):
   # train_seconds is stamped with the rate: a row's tokens over its rate is the time since the row before
   seconds = [row["train_seconds"] for row in train_rows]
   for before, after, row in zip(seconds, seconds[1:], train_rows[1:]):
-    assert after - before == pytest.approx(5 * 64 * 64 / row["tokens_per_s"], rel=0.05, abs=0.01), train_rows
+    assert after - before == pytest.approx(5 * 256 * 64 / row["tokens_per_s"], rel=0.05, abs=0.01), train_rows
+
+
+def test_the_first_step_is_left_out_of_the_rows_unless_it_is_a_row_alone():
+  """The first run of a compiled step also finishes preparing it: the rows count from its end. A row of the first step
+  alone is timed from its dispatch to its end."""
+  alone = loop_timing.Throughput(tokens_per_step=100)
+  alone.count({})
+  alone.first_done(dispatched=2.0, done=4.0)
+  assert alone.rate(alone.cut(), 4.5)[0] == pytest.approx(100 / 2.0)
+  rows_after = loop_timing.Throughput(tokens_per_step=100)
+  for step in range(5):
+    rows_after.count({"attention_mask": np.ones((2, 10))} if step else {})
+    if step == 0:
+      rows_after.first_done(dispatched=2.0, done=4.0)
+  rate, extra = rows_after.rate(rows_after.cut(), 6.0)
+  assert rate == pytest.approx(4 * 20 / 2.0) and extra == {"nonpad_tokens_per_s": pytest.approx(4 * 20 / 2.0)}
 
 
 @pytest.mark.slow
