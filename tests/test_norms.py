@@ -1,11 +1,11 @@
-"""The norms' closed-form backward pass (layers.norm) against autodiff of the plain formula."""
+"""The norms' closed-form backward pass (norms.norm) against autodiff of the plain formula."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm.models import layers
+from jaxlm.models import norms
 
 
 def _formula(x, scale, bias, eps, center):
@@ -26,7 +26,7 @@ def test_norm_gradients_equal_autodiff_of_the_formula(center, with_bias):
   def loss(fn):
     return lambda x, scale, bias: jnp.sum(jnp.sin(fn(x, scale, bias, 1e-5, center)) * w)
 
-  out, got = jax.value_and_grad(loss(layers.norm), argnums)(x, scale, bias)
+  out, got = jax.value_and_grad(loss(norms.norm), argnums)(x, scale, bias)
   ref_out, want = jax.value_and_grad(loss(_formula), argnums)(x, scale, bias)
   np.testing.assert_allclose(out, ref_out, rtol=1e-6)
   for g, r in zip(got, want):
@@ -36,11 +36,11 @@ def test_norm_gradients_equal_autodiff_of_the_formula(center, with_bias):
 
 def test_norm_modules_in_bfloat16_keep_float32_statistics():
   x = (jax.random.normal(jax.random.key(1), (2, 5, 16)) * 30.0).astype(jnp.bfloat16)
-  for module in (layers.LayerNorm(1e-5, True, jnp.bfloat16), layers.RMSNorm(1e-6, jnp.bfloat16)):
+  for module in (norms.LayerNorm(1e-5, True, jnp.bfloat16), norms.RMSNorm(1e-6, jnp.bfloat16)):
     params = module.init(jax.random.key(2), x)
     y = module.apply(params, x)
     assert y.dtype == jnp.bfloat16
-    center = isinstance(module, layers.LayerNorm)
+    center = isinstance(module, norms.LayerNorm)
     want = _formula(x.astype(jnp.float32), 1.0, 0.0 if center else None, module.eps, center)
     np.testing.assert_allclose(np.asarray(y, np.float32), want, atol=0.05)
     grads = jax.grad(lambda p: jnp.sum(module.apply(p, x).astype(jnp.float32) ** 2))(params)

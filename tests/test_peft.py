@@ -3,6 +3,8 @@ through the real train step, optimiser-state bytes, adapter sharding, trained-on
 fingerprint) and the errors of bad keys."""
 
 import dataclasses
+import math
+import re
 
 import flax.linen as nn
 import jax
@@ -139,6 +141,27 @@ def test_adapter_gradients_are_those_of_x_w_plus_scaled_x_a_b(equation, x_shape,
   np.testing.assert_allclose(np.asarray(dx), expected_dx, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("equation,x_shape,w_shape", [("btd,df->btf", (4, 16, 32), (32, 96)),
+                                                      ("bthe,hed->btd", (4, 16, 4, 8), (4, 8, 48))])
+def test_adapter_gradients_contract_one_token_axis(equation, x_shape, w_shape):
+  """The adapter's gradients (the weight frozen, as in LoRA training) contract [B, T] merged into one axis, as
+  layers.einsum's weight gradient: the compiled gradient holds no copy of x, x A or the output gradient with the
+  tokens last (XLA:CPU's copies when B and T were contracted apart)."""
+  spec = layers.LoraSpec(rank=4, alpha=8.0, targets="w")
+  x = jax.random.normal(jax.random.key(1), x_shape)
+  module = _Projection(equation, w_shape, ("embed",) * len(w_shape), spec)
+  params = _randomise_adapters(module.init(jax.random.key(0), x)["params"], std=0.3)
+  adapters = {k: v for k, v in params.items() if k != "w"}
+  loss = lambda ad, x: jnp.sum(jnp.tanh(module.apply({"params": {"w": params["w"], **ad}}, x)))
+  hlo = jax.jit(jax.grad(loss, (0, 1))).lower(adapters, x).compile().as_text()
+  inputs, outputs = x_shape[2:], w_shape[len(x_shape) - 2:]
+  copies = [line for line in hlo.splitlines() if re.search(r"= \S+ (copy|transpose)\(|copy\w*_fusion\(", line)]
+  shapes = [f"= f32[{','.join(map(str, axes))},{tokens}]" for tokens in ("64", "4,16")
+            for axes in (inputs, (math.prod(inputs),), (spec.rank,), outputs, (math.prod(outputs),))]
+  transposed = [line.strip()[:120] for line in copies if any(shape in line for shape in shapes)]
+  assert not transposed, transposed
+
+
 def _config(*extra):
   return config_lib.load(BASE, CLASSIFY + list(extra))
 
@@ -227,7 +250,8 @@ def test_adapters_shard_like_their_weights_on_a_2x2x2_mesh():
     assert tuple(a) == (*tuple(w)[:n_in], None) and tuple(b) == (None, *tuple(w)[n_in:]), (path, w, a, b)
     checked += 1
   assert checked == 2 * 5 + 1  # q, kv, o, wi, wo in each layer, and lm_head
-  assert any(s is not None for s in specs["block_0/attn/q_lora_a"]) and "tensor" in tuple(specs["block_0/attn/q_lora_b"])
+  assert any(s is not None for s in specs["block_0/attn/q_lora_a"])
+  assert "tensor" in tuple(specs["block_0/attn/q_lora_b"])
 
 
 def test_llama_7b_with_lora_fits_one_141gb_device_in_bfloat16_and_the_full_fine_tune_does_not():
@@ -239,7 +263,8 @@ def test_llama_7b_with_lora_fits_one_141gb_device_in_bfloat16_and_the_full_fine_
   d, f, n = m.d_model, m.d_ff, m.num_layers
   # rank-r adapters on q|k|v, o, gate|up and down of every layer: r * (inputs + outputs) each
   trained = n * r * ((d + 3 * d) + (d + d) + (d + 2 * f) + (f + d))
-  assert est["trained_count"] == trained and full["trained_count"] == full["param_count"] == est["param_count"] - trained
+  assert est["trained_count"] == trained
+  assert full["trained_count"] == full["param_count"] == est["param_count"] - trained
   b = est["bytes_per_device"]
   assert b["params"] == 2 * (est["param_count"] - trained) + 4 * trained  # frozen in bfloat16, adapters in float32
   assert b["gradients"] == 2 * 4 * trained  # float32, and the accumulation's running sum

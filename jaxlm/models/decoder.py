@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlm.models import layers
+from jaxlm.models import layers, norms
 
 REMAT_POLICIES = {
     "full": None,  # save nothing inside a block: recompute everything in the backward pass
@@ -176,8 +176,8 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, positions, segment_ids, deterministic: bool, decode: bool):
     c = self.cfg
-    norm = (lambda name: layers.LayerNorm(c.norm_eps, True, c.compute_dtype, name=name)) if c.style == "gpt2" \
-        else (lambda name: layers.RMSNorm(c.norm_eps, c.compute_dtype, name=name))
+    norm = (lambda name: norms.LayerNorm(c.norm_eps, True, c.compute_dtype, name=name)) if c.style == "gpt2" \
+        else (lambda name: norms.RMSNorm(c.norm_eps, c.compute_dtype, name=name))
     h = Attention(c, name="attn")(norm("ln_attn")(x), positions, segment_ids, decode)
     x = x + layers.Dropout(c.dropout)(h, deterministic=deterministic)
     h = layers.Mlp(c.ffn_dim, c.hidden_act if c.style == "gpt2" else "swiglu", c.use_bias, c.init_std,
@@ -240,9 +240,9 @@ class Decoder(nn.Module):
         x = block(c, name=f"block_{i}")(x, positions, segment_ids, deterministic, decode)
 
     if c.style == "gpt2":
-      x = layers.LayerNorm(c.norm_eps, True, c.compute_dtype, name="ln_final")(x)
+      x = norms.LayerNorm(c.norm_eps, True, c.compute_dtype, name="ln_final")(x)
     else:
-      x = layers.RMSNorm(c.norm_eps, c.compute_dtype, name="ln_final")(x)
+      x = norms.RMSNorm(c.norm_eps, c.compute_dtype, name="ln_final")(x)
     if c.tie_embeddings:
       logits = layers.einsum("btd,vd->btv", x, emb.astype(c.compute_dtype))  # [B, T, V]
       if token_ids:  # the tied output rows are the trained embedding rows

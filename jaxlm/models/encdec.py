@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.models import layers
+from jaxlm.models import layers, norms
 
 REMAT_POLICIES = {
     "full": None,  # save nothing inside a layer: recompute everything in the backward pass
@@ -257,7 +257,7 @@ class EncoderLayer(nn.Module):
   def __call__(self, x, inputs):
     mask, bias = inputs
     c = self.cfg
-    norm = lambda name: layers.RMSNorm(c.norm_eps, c.compute_dtype, name=name)
+    norm = lambda name: norms.RMSNorm(c.norm_eps, c.compute_dtype, name=name)
     drop = lambda h: layers.Dropout(c.dropout)(h, deterministic=self.deterministic)
     x = x + drop(SelfAttention(c, name="attn")(norm("ln_attn")(x), mask, bias))
     x = x + drop(Mlp(c, self.deterministic, name="mlp")(norm("ln_mlp")(x)))
@@ -274,7 +274,7 @@ class DecoderLayer(nn.Module):
   def __call__(self, x, inputs):
     self_mask, self_bias, encoded, cross_mask, cache_index = inputs
     c = self.cfg
-    norm = lambda name: layers.RMSNorm(c.norm_eps, c.compute_dtype, name=name)
+    norm = lambda name: norms.RMSNorm(c.norm_eps, c.compute_dtype, name=name)
     drop = lambda h: layers.Dropout(c.dropout)(h, deterministic=self.deterministic)
     h = SelfAttention(c, self.decode, name="self_attn")(norm("ln_self_attn")(x), self_mask, self_bias, cache_index)
     x = x + drop(h)
@@ -317,7 +317,7 @@ class EncoderStack(nn.Module):
     bias = RelativePositionBias(c, bidirectional=True, name="relpos_bias")(positions, positions)  # [B|1, H, S, S]
     mask = layers.attention_mask(segment_ids, segment_ids, causal=False)  # [B, 1, S, S]
     x = _run_layers(EncoderLayer, c, c.num_encoder_layers, x, (mask, bias), deterministic=deterministic)
-    x = layers.RMSNorm(c.norm_eps, c.compute_dtype, name="ln_final")(x)
+    x = norms.RMSNorm(c.norm_eps, c.compute_dtype, name="ln_final")(x)
     return layers.Dropout(c.dropout)(x, deterministic=deterministic)
 
 
@@ -347,7 +347,7 @@ class DecoderStack(nn.Module):
     cross_mask = layers.attention_mask(segment_ids, encoder_segment_ids, causal=False)  # [B, 1, T, S]
     x = _run_layers(DecoderLayer, c, c.num_decoder_layers, x, (self_mask, self_bias, encoded, cross_mask, cache_index),
                     deterministic=deterministic, decode=decode)
-    x = layers.RMSNorm(c.norm_eps, c.compute_dtype, name="ln_final")(x)
+    x = norms.RMSNorm(c.norm_eps, c.compute_dtype, name="ln_final")(x)
     x = layers.Dropout(c.dropout)(x, deterministic=deterministic)
 
     if c.tied:  # T5's tied output rescales by d_model**-0.5 before reusing the embedding

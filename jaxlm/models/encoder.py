@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.models import layers
+from jaxlm.models import layers, norms
 
 REMAT_POLICIES = {
     "full": None,
@@ -144,10 +144,10 @@ class Block(nn.Module):
   def __call__(self, x, mask, deterministic: bool):
     c = self.cfg
     h = SelfAttention(c, name="attn")(x, mask, deterministic)
-    x = layers.LayerNorm(c.norm_eps, True, c.compute_dtype, name="ln_attn")(
+    x = norms.LayerNorm(c.norm_eps, True, c.compute_dtype, name="ln_attn")(
         x + layers.Dropout(c.dropout)(h, deterministic=deterministic))
     h = layers.Mlp(c.ffn_dim, c.hidden_act, True, c.init_std, c.init_std, c.compute_dtype, c.lora, name="mlp")(x)
-    return layers.residual(layers.LayerNorm(c.norm_eps, True, c.compute_dtype, name="ln_mlp")(
+    return layers.residual(norms.LayerNorm(c.norm_eps, True, c.compute_dtype, name="ln_mlp")(
         x + layers.Dropout(c.dropout)(h, deterministic=deterministic)))
 
 
@@ -168,7 +168,7 @@ class Encoder(nn.Module):
         self, "position_embeddings", layers.normal(c.init_std), (c.max_len, c.d_model), (None, "embed"))
     self.type_embeddings = layers.param(
         self, "type_embeddings", layers.normal(c.init_std), (c.type_vocab_size, c.d_model), (None, "embed"))
-    self.ln_embed = layers.LayerNorm(c.norm_eps, True, c.compute_dtype)
+    self.ln_embed = norms.LayerNorm(c.norm_eps, True, c.compute_dtype)
     self.drop = layers.Dropout(c.dropout)
     block = Block if c.remat == "none" else nn.remat(Block, policy=REMAT_POLICIES[c.remat], static_argnums=(3,))
     self.blocks = [block(c) for _ in range(c.num_layers)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxlm.models import crf, layers
+from jaxlm.models import crf, layers, norms
 from jaxlm.models.encoder import Encoder, EncoderConfig
 
 
@@ -43,7 +43,7 @@ class PreTrainingModel(nn.Module):
       raise ValueError("next-sentence prediction reads the pooled output: set model.pooler=True")
     self.encoder = Encoder(c)
     self.mlm_transform = Dense(c.d_model, c.init_std, c.compute_dtype, lora=c.lora)
-    self.mlm_norm = layers.LayerNorm(c.norm_eps, True, c.compute_dtype)
+    self.mlm_norm = norms.LayerNorm(c.norm_eps, True, c.compute_dtype)
     self.mlm_bias = layers.param(self, "mlm_bias", nn.initializers.zeros, (c.vocab_size,), ("vocab",))
     if self.nsp:
       self.nsp_head = Dense(2, c.init_std, c.compute_dtype, lora=c.lora)

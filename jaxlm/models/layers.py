@@ -1,4 +1,5 @@
-"""Building blocks shared by the model families: parameters with logical axis names, norms, attention, MLPs.
+"""Building blocks shared by the model families: parameters with logical axis names, projections (LoRA included),
+dropout, attention, MLPs (the norms: jaxlm.models.norms).
 
 Shapes are written as einsum subscripts with a comment; letters: B batch, T query length, S key length,
 D d_model, H query heads, K key/value heads, G query heads per kv head, E head_dim, F MLP hidden, V vocab.
@@ -132,12 +133,18 @@ def _product(equation: str, x, w):
 def _product_bwd(equation, res, g):
   x, w = res
   xs, ws, out = re.split(r",|->", equation)
-  lead = next((i for i, (a, b) in enumerate(zip(xs, out)) if a != b), min(len(xs), len(out)))
-  n, z = math.prod(x.shape[:lead]), _free_letter(equation)
-  dw = jnp.einsum(f"{z}{out[lead:]},{z}{xs[lead:]}->{ws}", g.reshape(n, *g.shape[lead:]),
-                  x.reshape(n, *x.shape[lead:]).astype(g.dtype))
+  zx, zout, xn, gn = _merge_tokens(xs, out, x, g, _free_letter(equation))
+  dw = jnp.einsum(f"{zout},{zx}->{ws}", gn, xn.astype(g.dtype))
   dx = jnp.einsum(f"{out},{ws}->{xs}", g, w.astype(g.dtype))
   return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+def _merge_tokens(xs: str, out: str, x, g, z: str):
+  """(x letters, output letters, x, g) with the leading axes x and the output share ([B, T]) merged into one token
+  axis `z`: a weight's gradient is then one contraction over it."""
+  lead = next((i for i, (a, b) in enumerate(zip(xs, out)) if a != b), min(len(xs), len(out)))
+  n = math.prod(x.shape[:lead])
+  return z + xs[lead:], z + out[lead:], x.reshape(n, *x.shape[lead:]), g.reshape(n, *g.shape[lead:])
 
 
 _product.defvjp(lambda equation, x, w: (jnp.einsum(equation, x, w), (x, w)), _product_bwd)
@@ -183,16 +190,27 @@ def _merge(letters, w, a, b, scale, dtype):
 
 
 def _merged_lora_bwd(letters, scale, dtype, res, g):
-  _, xs, ws, out, ins, outs, rest, r = letters
+  """The adapter's and the weight's gradients contract one merged token axis (as _product's); when x is [tokens,
+  inputs...], the output [tokens, outputs...] and the weight [inputs..., outputs...], as products of matrices."""
+  equation, xs, ws, out, ins, outs, rest, r = letters
   x, w, a, b = res
   merged = _merge(letters, w, a, b, scale, dtype)  # formed again rather than kept: a weight's size per projection
-  g_xa = jnp.einsum(f"{out},{r}{outs}->{rest}{r}", g, b.astype(dtype))  # [..., r]
-  xa = einsum(f"{xs},{ins}{r}->{rest}{r}", x, a.astype(dtype))
-  dx = jnp.einsum(f"{out},{ws}->{xs}", g, merged)
-  da = scale * jnp.einsum(f"{xs},{rest}{r}->{ins}{r}", x, g_xa)
-  db = scale * jnp.einsum(f"{rest}{r},{out}->{r}{outs}", xa, g)
-  dw = jnp.einsum(f"{xs},{out}->{ws}", x, g)  # computed only where the weight itself trains (XLA drops it otherwise)
-  return dx.astype(x.dtype), dw.astype(w.dtype), da.astype(a.dtype), db.astype(b.dtype)
+  dx = jnp.einsum(f"{out},{ws}->{xs}", g, merged).astype(x.dtype)
+  z = _free_letter(equation + r)
+  xs, out, x, g = _merge_tokens(xs, out, x, g, z)
+  if xs == z + ins and out == z + outs and ws == ins + outs:  # x [N, K], g [N, M], A [K, r], B [r, M], W [K, M]
+    # as matrices: with several input axes (the attention output's h, e) XLA:CPU copied x transposed
+    x, g, a2, b2 = x.reshape(len(x), -1), g.reshape(len(g), -1), a.reshape(-1, a.shape[-1]), b.reshape(len(b), -1)
+    g_xa, xa = g @ b2.T.astype(dtype), x @ a2.astype(dtype)
+    da, db, dw = (x.T @ g_xa).reshape(a.shape), (xa.T @ g).reshape(b.shape), (x.T @ g).reshape(w.shape)
+  else:
+    rest = "".join(ch for ch in xs if ch not in ins)
+    g_xa = jnp.einsum(f"{out},{r}{outs}->{rest}{r}", g, b.astype(dtype))  # [tokens..., r]
+    xa = einsum(f"{xs},{ins}{r}->{rest}{r}", x, a.astype(dtype))
+    da, db = jnp.einsum(f"{xs},{rest}{r}->{ins}{r}", x, g_xa), jnp.einsum(f"{rest}{r},{out}->{r}{outs}", xa, g)
+    dw = jnp.einsum(f"{xs},{out}->{ws}", x, g)
+  # dw is computed only where the weight itself trains (XLA drops it otherwise)
+  return dx, dw.astype(w.dtype), (scale * da).astype(a.dtype), (scale * db).astype(b.dtype)
 
 
 _merged_lora.defvjp(_merged_lora_fwd, _merged_lora_bwd)
@@ -264,60 +282,6 @@ class Dropout(nn.Module):
       return jnp.zeros_like(x)
     keep, scale = dropout_keep(self.make_rng("dropout"), self.rate, x.shape)
     return jnp.where(keep, x * jnp.asarray(scale, x.dtype), jnp.zeros((), x.dtype))
-
-
-class LayerNorm(nn.Module):
-  """LayerNorm computed in float32 whatever the compute dtype (gradients by layers.norm's closed form)."""
-  eps: float = 1e-5
-  use_bias: bool = True
-  dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    d = x.shape[-1]
-    scale = param(self, "scale", nn.initializers.ones, (d,), ("norm",))
-    bias = param(self, "bias", nn.initializers.zeros, (d,), ("norm",)) if self.use_bias else None
-    return norm(x.astype(jnp.float32), scale, bias, self.eps, True).astype(self.dtype)
-
-
-class RMSNorm(nn.Module):
-  eps: float = 1e-6
-  dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    scale = param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("norm",))
-    return norm(x.astype(jnp.float32), scale, None, self.eps, False).astype(self.dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def norm(x, scale, bias, eps: float, center: bool):
-  """LayerNorm (center=True) or RMSNorm of float32 x [..., D] over D, times scale, plus bias (None: none). Backward:
-  the closed form dx = r (g' - mean(g') - x^ mean(g' x^)), g' = g scale, x^ the normalised x, r the reciprocal deviation
-  (no mean(g') without centring): autodiff of the formula left XLA more reductions and broadcasts per norm."""
-  return _norm_fwd(x, scale, bias, eps, center)[0]
-
-
-def _norm_fwd(x, scale, bias, eps, center):
-  xc = x - jnp.mean(x, axis=-1, keepdims=True) if center else x
-  r = jax.lax.rsqrt(jnp.mean(jnp.square(xc), axis=-1, keepdims=True) + eps)
-  y = xc * r * scale
-  return (y if bias is None else y + bias), (xc, r, scale, bias)
-
-
-def _norm_bwd(eps, center, res, g):
-  xc, r, scale, bias = res
-  g = g.astype(jnp.float32)
-  xhat = xc * r
-  gs = g * scale
-  inner = gs - xhat * jnp.mean(gs * xhat, axis=-1, keepdims=True)
-  dx = r * (inner - jnp.mean(gs, axis=-1, keepdims=True) if center else inner)
-  rows = tuple(range(g.ndim - 1))
-  dbias = None if bias is None else jnp.sum(g, axis=rows).astype(bias.dtype)
-  return dx, jnp.sum(g * xhat, axis=rows).astype(scale.dtype), dbias
-
-
-norm.defvjp(_norm_fwd, _norm_bwd)
 
 
 def rope(x, positions, theta: float):
