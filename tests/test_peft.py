@@ -141,6 +141,27 @@ def test_adapter_gradients_are_those_of_x_w_plus_scaled_x_a_b(equation, x_shape,
   np.testing.assert_allclose(np.asarray(dx), expected_dx, rtol=1e-4, atol=1e-4)
 
 
+def test_adapter_gradients_with_the_weight_stored_outputs_first():
+  """A weight stored [outputs, inputs] ('btd,fd->btf'), which the backward pass does not take as matrices: its
+  gradients against float64 numpy einsums of the unmerged sum x W^T + scale (x A) B."""
+  spec = layers.LoraSpec(rank=3, alpha=5.0, targets="w")
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(2, 3, 8)).astype(np.float32)
+  module = _Projection("btd,fd->btf", (6, 8), ("embed", "embed"), spec)
+  params = _randomise_adapters(module.init(jax.random.key(0), x)["params"], std=0.3)
+  c = rng.normal(size=(2, 3, 6)).astype(np.float32)
+  grads, dx = jax.grad(lambda p, x: jnp.sum(jnp.asarray(c) * module.apply({"params": p}, x)), (0, 1))(params, x)
+  w, a, b = (np.asarray(params[k], np.float64) for k in ("w", "w_lora_a", "w_lora_b"))  # [f, d], [d, r], [r, f]
+  x64, c64 = x.astype(np.float64), c.astype(np.float64)
+  xa, g_xa = np.einsum("btd,dr->btr", x64, a), np.einsum("btf,rf->btr", c64, b)
+  expected = {"w": np.einsum("btd,btf->fd", x64, c64), "w_lora_a": spec.scale * np.einsum("btd,btr->dr", x64, g_xa),
+              "w_lora_b": spec.scale * np.einsum("btr,btf->rf", xa, c64)}
+  for name, want in expected.items():
+    np.testing.assert_allclose(np.asarray(grads[name]), want, rtol=1e-4, atol=1e-4, err_msg=name)
+  merged = w + spec.scale * np.einsum("dr,rf->fd", a, b)
+  np.testing.assert_allclose(np.asarray(dx), np.einsum("btf,fd->btd", c64, merged), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("equation,x_shape,w_shape", [("btd,df->btf", (4, 16, 32), (32, 96)),
                                                       ("bthe,hed->btd", (4, 16, 4, 8), (4, 8, 48))])
 def test_adapter_gradients_contract_one_token_axis(equation, x_shape, w_shape):
