@@ -10,7 +10,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxlm.models import crf, layers, norms
+from jaxlm.models import activations, crf, layers, norms
 from jaxlm.models.encoder import Encoder, EncoderConfig
 
 
@@ -53,7 +53,7 @@ class PreTrainingModel(nn.Module):
     hidden, pooled = self.encoder(input_ids, token_type_ids, attention_mask, deterministic)  # [B, L, D]
     if mlm_positions is not None:
       hidden = jnp.take_along_axis(hidden, mlm_positions[..., None], axis=1)  # [B, P, D]
-    h = self.mlm_norm(nn.gelu(self.mlm_transform(hidden), approximate=c.hidden_act == "gelu_tanh"))
+    h = self.mlm_norm(activations.gelu_by_name(self.mlm_transform(hidden), c.hidden_act))
     mlm_logits = (self.encoder.attend(h) + self.mlm_bias.astype(c.compute_dtype)).astype(jnp.float32)  # [B, P, V]
     nsp_logits = self.nsp_head(pooled).astype(jnp.float32) if self.nsp else None  # [B, 2]
     return mlm_logits, nsp_logits

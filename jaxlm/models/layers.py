@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm import sharding
+from jaxlm.models import activations
 
 Initializer = Callable[..., jax.Array]
 
@@ -389,7 +390,7 @@ class Mlp(nn.Module):
                   self.lora)  # [B, T, F]
       if self.use_bias:
         h = h + param(self, "bi", nn.initializers.zeros, (self.d_ff,), ("mlp",)).astype(dt)
-      h = nn.gelu(h, approximate=self.activation == "gelu_tanh")
+      h = activations.gelu_by_name(h, self.activation)
     y = project(self, "wo", "btf,fd->btd", h, normal(self.out_std), (self.d_ff, d), ("mlp", "embed"), dt,
                 self.lora)  # [B, T, D]
     if self.use_bias:
