@@ -330,22 +330,24 @@ def blocked_causal_attention(q, k, v, mask, block: int = ATTENTION_BLOCK):
   q [B, T, H, E], k/v [B, T, K, E] (K divides H), mask [B, 1, T, T] causal in slot order (a query never sees a later
   slot; packed segments and padding only remove more keys) -> [B, T, H, E]. The keys a block skips are masked for
   every query in it, so the result equals the full computation, with about (1 + 1/n) / 2 of its attention work for
-  n blocks. Heads are moved ahead of time for the products: on XLA:CPU the batched dots run faster in [B, K, G, T, E]
-  than on the [B, T, H, E] layout.
+  n blocks. The products are batched over [B, K] only, with a kv head's G query heads and the block's rows merged into
+  one row axis: on XLA:CPU four-axis batched dots ran the forward and backward pass about a third faster than the same
+  products with a separate size-G axis (also when G is 1).
   """
   b, t, h, e = q.shape
-  kh = k.shape[2]
+  kh, g = k.shape[2], h // k.shape[2]
   logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
-  qh = q.reshape(b, t, kh, h // kh, e).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, E]
+  qh = q.reshape(b, t, kh, g, e).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, E]
   kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, E]
   outs = []
   for start in range(0, t, block):
     stop = min(start + block, t)
-    logits = jnp.einsum("bkgte,bkse->bkgts", qh[:, :, :, start:stop], kt[:, :, :stop],
+    rows = qh[:, :, :, start:stop].reshape(b, kh, g * (stop - start), e)  # [B, K, G·t, E]
+    logits = jnp.einsum("bkre,bkse->bkrs", rows, kt[:, :, :stop],
                         preferred_element_type=logits_dtype) * jnp.asarray(e ** -0.5, logits_dtype)
-    keep = mask[:, :, None, start:stop, :stop]  # [B, 1, 1, t, s]
+    keep = jnp.tile(mask[:, :, start:stop, :stop], (1, 1, g, 1))  # [B, 1, G·t, s]: rows ordered (g, t)
     probs = _masked_softmax(logits, keep).astype(v.dtype)
-    outs.append(jnp.einsum("bkgts,bkse->bkgte", probs, vt[:, :, :stop]))  # [B, K, G, t, E]
+    outs.append(jnp.einsum("bkrs,bkse->bkre", probs, vt[:, :, :stop]).reshape(b, kh, g, stop - start, e))
   return jnp.concatenate(outs, axis=3).transpose(0, 3, 1, 2, 4).reshape(b, t, h, e)
 
 
