@@ -99,7 +99,7 @@ def test_blocked_attention_equals_the_xla_path(dtype):
 
 def test_blocked_attention_products_batch_over_rows_and_kv_heads_only():
   """Every product of blocked attention and of its gradient is a four-axis batched dot [B, K, rows, ·]: with a
-  separate size-G query-head axis (five axes) XLA:CPU ran the attention's forward and backward about a third slower."""
+  separate size-G query-head axis (five axes) XLA:CPU took about a third longer for the forward and backward pass."""
   b, t, h, kh, e = 2, 40, 4, 2, 8
   q, w = jnp.ones((b, t, h, e)), jnp.ones((b, t, h, e))
   k = v = jnp.ones((b, t, kh, e))
