@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlm.models import layers, norms
+from jaxlm.models import activations, layers, norms
 
 REMAT_POLICIES = {
     "full": None,  # save nothing inside a block: recompute everything in the backward pass
@@ -62,8 +62,8 @@ class DecoderConfig:
     if self.attention not in layers.DECODER_ATTENTION_IMPLS:
       raise ValueError(f"model.attention must be one of {', '.join(layers.DECODER_ATTENTION_IMPLS)}, got "
                        f"'{self.attention}'")
-    if self.hidden_act not in ("gelu", "gelu_tanh"):
-      raise ValueError(f"model.hidden_act must be gelu or gelu_tanh, got '{self.hidden_act}'")
+    if self.hidden_act not in activations.GELUS:
+      raise ValueError(f"model.hidden_act must be {' or '.join(activations.GELUS)}, got '{self.hidden_act}'")
     if self.kv_heads <= 0 or self.num_heads % self.kv_heads:
       raise ValueError(f"model.num_kv_heads={self.num_kv_heads} must divide model.num_heads={self.num_heads}")
     if not 0 <= self.cache_len <= self.max_len:

@@ -13,14 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.models import layers, norms
+from jaxlm.models import activations, layers, norms
 
 REMAT_POLICIES = {
     "full": None,
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-ACTIVATIONS = ("gelu", "gelu_tanh")  # gelu = exact erf form (BERT's "gelu"); gelu_tanh = the tanh approximation
 # The names of the encoder's input arrays in a batch, all int32 [batch, length].
 INPUT_NAMES = ("input_ids", "token_type_ids", "attention_mask")
 POOLER_EQUATION = "bd,de->be"  # the pooler's dense layer on the first token: [B, D] -> [B, D]
@@ -50,8 +49,8 @@ class EncoderConfig:
   def __post_init__(self):
     if self.d_model % self.num_heads:
       raise ValueError(f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}")
-    if self.hidden_act not in ACTIVATIONS:
-      raise ValueError(f"model.hidden_act must be one of {', '.join(ACTIVATIONS)}, got '{self.hidden_act}'")
+    if self.hidden_act not in activations.GELUS:  # gelu = exact erf form (BERT's "gelu"); gelu_tanh = tanh approx.
+      raise ValueError(f"model.hidden_act must be one of {', '.join(activations.GELUS)}, got '{self.hidden_act}'")
     if self.remat not in ("none", *REMAT_POLICIES):
       raise ValueError(f"model.remat must be one of none, {', '.join(REMAT_POLICIES)}; got '{self.remat}'")
     if self.dtype not in ("float32", "bfloat16"):
