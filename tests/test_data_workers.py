@@ -1,13 +1,18 @@
-"""Grain worker processes: batches from 2 workers resume exactly, and the data benchmark runs both paths."""
+"""Grain worker processes: 2 workers prepare the rows no workers prepare, their batches resume exactly, and the data
+benchmark runs both paths."""
 
 import json
+import os
 
 import numpy as np
 import pytest
 
 from jaxlm import config as config_lib
+from jaxlm import workdir as workdir_lib
+from jaxlm.data import pipeline
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.data.bench import bench_data
+from jaxlm.tasks import make_task
 from tests.conftest import REPO, task_batches, train_tokenizer
 
 
@@ -23,12 +28,29 @@ def pydoc_config(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_workers_resume_exactly(tmp_path, shared_data):
+def test_two_workers_prepare_the_rows_of_none_and_resume_exactly(tmp_path, shared_data):
   c = pydoc_config(tmp_path)
   # array_record files prepared from real text: workers reopen them from the prepared directory
   c.data.source, c.data.train_files = "text", str(shared_data / "text" / "tinyshakespeare.txt")
-  c.data.worker_count = 2
   tok = tokenizer_lib.load_tokenizer(c, str(tmp_path))
+  task, records = make_task(c), workdir_lib.open_data(c).split("train").records
+  # tokenised in 2 workers (chunks of records), packed here over all of them: the rows of no workers, stored once
+  mine, _ = pipeline.prepare_rows(task, records, tok, "train", c.data)
+  c.data.worker_count = 2
+  theirs, _ = pipeline.prepare_rows(task, records, tok, "train", c.data, cache_dir=str(tmp_path / "rows"))
+  assert len(records) > 20 * 256 and len(theirs) == len(mine) > 8000
+  np.testing.assert_array_equal(theirs.lengths, mine.lengths)
+  for k, v in mine.take(np.arange(len(mine))).items():
+    np.testing.assert_array_equal(theirs.take(np.arange(len(theirs)))[k], v)
+  [stored] = [d for d in (tmp_path / "rows").iterdir() if d.is_dir()]
+  done = os.stat(stored / "rows.json").st_mtime_ns
+  c.data.worker_count = 0  # the same rows: read back, not prepared again
+  again, _ = pipeline.prepare_rows(task, records, tok, "train", c.data, cache_dir=str(tmp_path / "rows"))
+  assert [d for d in (tmp_path / "rows").iterdir() if d.is_dir()] == [stored]
+  assert os.stat(stored / "rows.json").st_mtime_ns == done
+  np.testing.assert_array_equal(again.lengths, mine.lengths)
+
+  c.data.worker_count = 2
   n = 6
   it = task_batches(c, tok, "train")
   for _ in range(n):

@@ -21,16 +21,17 @@ from collections.abc import Sequence
 
 import grain
 import numpy as np
-from absl import flags
 
-from jaxlm.data import encoder_inputs
-from jaxlm.data.rows import FlatMap, Map, RandomMap, RowContext, Stream
+from jaxlm.data import encoder_inputs, row_stream
+from jaxlm.data.rows import RandomMap, RowContext
 
 # Seeds of the row steps while rows are prepared: fixed, so the prepared rows do not depend on train.seed (eval rows of
 # different runs compare; a train split is prepared once for all seeds).
 PREPARE_SEED = 1234
 _ROWS_VERSION = "1"  # bumped when the stored layout changes
 _CHUNK_ROWS = 8192  # rows per stored file
+# data.* keys that say how rows are made, not what they are: prepared rows are shared across their values
+_HOST_KEYS = ("worker_count", "worker_buffer_size", "read_threads", "prefetch")
 
 
 # ---- prepared rows ------------------------------------------------------------------------------------------------
@@ -91,48 +92,6 @@ def _split_steps(steps: list) -> tuple[list, list]:
   return steps[:cut], steps[cut:]
 
 
-def _apply(ds, step, read: grain.ReadOptions, seed: int):
-  """One row step on a MapDataset (while the steps are per-item) or an IterDataset."""
-  if isinstance(step, (FlatMap, Stream)) and isinstance(ds, grain.MapDataset):
-    ds = ds.to_iter_dataset(read)
-  if isinstance(step, Map):
-    return ds.map(step.fn)
-  if isinstance(step, RandomMap):
-    return ds.random_map(step.fn, seed=seed)
-  if isinstance(step, FlatMap):
-    return grain.experimental.FlatMapIterDataset(ds, step.fn)
-  if isinstance(step, Stream):
-    return step.fn(ds)
-  raise TypeError(f"a row step must be Map, RandomMap, FlatMap or Stream, not {type(step).__name__}")
-
-
-def _with_index(index: int, rec):
-  return index, rec
-
-
-def _stream(steps: list, records, data_cfg):
-  """The rows of `steps` over every record in order, one deterministic stream."""
-  read = grain.ReadOptions(num_threads=data_cfg.read_threads, prefetch_buffer_size=256 if data_cfg.read_threads else 0)
-  ds = grain.MapDataset.source(records).map_with_index(_with_index)
-  for step in steps:
-    ds = _apply(ds, step, read, PREPARE_SEED)
-  if isinstance(ds, grain.MapDataset):
-    ds = ds.to_iter_dataset(read)
-  if data_cfg.worker_count > 0:
-    _allow_grain_workers()
-    # Workers split the per-record work; grain hands their outputs back in order, so the rows stay the same.
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.worker_count,
-                                                     per_worker_buffer_size=data_cfg.worker_buffer_size))
-  return ds
-
-
-def _allow_grain_workers() -> None:
-  # grain's worker start-up reads absl flags directly; jaxlm parses its own arguments, so absl's flags are declared
-  # parsed here (they keep their defaults) instead of failing with UnparsedFlagAccessError.
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-
-
 def _collect(rows, write_chunk) -> np.ndarray:
   """Groups the row stream into chunks of stacked arrays for `write_chunk`; returns the rows' lengths."""
   lengths, pending, shapes = [], [], None
@@ -159,7 +118,7 @@ def _shapes(row) -> dict:
 
 def _in_memory(steps: list, records, data_cfg) -> Rows:
   chunks = []
-  lengths = _collect(_stream(steps, records, data_cfg), chunks.append)
+  lengths = _collect(row_stream.stream(steps, records, data_cfg, PREPARE_SEED), chunks.append)
   if not chunks:
     raise ValueError("the split produced no rows")
   return Rows(chunks, lengths)
@@ -191,7 +150,7 @@ def _on_disk(steps: list, records, data_cfg, directory: str) -> Rows:
           np.save(os.path.join(tmp, f"{counter[0]:05d}.{k}.npy"), v)
         counter[0] += 1
 
-      lengths = _collect(_stream(steps, records, data_cfg), write_chunk)
+      lengths = _collect(row_stream.stream(steps, records, data_cfg, PREPARE_SEED), write_chunk)
       if not counter[0]:
         raise ValueError("the split produced no rows")
       np.save(os.path.join(tmp, "lengths.npy"), lengths)
@@ -223,7 +182,8 @@ def prepare_rows(task, records, tokenizer, split: str, data_cfg, cache_dir: str 
   steps, random_steps = _split_steps(task.row_steps(ctx))
   if cache_dir is None:
     return _in_memory(steps, records, data_cfg), random_steps
-  key = json.dumps([_ROWS_VERSION, task.name, split, fingerprint, tokenizer.fingerprint(), data_cfg.to_dict(),
+  rows_keys = {k: v for k, v in data_cfg.to_dict().items() if k not in _HOST_KEYS}
+  key = json.dumps([_ROWS_VERSION, task.name, split, fingerprint, tokenizer.fingerprint(), rows_keys,
                     list(task.labels)], sort_keys=True, default=str)
   name = f"{task.name}_{split}_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
   return _on_disk(steps, records, data_cfg, os.path.join(cache_dir, name)), random_steps
@@ -358,7 +318,7 @@ class BatchIterator:
     stop = self._num if self._num is not None else 1 << 40
     ds = grain.MapDataset.range(self._next, max(stop, self._next)).map(self._make).to_iter_dataset()
     if self._cfg.worker_count > 0:
-      _allow_grain_workers()
+      row_stream.allow_grain_workers()
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._cfg.worker_count,
                                                        per_worker_buffer_size=self._cfg.worker_buffer_size))
     elif self._cfg.prefetch > 0:
