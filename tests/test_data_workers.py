@@ -1,7 +1,8 @@
-"""Grain worker processes: 2 workers prepare the rows no workers prepare, their batches resume exactly, and the data
-benchmark runs both paths."""
+"""Grain worker processes: 2 workers prepare the rows no workers prepare, their train batches resume exactly, eval
+passes start none, and the data benchmark runs both paths."""
 
 import json
+import multiprocessing
 import os
 
 import numpy as np
@@ -55,6 +56,7 @@ def test_two_workers_prepare_the_rows_of_none_and_resume_exactly(tmp_path, share
   it = task_batches(c, tok, "train")
   for _ in range(n):
     next(it)
+  assert len(multiprocessing.active_children()) >= 2  # train batches come from the workers
   state = json.loads(json.dumps(it.get_state()))
   want = [next(it) for _ in range(n)]
   it.close()
@@ -65,6 +67,18 @@ def test_two_workers_prepare_the_rows_of_none_and_resume_exactly(tmp_path, share
     for k in w:
       np.testing.assert_array_equal(got[k], w[k])
   resumed.close()
+
+  # an eval pass makes its batches here, without starting workers: the same batches as with none
+  evals = task_batches(c, tok, "eval")
+  first = next(evals)
+  assert not multiprocessing.active_children()
+  c.data.worker_count = 0
+  want = [first, *evals]
+  got = list(task_batches(c, tok, "eval"))
+  assert len(got) == len(want) > 1
+  for w, g in zip(want, got):
+    for k in w:
+      np.testing.assert_array_equal(g[k], w[k])
 
 
 @pytest.mark.slow
