@@ -316,13 +316,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.shuffle = True  # globally shuffle examples each epoch
   c.data.num_epochs = 0  # 0 = repeat forever (training stops at train.steps)
   CHECKS["data.num_epochs"] = at_least(0)
-  c.data.worker_count = 0  # grain worker processes tokenising records and making train batches; 0 = main process
+  c.data.worker_count = 0  # grain worker processes tokenising records and noising train rows; 0 = main process
   CHECKS["data.worker_count"] = at_least(0)
   c.data.read_threads = 0  # threads reading records ahead in each process/worker; >0 only for slow (remote) storage
   CHECKS["data.read_threads"] = at_least(0)
   c.data.worker_buffer_size = 2  # batches each worker prepares ahead
   CHECKS["data.worker_buffer_size"] = at_least(1)
-  c.data.prefetch = 2  # batches a background thread prepares ahead where no workers make them (eval passes)
+  c.data.prefetch = 2  # batches a background thread prepares ahead where no workers make them
   CHECKS["data.prefetch"] = at_least(0)
 
   # ---- tokenizer -----------------------------------------------------------------------------------------

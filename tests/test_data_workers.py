@@ -1,6 +1,7 @@
-"""Grain worker processes: 2 workers prepare the rows no workers prepare, their train batches resume exactly, eval
-passes start none, and the data benchmark runs both paths."""
+"""Grain worker processes: 2 workers prepare the rows no workers prepare, noise train rows into the batches of no
+workers and resume them exactly, start for no other batches, and the data benchmark runs both paths."""
 
+import itertools
 import json
 import multiprocessing
 import os
@@ -14,7 +15,7 @@ from jaxlm.data import pipeline
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.data.bench import bench_data
 from jaxlm.tasks import make_task
-from tests.conftest import REPO, task_batches, train_tokenizer
+from tests.conftest import REPO, task_batches, train_tokenizer, with_keys
 
 
 def pydoc_config(tmp_path):
@@ -28,8 +29,16 @@ def pydoc_config(tmp_path):
   return c
 
 
+def same_batches(got, want):
+  assert len(got) == len(want) > 1
+  for g, w in zip(got, want):
+    assert g.keys() == w.keys()
+    for k in w:
+      np.testing.assert_array_equal(g[k], w[k])
+
+
 @pytest.mark.slow
-def test_two_workers_prepare_the_rows_of_none_and_resume_exactly(tmp_path, shared_data):
+def test_two_workers_prepare_the_rows_of_none(tmp_path, shared_data):
   c = pydoc_config(tmp_path)
   # array_record files prepared from real text: workers reopen them from the prepared directory
   c.data.source, c.data.train_files = "text", str(shared_data / "text" / "tinyshakespeare.txt")
@@ -51,34 +60,41 @@ def test_two_workers_prepare_the_rows_of_none_and_resume_exactly(tmp_path, share
   assert os.stat(stored / "rows.json").st_mtime_ns == done
   np.testing.assert_array_equal(again.lengths, mine.lengths)
 
-  c.data.worker_count = 2
-  n = 6
-  it = task_batches(c, tok, "train")
-  for _ in range(n):
-    next(it)
-  assert len(multiprocessing.active_children()) >= 2  # train batches come from the workers
-  state = json.loads(json.dumps(it.get_state()))
-  want = [next(it) for _ in range(n)]
-  it.close()
-  resumed = task_batches(c, tok, "train")
-  resumed.set_state(state)
-  for w in want:
-    got = next(resumed)
-    for k in w:
-      np.testing.assert_array_equal(got[k], w[k])
-  resumed.close()
 
-  # an eval pass makes its batches here, without starting workers: the same batches as with none
-  evals = task_batches(c, tok, "eval")
-  first = next(evals)
-  assert not multiprocessing.active_children()
-  c.data.worker_count = 0
-  want = [first, *evals]
-  got = list(task_batches(c, tok, "eval"))
-  assert len(got) == len(want) > 1
-  for w, g in zip(want, got):
-    for k in w:
-      np.testing.assert_array_equal(g[k], w[k])
+@pytest.mark.slow
+def test_noise_in_two_workers_resumes_exactly_and_other_batches_start_none(tmp_path, shared_data):
+  """Span corruption noises train rows at read time, in the workers: the batches of no workers, resumed exactly.
+  Its eval batches and a causal LM's train batches are gathers of prepared rows: no worker starts for them."""
+  c = pydoc_config(tmp_path)
+  c.data.source = "text"
+  c.data.train_files = str(shared_data / "text" / "wikitext-2" / "wiki.valid.tokens")
+  c.data.doc_split, c.data.seq_len = "blank_lines", 64
+  c.tokenizer.vocab_size, c.tokenizer.num_sentinels, c.tokenizer.max_sentences = 512, 20, 1500
+  c.model.vocab_size = 512
+  train_tokenizer(c, str(tmp_path))
+  tok = tokenizer_lib.load_tokenizer(c, str(tmp_path))
+  span = make_task(with_keys(c, task__name="span_corruption", model__family="encoder_decoder", model__style="t5"))
+  n = 4
+  want = list(itertools.islice(task_batches(c, tok, "train", task=span), 2 * n))
+  c.data.worker_count = 2
+  it = task_batches(c, tok, "train", task=span)
+  got = [next(it) for _ in range(n)]
+  assert len(multiprocessing.active_children()) >= 2  # the noise runs in the workers
+  state = json.loads(json.dumps(it.get_state()))
+  it.close()
+  resumed = task_batches(c, tok, "train", task=span)
+  resumed.set_state(state)
+  got += [next(resumed) for _ in range(n)]
+  resumed.close()
+  same_batches(got, want)
+
+  for split, task in (("eval", span), ("train", None)):
+    batches = task_batches(c, tok, split, task=task)
+    first = [next(batches) for _ in range(3)]
+    assert not multiprocessing.active_children(), split
+    c.data.worker_count = 0
+    same_batches(first, list(itertools.islice(task_batches(c, tok, split, task=task), 3)))
+    c.data.worker_count = 2
 
 
 @pytest.mark.slow
@@ -86,6 +102,6 @@ def test_bench_data_reports_both_paths(tmp_path):
   c = pydoc_config(tmp_path)
   result = bench_data(c, workdir=str(tmp_path), batches=5, workers=2)
   for path in ("lm", "mlm"):
-    assert result[path]["tokens_per_s"] > 0 and 0.5 < result[path]["fill"] <= 1.0
+    assert result[path]["tokens_per_s"] > 0 and 0.5 < result[path]["fill"] <= 1.0 and result[path]["prepare_s"] > 0
   assert result["mlm"]["tokenizer"].startswith("trained")  # the config's tokenizer has no [CLS]/[SEP]/[MASK]
   assert result["workers"] == 2

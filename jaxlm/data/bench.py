@@ -1,5 +1,5 @@
-"""Input-pipeline throughput: tokens per second that the packed causal-LM path and the MLM path deliver, with grain
-worker processes, for `jaxlm bench --data`."""
+"""Input-pipeline throughput for `jaxlm bench --data`: the time to prepare the rows (with grain worker processes)
+and the tokens per second the packed causal-LM path and the MLM path then deliver."""
 
 from __future__ import annotations
 
@@ -14,8 +14,12 @@ from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.tasks import make_task
 
 
-def _time_batches(iterator, batches: int, count) -> dict:
-  """Times `batches` batches after the first (which pays for worker start-up); counts tokens with `count`."""
+def _time_batches(make_iterator, batches: int, count) -> dict:
+  """Times preparing the rows (tokenising in the workers, packing), then `batches` batches after the first (which
+  pays for any worker start-up); counts tokens with `count`."""
+  t0 = time.perf_counter()
+  iterator = make_iterator()
+  prepare_s = time.perf_counter() - t0
   t0 = time.perf_counter()
   next(iterator)
   first_s = time.perf_counter() - t0
@@ -28,7 +32,8 @@ def _time_batches(iterator, batches: int, count) -> dict:
   seconds = time.perf_counter() - t0
   iterator.close()  # stops worker processes now rather than at interpreter exit
   return {"tokens_per_s": round(tokens / seconds, 1), "slots_per_s": round(padded / seconds, 1),
-          "fill": round(tokens / max(padded, 1), 4), "first_batch_s": round(first_s, 2), "batches": batches}
+          "fill": round(tokens / max(padded, 1), 4), "prepare_s": round(prepare_s, 2),
+          "first_batch_s": round(first_s, 2), "batches": batches}
 
 
 def _mlm_tokenizer(config, workdir: str, tokenizer):
@@ -61,15 +66,16 @@ def _as_task(config, name: str):
 
 
 def bench_data(config, *, workdir: str, batches: int = 50, workers: int = 2) -> dict:
-  """Tokens/s of the train split through the packed causal-LM path and the MLM+NSP path with `workers` grain
-  worker processes, for the config's data, tokenizer, batch size and seq_len. Real (non-padding) tokens count."""
+  """Seconds to prepare the train split's rows with `workers` grain worker processes, then tokens/s of its batches,
+  through the packed causal-LM path and the MLM+NSP path, for the config's data, tokenizer, batch size and seq_len.
+  Real (non-padding) tokens count."""
   tokenizer = tokenizer_lib.load_tokenizer(config, workdir)
   c = _as_task(config, "lm")
   c.data.worker_count = workers
-  lm = _time_batches(_train_batches(c, tokenizer), batches, lambda b: int(b["weights"].sum()))
+  lm = _time_batches(lambda: _train_batches(c, tokenizer), batches, lambda b: int(b["weights"].sum()))
   with tempfile.TemporaryDirectory() as tmp:
     mlm_tok, origin = _mlm_tokenizer(c, tmp, tokenizer)
-    mlm = _time_batches(_train_batches(_as_task(c, "mlm_nsp"), mlm_tok), batches,
+    mlm = _time_batches(lambda: _train_batches(_as_task(c, "mlm_nsp"), mlm_tok), batches,
                         lambda b: int(b["attention_mask"].sum()))
   return {"name": config.name, "workers": workers, "batch_size": config.train.batch_size,
           "seq_len": config.data.seq_len, "source": config.data.source, "cpus": os.cpu_count(),

@@ -357,8 +357,9 @@ def batches(task, records, tokenizer, split: str, *, data_cfg, batch_size: int, 
   split 'train': epochs of the rows shuffled with `seed`, data.num_epochs of them (0 = forever), whole batches; a
   bucketed task's train batches are grouped by length (data.length_group_batches). Other splits: one pass in order
   (shortest first when grouped); positions past the last row carry the task's pad values (weight 0). A bucketed
-  task's batches are cut to the smallest of data.bucket_lengths that fits the whole global batch. Train batches are
-  made in data.worker_count grain worker processes (when > 0), the others in a data.prefetch thread.
+  task's batches are cut to the smallest of data.bucket_lengths that fits the whole global batch. Train batches whose
+  rows get random steps at read time are made in data.worker_count grain worker processes (when > 0), the others
+  in a data.prefetch thread.
   """
   d = data_cfg
   train = split == "train"
@@ -372,6 +373,8 @@ def batches(task, records, tokenizer, split: str, *, data_cfg, batch_size: int, 
                 group=d.length_group_batches if bucketed else 0, num_epochs=d.num_epochs if train else 1)
   local = tuple(range(batch_size)) if local_rows is None else tuple(int(r) for r in local_rows)
   make = _BatchAt(prepared, order, local, tuple(random_steps), seed, task.pad_values(tokenizer), buckets, d.seq_len)
-  # an eval pass is short and comes back often: its batches (rows already prepared) are made here, not in worker
-  # processes started anew for every pass (an eval pass of 52 small batches: ~8 s with 2 workers, 0.04 s without)
-  return BatchIterator(make, order.num_batches(), d, start, workers=d.worker_count if train else 0)
+  # workers make batches only where rows get work at read time (a train split's noise): elsewhere a batch is a gather
+  # of prepared rows, cheaper than the workers started for every eval pass and resume (52 small eval batches took ~8 s
+  # with 2 workers starting, 0.04 s without)
+  workers = d.worker_count if train and random_steps else 0
+  return BatchIterator(make, order.num_batches(), d, start, workers=workers)
