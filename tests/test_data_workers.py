@@ -59,6 +59,10 @@ def test_two_workers_prepare_the_rows_of_none(tmp_path, shared_data):
   assert [d for d in (tmp_path / "rows").iterdir() if d.is_dir()] == [stored]
   assert os.stat(stored / "rows.json").st_mtime_ns == done
   np.testing.assert_array_equal(again.lengths, mine.lengths)
+  c.data.read_threads = 2  # chunks mapped ahead in threads: the same rows again
+  threaded, _ = pipeline.prepare_rows(task, records, tok, "train", c.data)
+  for k, v in mine.take(np.arange(len(mine))).items():
+    np.testing.assert_array_equal(threaded.take(np.arange(len(threaded)))[k], v)
 
 
 @pytest.mark.slow

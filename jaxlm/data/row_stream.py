@@ -76,7 +76,8 @@ def stream(steps: list, records, data_cfg, seed: int):
       raise TypeError(f"a row step must be Map, RandomMap, FlatMap or Stream, not {type(step).__name__}")
   cut = next((i for i, step in enumerate(steps) if isinstance(step, Stream)), len(steps))
   per_record, streams = steps[:cut], steps[cut:]
-  read = grain.ReadOptions(num_threads=data_cfg.read_threads, prefetch_buffer_size=256 if data_cfg.read_threads else 0)
+  # read threads map whole chunks ahead: two each, not the 256 records they once read ahead
+  read = grain.ReadOptions(num_threads=data_cfg.read_threads, prefetch_buffer_size=2 * data_cfg.read_threads)
   items = grain.MapDataset.source(records).map_with_index(_with_index)
   lead = 0
   while lead < len(per_record) and isinstance(per_record[lead], (Map, RandomMap)):
