@@ -95,6 +95,8 @@ def test_noise_in_two_workers_resumes_exactly_and_other_batches_start_none(tmp_p
   for split, task in (("eval", span), ("train", None)):
     batches = task_batches(c, tok, split, task=task)
     first = [next(batches) for _ in range(3)]
+    for worker in multiprocessing.active_children():  # workers that tokenised or were closed are on their way out;
+      worker.join(timeout=30)  # a batch worker would still be serving
     assert not multiprocessing.active_children(), split
     c.data.worker_count = 0
     same_batches(first, list(itertools.islice(task_batches(c, tok, split, task=task), 3)))
