@@ -62,6 +62,8 @@ def _as_task(config, name: str):
   c.task.name = name
   if name == "mlm_nsp":
     c.model.family, c.model.scan_layers, c.model.num_kv_heads, c.model.head_dim = "encoder", False, 0, 0
+    if c.model.attention == "blocked":  # causal blocks are for decoders; an encoder attends through XLA's path
+      c.model.attention = "xla"
   return c
 
 
