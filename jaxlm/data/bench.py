@@ -56,14 +56,20 @@ def _train_batches(c, tokenizer):
                           seed=c.train.seed)
 
 
-def _as_task(config, name: str):
-  """A copy of the config for task `name`; MLM rows come from a BERT-shaped model config of the same size."""
+def _as_lm(config):
+  """A copy of the config for the causal LM."""
   c = ml_collections.ConfigDict(config.to_dict())
-  c.task.name = name
-  if name == "mlm_nsp":
-    c.model.family, c.model.scan_layers, c.model.num_kv_heads, c.model.head_dim = "encoder", False, 0, 0
-    if c.model.attention == "blocked":  # causal blocks are for decoders; an encoder attends through XLA's path
-      c.model.attention = "xla"
+  c.task.name = "lm"
+  return c
+
+
+def _as_mlm(config):
+  """A copy of the config for MLM+NSP rows, on a BERT-shaped model config of the same size."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.task.name = "mlm_nsp"
+  c.model.family, c.model.scan_layers, c.model.num_kv_heads, c.model.head_dim = "encoder", False, 0, 0
+  if c.model.attention == "blocked":  # causal blocks are for decoders; an encoder attends through XLA's path
+    c.model.attention = "xla"
   return c
 
 
@@ -72,12 +78,12 @@ def bench_data(config, *, workdir: str, batches: int = 50, workers: int = 2) -> 
   through the packed causal-LM path and the MLM+NSP path, for the config's data, tokenizer, batch size and seq_len.
   Real (non-padding) tokens count."""
   tokenizer = tokenizer_lib.load_tokenizer(config, workdir)
-  c = _as_task(config, "lm")
+  c = _as_lm(config)
   c.data.worker_count = workers
   lm = _time_batches(lambda: _train_batches(c, tokenizer), batches, lambda b: int(b["weights"].sum()))
   with tempfile.TemporaryDirectory() as tmp:
     mlm_tok, origin = _mlm_tokenizer(c, tmp, tokenizer)
-    mlm = _time_batches(lambda: _train_batches(_as_task(c, "mlm_nsp"), mlm_tok), batches,
+    mlm = _time_batches(lambda: _train_batches(_as_mlm(c), mlm_tok), batches,
                         lambda b: int(b["attention_mask"].sum()))
   return {"name": config.name, "workers": workers, "batch_size": config.train.batch_size,
           "seq_len": config.data.seq_len, "source": config.data.source, "cpus": os.cpu_count(),

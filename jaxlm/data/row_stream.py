@@ -12,10 +12,8 @@ from absl import flags
 from jaxlm.data.rows import FlatMap, Map, RandomMap, Stream
 
 
-def _apply(ds, step, read: grain.ReadOptions, seed: int):
-  """One row step on a MapDataset (while the steps are per-item) or an IterDataset."""
-  if isinstance(step, (FlatMap, Stream)) and isinstance(ds, grain.MapDataset):
-    ds = ds.to_iter_dataset(read)
+def _apply(ds, step, seed: int):
+  """One row step: a leading Map / RandomMap on the records' MapDataset, or any step after a Stream."""
   if isinstance(step, Map):
     return ds.map(step.fn)
   if isinstance(step, RandomMap):
@@ -81,7 +79,7 @@ def stream(steps: list, records, data_cfg, seed: int):
   items = grain.MapDataset.source(records).map_with_index(_with_index)
   lead = 0
   while lead < len(per_record) and isinstance(per_record[lead], (Map, RandomMap)):
-    items = _apply(items, per_record[lead], read, seed)
+    items = _apply(items, per_record[lead], seed)
     lead += 1
   num_chunks = -(-len(items) // _RECORDS_PER_CHUNK)
   chunk = _Chunk(items, tuple(per_record[lead:]), _RECORDS_PER_CHUNK, seed)
@@ -93,7 +91,7 @@ def stream(steps: list, records, data_cfg, seed: int):
                                                      per_worker_buffer_size=data_cfg.worker_buffer_size))
   ds = grain.experimental.FlatMapIterDataset(ds, _Unchunk())
   for step in streams:
-    ds = _apply(ds, step, read, seed)
+    ds = _apply(ds, step, seed)
   return ds
 
 
