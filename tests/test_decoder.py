@@ -27,17 +27,22 @@ STYLES = ["gpt2", "llama"]
 def _init(cfg, b=2, t=16):
   model = Decoder(cfg)
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (b, t)), jnp.int32)
-  params = model.init(jax.random.key(0), tokens)["params"]
+  params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
   return model, params, tokens
+
+
+def _decode(model):
+  """One jitted KV-cache step of `model` (whole programs compile faster here than op-by-op dispatch)."""
+  return jax.jit(lambda variables, *args: model.apply(variables, *args, decode=True, mutable=["cache"]))
 
 
 @pytest.mark.parametrize("style", STYLES)
 def test_shapes_and_dtype(style):
   model, params, tokens = _init(_cfg(style))
-  logits = model.apply({"params": params}, tokens)
+  logits = jax.jit(model.apply)({"params": params}, tokens)
   assert logits.shape == (2, 16, 97) and logits.dtype == jnp.float32
   bf16 = Decoder(_cfg(style, dtype="bfloat16"))
-  out = bf16.apply({"params": params}, tokens)
+  out = jax.jit(bf16.apply)({"params": params}, tokens)
   assert out.dtype == jnp.float32  # logits come back in float32 for the loss
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
   np.testing.assert_allclose(out, logits, atol=0.1)  # bf16 compute stays close to float32
@@ -46,10 +51,11 @@ def test_shapes_and_dtype(style):
 @pytest.mark.parametrize("style", STYLES)
 def test_causality(style):
   model, params, tokens = _init(_cfg(style))
-  base = model.apply({"params": params}, tokens)
+  apply = jax.jit(model.apply)
+  base = apply({"params": params}, tokens)
   t = 9
   changed = tokens.at[:, t].set((tokens[:, t] + 1) % 97)
-  out = model.apply({"params": params}, changed)
+  out = apply({"params": params}, changed)
   np.testing.assert_array_equal(np.asarray(out[:, :t]), np.asarray(base[:, :t]))
   assert not np.allclose(out[:, t:], base[:, t:])
 
@@ -62,14 +68,15 @@ def test_packed_segments_are_isolated(style):
   rng = np.random.default_rng(1)
   doc = rng.integers(0, 97, 6)
   alone = jnp.asarray(doc[None], jnp.int32)
-  params = model.init(jax.random.key(0), alone)["params"]
-  ref = model.apply({"params": params}, alone)[0]
+  params = jax.jit(model.init)(jax.random.key(0), alone)["params"]
+  apply = jax.jit(model.apply)
+  ref = apply({"params": params}, alone)[0]
   for left_len in (3, 7):
     left, right = rng.integers(0, 97, left_len), rng.integers(0, 97, 5)
     tokens = np.concatenate([left, doc, right])[None]
     seg = np.concatenate([np.full(left_len, 1), np.full(6, 2), np.full(5, 3)])[None]
     pos = np.concatenate([np.arange(left_len), np.arange(6), np.arange(5)])[None]
-    out = model.apply({"params": params}, jnp.asarray(tokens, jnp.int32), jnp.asarray(pos), jnp.asarray(seg))[0]
+    out = apply({"params": params}, jnp.asarray(tokens, jnp.int32), jnp.asarray(pos), jnp.asarray(seg))[0]
     np.testing.assert_allclose(out[left_len:left_len + 6], ref, atol=2e-5)
 
 
@@ -121,16 +128,15 @@ def test_blocked_attention_model_equals_xla_attention(style):
   model, params, tokens = _init(_cfg(style), t=16)
   blocked = Decoder(_cfg(style, attention="blocked"))
   loss = lambda m: lambda p: jnp.mean(m.apply({"params": p}, tokens) ** 2)
-  ref_loss, ref_grads = jax.value_and_grad(loss(model))(params)
-  new_loss, new_grads = jax.value_and_grad(loss(blocked))(params)
+  ref_loss, ref_grads = jax.jit(jax.value_and_grad(loss(model)))(params)
+  new_loss, new_grads = jax.jit(jax.value_and_grad(loss(blocked)))(params)
   np.testing.assert_allclose(new_loss, ref_loss, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(new_grads), jax.tree.leaves(ref_grads)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
   cache = blocked.init(jax.random.key(0), tokens[:, :1], decode=True)["cache"]
   pos = jnp.broadcast_to(jnp.arange(4), (2, 4))
-  logits, _ = blocked.apply({"params": params, "cache": cache}, tokens[:, :4], pos, jnp.ones((2, 4), jnp.int32),
-                            decode=True, mutable=["cache"])
-  np.testing.assert_allclose(logits, model.apply({"params": params}, tokens)[:, :4], atol=2e-5)
+  logits, _ = _decode(blocked)({"params": params, "cache": cache}, tokens[:, :4], pos, jnp.ones((2, 4), jnp.int32))
+  np.testing.assert_allclose(logits, jax.jit(model.apply)({"params": params}, tokens)[:, :4], atol=2e-5)
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -138,17 +144,17 @@ def test_blocked_attention_model_equals_xla_attention(style):
 def test_kv_cache_decoding_matches_full_forward(style, scan):
   cfg = _cfg(style, scan_layers=scan)
   model, params, tokens = _init(cfg, b=2, t=12)
-  full = model.apply({"params": params}, tokens)
+  full = jax.jit(model.apply)({"params": params}, tokens)
   cache = model.init(jax.random.key(0), tokens[:, :1], decode=True)["cache"]
   p = 5
   pos = jnp.broadcast_to(jnp.arange(p), (2, p))
-  logits, v = model.apply({"params": params, "cache": cache}, tokens[:, :p], pos, jnp.ones((2, p), jnp.int32),
-                          decode=True, mutable=["cache"])
+  decode = _decode(model)
+  logits, v = decode({"params": params, "cache": cache}, tokens[:, :p], pos, jnp.ones((2, p), jnp.int32))
   np.testing.assert_allclose(logits, full[:, :p], atol=2e-5)
   cache = v["cache"]
   for i in range(p, 12):
-    logits, v = model.apply({"params": params, "cache": cache}, tokens[:, i:i + 1], jnp.full((2, 1), i),
-                            jnp.ones((2, 1), jnp.int32), decode=True, mutable=["cache"])
+    logits, v = decode({"params": params, "cache": cache}, tokens[:, i:i + 1], jnp.full((2, 1), i),
+                       jnp.ones((2, 1), jnp.int32))
     cache = v["cache"]
     np.testing.assert_allclose(logits[:, 0], full[:, i], atol=2e-5)
 
@@ -157,9 +163,9 @@ def test_kv_cache_decoding_matches_full_forward(style, scan):
 def test_remat_and_scan_keep_the_function(remat):
   cfg = _cfg("gpt2")
   model, params, tokens = _init(cfg)
-  ref_grads = jax.grad(lambda p: model.apply({"params": p}, tokens).sum())(params)
+  ref_grads = jax.jit(jax.grad(lambda p: model.apply({"params": p}, tokens).sum()))(params)
   remat_model = Decoder(_cfg("gpt2", remat=remat))
-  grads = jax.grad(lambda p: remat_model.apply({"params": p}, tokens).sum())(params)
+  grads = jax.jit(jax.grad(lambda p: remat_model.apply({"params": p}, tokens).sum()))(params)
   for a, b in zip(jax.tree.leaves(ref_grads), jax.tree.leaves(grads)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   scan_model = Decoder(_cfg("gpt2", scan_layers=True, remat=remat))
