@@ -1,6 +1,7 @@
 """BERT encoder: sharded training equals one device, parameter PartitionSpecs, padding and packed-row isolation."""
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -8,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxlm import config as config_lib
@@ -57,9 +59,14 @@ def _losses(mesh, steps=2, extra=()):
   config = _config(mesh, extra)
   task, params, shardings, batch_shardings = _setup(config)
   tx = optax.adam(1e-2)
-  opt_state = jax.jit(tx.init)(params)
+  replicated = NamedSharding(jax.tree.leaves(shardings)[0].mesh, P())
+  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), shardings,
+                                        transform_non_params=lambda _: replicated)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
 
-  @jax.jit
+  # outputs pinned to the inputs' shardings: otherwise the second call sees equal shardings spelled differently
+  # (P(None,) against P()) and compiles the step again
+  @functools.partial(jax.jit, out_shardings=(shardings, opt_shardings, None))
   def step(params, opt_state, batch, i):
     (loss, _), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(params, batch, jax.random.key(i), True)
     updates, opt_state = tx.update(grads, opt_state, params)
