@@ -169,15 +169,20 @@ def _batch_axes(config) -> tuple[str, ...]:
   return spec if isinstance(spec, tuple) else (spec,) if spec else ()
 
 
-def estimate(config, num_devices: int) -> dict:
-  """Per-device bytes of a training run of `config` on `num_devices` devices laid out as config.mesh says."""
+def _xla_form(config):
+  """A config with model.attention=cudnn traced in its XLA form, which any machine can trace (activation_estimate
+  corrects for the kernel); whether it was fused."""
   fused = config.model.attention == "cudnn"
-  if fused:  # traced in its XLA form, which any machine can trace; activation_estimate corrects for the kernel
-    config = config_lib.apply_overrides(config, ["model.attention=xla"])
+  return (config_lib.apply_overrides(config, ["model.attention=xla"]) if fused else config), fused
+
+
+def state_bytes(config, num_devices: int) -> dict:
+  """Per-device bytes of the train state and batch of `config` on `num_devices` devices laid out as config.mesh
+  says: parameters, gradients, optimizer state and the batch (no activations: `estimate` adds those)."""
+  config, _ = _xla_form(config)
   mesh = abstract_mesh(config, num_devices)
   rules = sharding.rules_from_config(config.mesh)
   sharding.check_batch(config.train.batch_size, mesh, rules)
-  sizes = dict(mesh.shape)
   boxed_params, boxed_opt, trainable = _state_shapes(config)
   params, opt = _unbox(boxed_params), _unbox(boxed_opt)
   param_shardings = sharding.shardings_for(boxed_params, mesh, rules)
@@ -191,18 +196,28 @@ def estimate(config, num_devices: int) -> dict:
   batch_bytes = _shard_bytes({k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in dummy.items()},
                              {k: NamedSharding(mesh, sharding.logical_to_spec(("batch",) + (None,) * (v.ndim - 1),
                                                                                 rules)) for k, v in dummy.items()})
-  act = activation_estimate(config, sizes, fused)
-  total = param_bytes + grad_bytes + opt_bytes + batch_bytes + act["saved"] + act["recompute"]
+  return {"mesh": dict(mesh.shape), "param_count": int(sum(math.prod(x.shape) for x in jax.tree.leaves(params))),
+          "trained_count": peft.count(params, trainable),
+          "bytes_per_device": {"params": param_bytes, "gradients": grad_bytes, "optimizer": opt_bytes,
+                               "batch": batch_bytes}}
+
+
+def estimate(config, num_devices: int) -> dict:
+  """Per-device bytes of a training run of `config` on `num_devices` devices laid out as config.mesh says."""
+  config, fused = _xla_form(config)
+  state = state_bytes(config, num_devices)
+  act = activation_estimate(config, state["mesh"], fused)
+  b = state["bytes_per_device"]
+  total = b["params"] + b["gradients"] + b["optimizer"] + b["batch"] + act["saved"] + act["recompute"]
   return {
-      "config": config.name, "num_devices": num_devices, "mesh": sizes,
-      "param_count": int(sum(math.prod(x.shape) for x in jax.tree.leaves(params))),
-      "trained_count": peft.count(params, trainable), "frozen_dtype": config.model.frozen_dtype,
+      "config": config.name, "num_devices": num_devices, "mesh": state["mesh"],
+      "param_count": state["param_count"], "trained_count": state["trained_count"],
+      "frozen_dtype": config.model.frozen_dtype,
       "remat": config.model.remat, "dtype": config.model.dtype, "seq_len": config.data.seq_len,
       "attention": "cudnn" if fused else config.model.attention,
       "micro_batch_rows_per_device": act["rows_per_device"], "grad_accum_steps": config.optim.grad_accum_steps,
       "optimizer": config.optim.name, "bytes_per_device": {
-          "params": param_bytes, "gradients": grad_bytes, "optimizer": opt_bytes, "batch": batch_bytes,
-          "activations_saved": act["saved"], "activations_recompute": act["recompute"], "total": total},
+          **b, "activations_saved": act["saved"], "activations_recompute": act["recompute"], "total": total},
       "activations_per_layer": act["per_layer"],
   }
 

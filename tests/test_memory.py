@@ -111,15 +111,15 @@ def check_parameter_bytes(config):
   matrices, vectors = param_counts(config)
   assert config.model.d_model % 8 == 0, config.name
 
-  def on_mesh(data, fsdp):
+  def on_mesh(data, fsdp, fn):
     mesh = [f"mesh.data={data}", f"mesh.fsdp={fsdp}", "mesh.tensor=1"]
-    return memory.estimate(config_lib.apply_overrides(config, mesh + ["train.batch_size=8",
-                                                                     "optim.grad_accum_steps=1"]), 8)
+    return fn(config_lib.apply_overrides(config, mesh + ["train.batch_size=8", "optim.grad_accum_steps=1"]), 8)
 
-  replicated = on_mesh(8, 1)
+  # the whole estimate (activations traced too) once for every config; the sharded layout needs the state only
+  replicated = on_mesh(8, 1, memory.estimate)
   assert replicated["param_count"] == matrices + vectors
   assert replicated["bytes_per_device"]["params"] == 4 * (matrices + vectors)
-  sharded = on_mesh(1, 8)
+  sharded = on_mesh(1, 8, memory.state_bytes)
   b = sharded["bytes_per_device"]
   assert matrices % 8 == 0 and b["params"] == 4 * (matrices // 8 + vectors)
   assert b["gradients"] == b["params"]
@@ -162,6 +162,10 @@ def test_activations_scale_with_rows_and_dtype_and_tensor_parallelism():
   base = memory.estimate(load("llama_tiny.py", ["mesh.data=-1"]), 2)  # 8 rows over 2 replicas
   half_rows = memory.estimate(load("llama_tiny.py", ["mesh.data=-1", "optim.grad_accum_steps=2"]), 2)
   assert (base["micro_batch_rows_per_device"], half_rows["micro_batch_rows_per_device"]) == (4, 2)
+  # the estimate's state and batch are memory.state_bytes', which the per-config tests read on their own
+  state = memory.state_bytes(load("llama_tiny.py", ["mesh.data=-1"]), 2)
+  assert state["bytes_per_device"] == {k: base["bytes_per_device"][k] for k in state["bytes_per_device"]}
+  assert state["bytes_per_device"]["params"] > 0 and state["param_count"] == base["param_count"]
   # proportional to the rows, up to a few parameter-sized residuals (broadcast norm scales)
   assert base["activations_per_layer"] == pytest.approx(2 * half_rows["activations_per_layer"], rel=1e-3)
   tensor = memory.estimate(load("llama_tiny.py", ["mesh.data=-1", "mesh.tensor=2"]), 4)
