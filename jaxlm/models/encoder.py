@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlm import sharding
 from jaxlm.models import activations, layers, norms
 
 REMAT_POLICIES = {
@@ -206,8 +207,10 @@ class Encoder(nn.Module):
   def pool(self, first):
     """The pooler: hidden states of [CLS] tokens [N, D] -> tanh(dense) [N, D] (also each packed example's [CLS])."""
     c = self.cfg
-    return jnp.tanh(layers.dense(self, POOLER_EQUATION, first, self.pooler_w, c.compute_dtype, self.pooler_lora, c.lora)
-                    + self.pooler_b.astype(c.compute_dtype))
+    first = sharding.constrain(first, ("batch", None))  # rows over the batch axes, as the residual stream's
+    return sharding.constrain(jnp.tanh(
+        layers.dense(self, POOLER_EQUATION, first, self.pooler_w, c.compute_dtype, self.pooler_lora, c.lora)
+        + self.pooler_b.astype(c.compute_dtype)), ("batch", None))
 
   def attend(self, x):
     """x [..., D] -> logits [..., V] against the word-embedding table."""
