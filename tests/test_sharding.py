@@ -121,15 +121,20 @@ def test_adafactor_factored_state_shards_like_one_device():
     np.testing.assert_allclose(got, base, rtol=1e-5, err_msg=f"mesh {mesh}")
 
 
-@pytest.mark.parametrize("style", ["gpt2", "llama", "t5"])
+@pytest.mark.parametrize("style", ["gpt2", "llama", "t5", "bert"])
 def test_the_residual_stream_stays_split_over_the_batch_on_2x2x2(style):
   """The train step pins the residual stream to the rules ([B, T, D] split over the batch axes only) and looks up
   embeddings from tables whole along D: without it XLA took the embedding table's layout (vocab over tensor, embed
-  over fsdp) into the layers and resharded activations with all-to-alls in every step (T5's step held 70).
+  over fsdp) into the layers and resharded activations with all-to-alls in every step (T5's step held 70). BERT's
+  pooler pins its [CLS] rows the same way (without it, two all-to-alls in the pooling's backward pass).
   Outside a traced step, constrain leaves its input alone."""
   mesh = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
   if style == "t5":
     c = config_lib.load(str(REPO / "configs" / "t5_multi30k_de_en.py"), mesh)
+  elif style == "bert":  # MLM + NSP on a tiny encoder
+    c = config_lib.load(str(REPO / "configs" / "base.py"),
+                        ["task.name=mlm_nsp", "model.family=encoder", "model.max_len=32", "data.seq_len=32",
+                         "model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.d_ff=64"] + mesh)
   else:
     llama = ["model.num_kv_heads=2", "model.tie_embeddings=false"] if style == "llama" else []
     c = config_lib.load(TINY, [f"model.style={style}"] + llama + mesh)
